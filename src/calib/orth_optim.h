@@ -1,0 +1,85 @@
+// Optimisers for a rotation R (n×n orthogonal) minimising loss(X·R) over activation batches X.
+//  - QR-Orth (DartQuant): an unconstrained latent Z, R = Q of QR(Z) with diag(U) > 0; the loss
+//    gradient dL/dR = Xᵀ·dL/dO is pulled back through the QR (linalg/qr.h) and Z takes a plain
+//    SGD-momentum (PyTorch convention: m ← μm + g, Z ← Z − lr·m) or Adam step.
+//  - Cayley SGD with momentum on the Stiefel manifold (Li et al. 2020, Algorithm 2; SpinQuant's
+//    optimizer): M ← βM − G; Ŵ = MRᵀ − ½R(RᵀMRᵀ); W = Ŵ − Ŵᵀ; M ← WR;
+//    α = min(lr, 2q/(‖W‖₁ + ε)) with q = ½; Y ← R + αM, then s times Y ← R + (α/2)W(R + Y).
+//    The fixed-point iteration only approximates the Cayley transform, so R drifts off
+//    orthogonality by a tiny amount per step (see tests/calib/test_optim.cpp).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "calib/losses.h"
+#include "linalg/qr.h"
+#include "tensor/tensor.h"
+
+namespace dq {
+
+enum class OrthMethod { QR, Cayley };
+enum class OptimizerKind { SGD, Adam };
+OrthMethod orth_from_name(const std::string& name);          // "qr" | "cayley"
+OptimizerKind optimizer_from_name(const std::string& name);  // "sgd" | "adam"
+const char* orth_name(OrthMethod m);
+const char* optimizer_name(OptimizerKind k);
+
+struct OrthOptions {
+  OrthMethod method = OrthMethod::QR;
+  OptimizerKind optimizer = OptimizerKind::SGD;  // Cayley supports SGD (with momentum) only
+  LossKind loss = LossKind::Whip;
+  float lr = 2e-3f;        // paper App. K: 0.002 for Llama-2-7B R1
+  float momentum = 0.9f;   // SGD momentum, Adam β1, Cayley β
+  float beta2 = 0.999f;    // Adam
+  float adam_eps = 1e-8f;  // Adam
+  bool cosine = false;     // lr·½(1 + cos(π·t/total_steps))
+  int64_t total_steps = 0; // required by the cosine schedule
+  int cayley_iterations = 2;  // s in Li et al. (their default)
+};
+
+class RotationOptimizer {
+ public:
+  // init: an orthogonal n×n start (e.g. random_hadamard); for QR-Orth it is the initial latent
+  // Z, whose Q is init itself.
+  RotationOptimizer(const Matrix& init, const OrthOptions& opt);
+
+  // One optimisation step on a batch X (tokens × n, unrotated): computes the loss at the current
+  // R (scaled by weight, which also scales the gradient), updates R, returns that loss.
+  float step(const Matrix& X, float weight = 1.f);
+
+  const Matrix& rotation() const { return method() == OrthMethod::QR ? qr_.Q : R_; }
+  int64_t size() const { return n_; }
+  int64_t steps_done() const { return t_; }
+  float lr_at(int64_t t) const;  // the schedule
+  OrthMethod method() const { return opt_.method; }
+
+ private:
+  void step_qr(const Matrix& G, float lr);
+  void step_cayley(const Matrix& G, float lr);
+
+  OrthOptions opt_;
+  int64_t n_, t_ = 0;
+  Matrix Z_;       // QR-Orth latent
+  QRFactors qr_;   // QR of Z_: qr_.Q is the current R
+  Matrix R_;       // Cayley: the current R
+  Matrix m_, v_;   // momentum / Adam moments
+};
+
+// R2: one latent per KV head. X holds the o_proj input (tokens × n_q_heads·head_dim); query
+// head j uses latent j / (n_q_heads / n_kv_heads). The loss is the sum over query heads of the
+// per-head loss (for Whip: the loss over all channels).
+class BatchedRotationOptimizer {
+ public:
+  BatchedRotationOptimizer(const std::vector<Matrix>& init, int64_t n_q_heads,
+                           const OrthOptions& opt);
+  float step(const Matrix& X);
+  std::vector<Matrix> rotations() const;
+  int64_t heads() const { return int64_t(opts_.size()); }
+
+ private:
+  std::vector<RotationOptimizer> opts_;
+  int64_t n_q_heads_, head_dim_;
+};
+
+}  // namespace dq

@@ -1,0 +1,60 @@
+// dartquant eval: perplexity (and zero-shot tasks) of a model, plain or quantized.
+#include <cstdio>
+
+#include "cli/command.h"
+#include "eval/perplexity.h"
+#include "eval/report.h"
+#include "eval/runtime.h"
+
+namespace dq::cli {
+namespace {
+
+struct EvalArgs {
+  std::string model, tokenizer, ppl, json;
+  int seqlen = 0, max_windows = 0;
+};
+
+int run_eval(const EvalArgs& a) {
+  Model m = load_model(a.model, a.tokenizer);
+  RuntimeHooks runtime(m);
+  nlohmann::json report = {{"model", a.model}, {"quantization", m.quantization}};
+  if (!a.ppl.empty()) {
+    int seqlen = a.seqlen > 0 ? a.seqlen : std::min(2048, m.config.max_seq);
+    std::vector<int32_t> ids = tokenize_file(m, a.ppl);
+    Progress progress;
+    if (show_progress())
+      progress = [](int done, int total) {
+        std::fprintf(stderr, "\rperplexity: window %d/%d", done, total);
+        if (done == total) std::fprintf(stderr, "\n");
+      };
+    PplResult r = perplexity(m, ids, seqlen, a.max_windows, runtime.hooks(), progress);
+    std::printf("ppl %.4f  (%s, %d windows x %d tokens, %.0f tokens/s)\n", r.ppl, a.ppl.c_str(),
+                r.windows, r.seqlen, r.tokens_per_second);
+    report["ppl"] = r.ppl;
+    report["mean_nll"] = r.mean_nll;
+    report["tokens"] = r.tokens;
+    report["windows"] = r.windows;
+    report["seqlen"] = r.seqlen;
+    report["text"] = a.ppl;
+    report["seconds"] = r.seconds;
+    report["tokens_per_second"] = r.tokens_per_second;
+  }
+  report["peak_rss_mib"] = peak_rss_mib();
+  if (!a.json.empty()) write_json(a.json, report);
+  return 0;
+}
+
+RegisterCommand reg("eval", "perplexity of a model (llama2.c .bin, HF directory, quantized directory, .gguf)",
+                    [](CLI::App& app) {
+  auto a = std::make_shared<EvalArgs>();
+  app.add_option("--model", a->model, "model path")->required();
+  app.add_option("--tokenizer", a->tokenizer, "tokenizer.json or llama2.c tokenizer.bin (default: beside the model)");
+  app.add_option("--ppl", a->ppl, "text file whose perplexity to measure")->required();
+  app.add_option("--seqlen", a->seqlen, "window length in tokens (default: min(2048, max_position_embeddings))");
+  app.add_option("--max-windows", a->max_windows, "evaluate only the first K windows");
+  app.add_option("--json", a->json, "write a JSON report here");
+  return [a] { return run_eval(*a); };
+});
+
+}  // namespace
+}  // namespace dq::cli

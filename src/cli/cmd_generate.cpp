@@ -1,0 +1,65 @@
+// dartquant generate: sample a continuation (greedy at temperature 0).
+#include <cstdio>
+#include <random>
+
+#include "cli/command.h"
+#include "eval/runtime.h"
+#include "model/forward.h"
+
+namespace dq::cli {
+namespace {
+
+struct GenerateArgs {
+  std::string model, tokenizer, prompt;
+  int n = 64;
+  float temperature = 0.f;
+  uint64_t seed = 0;
+};
+
+int run_generate(const GenerateArgs& a) {
+  Model m = load_model(a.model, a.tokenizer);
+  if (!m.tokenizer) throw Error(a.model + ": no tokenizer found; pass --tokenizer");
+  RuntimeHooks runtime(m);
+  std::vector<int32_t> ids = m.tokenizer->encode(a.prompt, true);
+  if (ids.empty()) throw Error("the prompt is empty and the tokenizer adds no BOS token");
+  std::mt19937_64 rng(a.seed);
+  Matrix head = m.weights.get(lm_head_name(m));
+  std::string printed;
+  for (int i = 0; i < a.n && int(ids.size()) < m.config.max_seq; ++i) {
+    // Recomputes the whole sequence each step: simple, and fast enough for the models we sample.
+    Matrix x = forward(m, ids, 1, int(ids.size()), runtime.hooks());
+    Matrix lp = log_probs(m, head, x, x.rows - 1, 1);
+    int32_t next = 0;
+    if (a.temperature <= 0) {
+      for (int64_t j = 1; j < lp.cols; ++j)
+        if (lp(0, j) > lp(0, next)) next = int32_t(j);
+    } else {
+      std::vector<double> p(size_t(lp.cols));
+      for (int64_t j = 0; j < lp.cols; ++j) p[size_t(j)] = std::exp(double(lp(0, j)) / a.temperature);
+      next = int32_t(std::discrete_distribution<int64_t>(p.begin(), p.end())(rng));
+    }
+    if (next == m.tokenizer->eos_id()) break;
+    ids.push_back(next);
+    // Prints the text as it grows; decoding the whole sequence keeps multi-byte pieces whole.
+    std::string text = m.tokenizer->decode(ids);
+    std::fwrite(text.data() + printed.size(), 1, text.size() - std::min(text.size(), printed.size()), stdout);
+    std::fflush(stdout);
+    printed = text;
+  }
+  std::printf("\n");
+  return 0;
+}
+
+RegisterCommand reg("generate", "generate text from a prompt", [](CLI::App& app) {
+  auto a = std::make_shared<GenerateArgs>();
+  app.add_option("--model", a->model, "model path")->required();
+  app.add_option("--tokenizer", a->tokenizer, "tokenizer file (default: beside the model)");
+  app.add_option("--prompt", a->prompt, "prompt text (default: empty, start from BOS)");
+  app.add_option("-n", a->n, "tokens to generate")->check(CLI::PositiveNumber);
+  app.add_option("--temperature", a->temperature, "0 = greedy");
+  app.add_option("--seed", a->seed, "sampling seed");
+  return [a] { return run_generate(*a); };
+});
+
+}  // namespace
+}  // namespace dq::cli

@@ -1,0 +1,19 @@
+// Subcommands register themselves: each cmd_*.cpp defines one static RegisterCommand.
+#pragma once
+#include <CLI/CLI.hpp>
+
+#include <functional>
+
+namespace dq::cli {
+
+// setup adds the subcommand's options (bound to state it owns) and returns the function that runs it.
+using Setup = std::function<std::function<int()>(CLI::App&)>;
+
+struct RegisterCommand {
+  RegisterCommand(const char* name, const char* help, Setup setup);
+};
+
+// True when stderr is a terminal: progress lines are shown only then.
+bool show_progress();
+
+}  // namespace dq::cli

@@ -1,0 +1,62 @@
+// dartquant: rotational calibration (DartQuant) and quantization of LLaMA-family models.
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <unistd.h>
+
+#include "cli/command.h"
+#include "tensor/kernels.h"
+#include "tensor/tensor.h"
+
+namespace dq::cli {
+
+struct Entry {
+  const char* help;
+  Setup setup;
+};
+
+static std::map<std::string, Entry>& registry() {
+  static std::map<std::string, Entry> r;
+  return r;
+}
+
+RegisterCommand::RegisterCommand(const char* name, const char* help, Setup setup) {
+  registry()[name] = {help, std::move(setup)};
+}
+
+bool show_progress() { return isatty(STDERR_FILENO); }
+
+}  // namespace dq::cli
+
+int main(int argc, char** argv) {
+  using namespace dq::cli;
+  CLI::App app{"dartquant: learn rotations (DartQuant), quantize and evaluate LLaMA-family models"};
+  app.require_subcommand(1);
+  int threads = 0;
+  app.add_option("--threads", threads, "threads for BLAS and our own loops (default: all cores)");
+  std::map<CLI::App*, std::function<int()>> runs;
+  for (auto& [name, entry] : registry()) {
+    CLI::App* sub = app.add_subcommand(name, entry.help);
+    runs[sub] = entry.setup(*sub);
+  }
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  if (threads > 0) dq::set_num_threads(threads);
+  try {
+    for (auto& [sub, run] : runs)
+      if (sub->parsed()) return run();
+  } catch (const dq::Error& e) {
+    std::fprintf(stderr, "dartquant: error: %s\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "dartquant: error: out of memory\n");
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "dartquant: error: %s\n", e.what());
+    return 1;
+  }
+  return 1;
+}

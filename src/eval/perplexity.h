@@ -1,0 +1,26 @@
+// Perplexity by the GPTQ/QuaRot protocol: tokenize the whole text once, cut it into
+// floor(tokens / seqlen) non-overlapping windows, each window predicts its own tokens 2..seqlen.
+#pragma once
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "model/forward.h"
+
+namespace dq {
+
+struct PplResult {
+  double ppl = 0, mean_nll = 0;
+  int64_t tokens = 0;  // predictions scored
+  int windows = 0, seqlen = 0;
+  double seconds = 0, tokens_per_second = 0;  // forward-pass tokens (windows * seqlen) per second
+};
+
+// The text of a file as token ids (with BOS first when the tokenizer adds one).
+std::vector<int32_t> tokenize_file(const Model& m, const std::string& path);
+
+using Progress = std::function<void(int done, int total)>;
+PplResult perplexity(const Model& m, const std::vector<int32_t>& ids, int seqlen, int max_windows,
+                     const Hooks& hooks = {}, const Progress& progress = nullptr);
+
+}  // namespace dq

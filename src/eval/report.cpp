@@ -1,0 +1,21 @@
+#include "eval/report.h"
+
+#include <fstream>
+
+#include "io/file.h"
+
+namespace dq {
+
+void write_json(const std::string& path, const nlohmann::json& j) {
+  write_file_atomic(path, [&](OutStream& out) { out.write(j.dump(2) + "\n"); });
+}
+
+double peak_rss_mib() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  return 0;
+}
+
+}  // namespace dq

@@ -1,0 +1,118 @@
+#include "io/safetensors.h"
+
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+namespace dq {
+
+using json = nlohmann::json;
+
+int64_t TensorInfo::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {
+  const size_t size = file_.size();
+  if (size < 8) throw Error(path + ": truncated safetensors file (no header length)");
+  uint64_t header_len;
+  std::memcpy(&header_len, file_.data(), 8);
+  if (header_len > size - 8) throw Error(path + ": header length " + std::to_string(header_len) + " exceeds file size");
+  if (header_len > (100u << 20)) throw Error(path + ": header larger than 100 MB");
+  json header;
+  try {
+    header = json::parse(file_.data() + 8, file_.data() + 8 + header_len);
+  } catch (const json::exception& e) {
+    throw Error(path + ": invalid safetensors header JSON");
+  }
+  if (!header.is_object()) throw Error(path + ": safetensors header is not a JSON object");
+  const size_t data_start = 8 + header_len, data_len = size - data_start;
+  for (auto& [name, v] : header.items()) {
+    if (name == "__metadata__") {
+      if (v.is_object())
+        for (auto& [k, s] : v.items())
+          if (s.is_string()) metadata_[k] = s.get<std::string>();
+      continue;
+    }
+    if (!v.is_object() || !v.contains("dtype") || !v.contains("shape") || !v.contains("data_offsets") ||
+        !v["dtype"].is_string() || !v["shape"].is_array() || !v["data_offsets"].is_array() ||
+        v["data_offsets"].size() != 2)
+      throw Error(path + ": malformed entry for tensor '" + name + "'");
+    TensorInfo t;
+    try {
+      t.dtype = dtype_from_name(v["dtype"].get<std::string>());
+    } catch (const Error& e) {
+      throw Error(path + ": tensor '" + name + "': " + e.what());
+    }
+    // Sizes are checked as they are multiplied so no product can overflow.
+    uint64_t numel = 1;
+    for (auto& d : v["shape"]) {
+      if (!d.is_number_unsigned()) throw Error(path + ": tensor '" + name + "' has an invalid shape");
+      uint64_t dim = d.get<uint64_t>();
+      if (dim != 0 && numel > (uint64_t(1) << 48) / dim)
+        throw Error(path + ": tensor '" + name + "' claims an absurd size");
+      numel *= dim;
+      t.shape.push_back(int64_t(dim));
+    }
+    auto& off = v["data_offsets"];
+    if (!off[0].is_number_unsigned() || !off[1].is_number_unsigned())
+      throw Error(path + ": tensor '" + name + "' has invalid data_offsets");
+    uint64_t begin = off[0].get<uint64_t>(), end = off[1].get<uint64_t>();
+    if (begin > end || end > data_len)
+      throw Error(path + ": tensor '" + name + "' data offsets [" + std::to_string(begin) + ", " +
+                  std::to_string(end) + ") lie past the end of the file");
+    if (end - begin != numel * dtype_size(t.dtype))
+      throw Error(path + ": tensor '" + name + "' byte size does not match its shape and dtype");
+    t.offset = data_start + begin;
+    t.nbytes = end - begin;
+    t.data = file_.data() + t.offset;
+    tensors_[name] = std::move(t);
+  }
+}
+
+const TensorInfo& SafetensorsFile::at(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) throw Error(file_.path() + ": missing tensor '" + name + "'");
+  return it->second;
+}
+
+TensorBlob blob_from_matrix(const std::string& name, const Matrix& m, DType dtype,
+                            std::vector<int64_t> shape) {
+  TensorBlob b{name, dtype, shape.empty() ? std::vector<int64_t>{m.rows, m.cols} : std::move(shape), {}};
+  b.bytes.resize(m.size() * dtype_size(dtype));
+  switch (dtype) {
+    case DType::F32: std::memcpy(b.bytes.data(), m.data.data(), b.bytes.size()); break;
+    case DType::BF16:
+    case DType::F16: {
+      auto* h = reinterpret_cast<uint16_t*>(b.bytes.data());
+      for (size_t i = 0; i < m.size(); ++i)
+        h[i] = dtype == DType::BF16 ? f32_to_bf16(m.data[i]) : f32_to_f16(m.data[i]);
+      break;
+    }
+    default: throw Error(std::string("cannot store a matrix as ") + dtype_name(dtype));
+  }
+  return b;
+}
+
+void write_safetensors(const std::string& path, const std::vector<TensorBlob>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  json header = json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  size_t offset = 0;
+  for (const auto& t : tensors) {
+    header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape},
+                      {"data_offsets", {offset, offset + t.bytes.size()}}};
+    offset += t.bytes.size();
+  }
+  std::string h = header.dump();
+  h.append((8 - h.size() % 8) % 8, ' ');  // keeps the data section 8-byte aligned
+  write_file_atomic(path, [&](OutStream& out) {
+    uint64_t n = h.size();
+    out.write(&n, 8);
+    out.write(h);
+    for (const auto& t : tensors) out.write(t.bytes.data(), t.bytes.size());
+  });
+}
+
+}  // namespace dq

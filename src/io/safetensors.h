@@ -1,0 +1,52 @@
+// safetensors: an 8-byte little-endian header length, a JSON header, then raw tensor bytes.
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/file.h"
+#include "tensor/tensor.h"
+
+namespace dq {
+
+struct TensorInfo {
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  const uint8_t* data = nullptr;  // inside the mapped file
+  size_t nbytes = 0;
+  size_t offset = 0;  // from the start of the file
+  int64_t numel() const;
+};
+
+// A memory-mapped, validated safetensors file. Every header claim (sizes, offsets, shapes) is
+// checked against the file before use.
+class SafetensorsFile {
+ public:
+  explicit SafetensorsFile(const std::string& path);
+  const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
+  const TensorInfo& at(const std::string& name) const;
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  const MappedFile& file() const { return file_; }
+
+ private:
+  MappedFile file_;
+  std::map<std::string, TensorInfo> tensors_;
+  std::map<std::string, std::string> metadata_;
+};
+
+// One tensor to write: a name, a dtype and shape, and its raw bytes (already in that dtype).
+struct TensorBlob {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> bytes;
+};
+TensorBlob blob_from_matrix(const std::string& name, const Matrix& m, DType dtype,
+                            std::vector<int64_t> shape = {});
+
+// Writes a safetensors file atomically.
+void write_safetensors(const std::string& path, const std::vector<TensorBlob>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace dq

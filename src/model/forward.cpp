@@ -1,0 +1,230 @@
+#include "model/forward.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "tensor/kernels.h"
+
+namespace dq {
+
+const char* site_name(Site s) {
+  switch (s) {
+    case Site::AttnIn: return "attn_in";
+    case Site::Q: return "q";
+    case Site::K: return "k";
+    case Site::V: return "v";
+    case Site::OprojIn: return "o_proj_in";
+    case Site::MlpIn: return "mlp_in";
+    case Site::DownIn: return "down_in";
+    case Site::FinalNorm: return "final_norm";
+  }
+  return "?";
+}
+
+static void run_hooks(const Hooks& hooks, Site s, int layer, Matrix& x) {
+  for (Hook* h : hooks) h->at(s, layer, x);
+}
+
+static const char* kLayerTensors[] = {
+    "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.q_proj.bias",
+    "self_attn.k_proj.bias", "self_attn.v_proj.bias", "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"};
+
+LayerWeights load_layer(const Model& m, int layer) {
+  LayerWeights w;
+  Matrix* slots[] = {&w.attn_norm, &w.q, &w.k, &w.v, &w.o, &w.q_bias, &w.k_bias, &w.v_bias,
+                     &w.mlp_norm, &w.gate, &w.up, &w.down};
+  for (size_t i = 0; i < std::size(kLayerTensors); ++i) {
+    std::string name = layer_name(layer, kLayerTensors[i]);
+    if (!m.weights.has(name)) {
+      if (std::strstr(kLayerTensors[i], "bias")) continue;
+      throw Error(m.source + ": missing tensor '" + name + "'");
+    }
+    *slots[i] = m.weights.get(name);
+    for (float v : slots[i]->data)
+      if (!std::isfinite(v)) throw Error(m.source + ": tensor '" + name + "' contains NaN or Inf");
+  }
+  return w;
+}
+
+void release_layer(const Model& m, int layer) {
+  for (const char* t : kLayerTensors) m.weights.release(layer_name(layer, t));
+}
+
+Matrix embed(const Model& m, const std::vector<int32_t>& tokens) {
+  const int64_t D = m.config.hidden_size;
+  Matrix table = m.weights.get("model.embed_tokens.weight");
+  Matrix x(int64_t(tokens.size()), D);
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] < 0 || tokens[i] >= m.config.vocab_size)
+      throw Error("token id " + std::to_string(tokens[i]) + " outside the vocabulary");
+    std::memcpy(x.row(int64_t(i)), table.row(tokens[i]), size_t(D) * 4);
+  }
+  return x;
+}
+
+// RoPE inverse frequencies, with Llama-3's long-context rescaling when configured.
+static std::vector<double> rope_inv_freq(const ModelConfig& c) {
+  std::vector<double> f(size_t(c.head_dim / 2));
+  for (size_t i = 0; i < f.size(); ++i) {
+    f[i] = 1.0 / std::pow(double(c.rope_theta), 2.0 * double(i) / double(c.head_dim));
+    if (c.rope_factor > 0) {
+      double wavelen = 2 * M_PI / f[i];
+      double low = c.rope_original_max / c.rope_low_freq, high = c.rope_original_max / c.rope_high_freq;
+      if (wavelen > low) {
+        f[i] /= c.rope_factor;
+      } else if (wavelen >= high) {
+        double smooth = (c.rope_original_max / wavelen - c.rope_low_freq) / (c.rope_high_freq - c.rope_low_freq);
+        f[i] = (1 - smooth) * f[i] / c.rope_factor + smooth * f[i];
+      }
+    }
+  }
+  return f;
+}
+
+static void apply_rope(const ModelConfig& c, Matrix& x, int heads, int seq) {
+  const int hd = c.head_dim, half = hd / 2;
+  std::vector<double> inv = rope_inv_freq(c);
+  std::vector<float> cs(size_t(seq) * half), sn(size_t(seq) * half);
+  for (int t = 0; t < seq; ++t)
+    for (int i = 0; i < half; ++i) {
+      cs[size_t(t) * half + i] = float(std::cos(t * inv[size_t(i)]));
+      sn[size_t(t) * half + i] = float(std::sin(t * inv[size_t(i)]));
+    }
+  const int64_t stride_pair = c.rope_interleaved ? 1 : half;  // distance between a pair's elements
+#pragma omp parallel for schedule(static) if (int64_t(x.size()) > kParallelMinWork)
+  for (int64_t r = 0; r < x.rows; ++r) {
+    const int t = int(r % seq);
+    for (int h = 0; h < heads; ++h) {
+      float* v = x.row(r) + int64_t(h) * hd;
+      for (int i = 0; i < half; ++i) {
+        int64_t a = c.rope_interleaved ? 2 * i : i;
+        float x0 = v[a], x1 = v[a + stride_pair];
+        float co = cs[size_t(t) * half + i], si = sn[size_t(t) * half + i];
+        v[a] = x0 * co - x1 * si;
+        v[a + stride_pair] = x0 * si + x1 * co;
+      }
+    }
+  }
+}
+
+static void add_bias(Matrix& x, const Matrix& b) {
+  if (b.empty()) return;
+  for (int64_t r = 0; r < x.rows; ++r)
+    for (int64_t j = 0; j < x.cols; ++j) x(r, j) += b.data[size_t(j)];
+}
+
+// Causal softmax attention for every (sequence, head); a GQA group's query heads share a KV head.
+static Matrix attention(const ModelConfig& c, const Matrix& q, const Matrix& k, const Matrix& v,
+                        int batch, int seq) {
+  const int hd = c.head_dim, group = c.num_heads / c.num_kv_heads;
+  const int64_t qd = c.q_dim(), kvd = c.kv_dim();
+  const float scale = 1.f / std::sqrt(float(hd));
+  Matrix out(q.rows, qd), scores(seq, seq);
+  for (int b = 0; b < batch; ++b) {
+    for (int h = 0; h < c.num_heads; ++h) {
+      const int64_t r0 = int64_t(b) * seq, kvh = h / group;
+      sgemm(false, true, seq, seq, hd, scale, q.row(r0) + h * hd, qd, k.row(r0) + kvh * hd, kvd, 0.f,
+            scores.data.data(), seq);
+#pragma omp parallel for schedule(static) if (int64_t(seq) * seq > kParallelMinWork)
+      for (int t = 0; t < seq; ++t) {
+        float* s = scores.row(t);
+        int first = c.sliding_window > 0 ? std::max(0, t - c.sliding_window + 1) : 0;
+        std::fill(s, s + first, 0.f);
+        softmax(s + first, t + 1 - first);
+        std::fill(s + t + 1, s + seq, 0.f);
+      }
+      sgemm(false, false, seq, hd, seq, 1.f, scores.data.data(), seq, v.row(r0) + kvh * hd, kvd, 0.f,
+            out.row(r0) + h * hd, qd);
+    }
+  }
+  return out;
+}
+
+static void add_into(Matrix& x, const Matrix& y) {
+  for (size_t i = 0; i < x.size(); ++i) x.data[i] += y.data[i];
+}
+
+void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matrix& x, int batch,
+                   int seq, const Hooks& hooks) {
+  Matrix h = x;
+  rmsnorm(h, w.attn_norm.data.data(), c.rms_eps);
+  run_hooks(hooks, Site::AttnIn, layer, h);
+  Matrix q = linear(h, w.q), k = linear(h, w.k), v = linear(h, w.v);
+  add_bias(q, w.q_bias);
+  add_bias(k, w.k_bias);
+  add_bias(v, w.v_bias);
+  apply_rope(c, q, c.num_heads, seq);
+  apply_rope(c, k, c.num_kv_heads, seq);
+  run_hooks(hooks, Site::Q, layer, q);
+  run_hooks(hooks, Site::K, layer, k);
+  run_hooks(hooks, Site::V, layer, v);
+  Matrix att = attention(c, q, k, v, batch, seq);
+  run_hooks(hooks, Site::OprojIn, layer, att);
+  add_into(x, linear(att, w.o));
+
+  h = x;
+  rmsnorm(h, w.mlp_norm.data.data(), c.rms_eps);
+  run_hooks(hooks, Site::MlpIn, layer, h);
+  Matrix gate = linear(h, w.gate);
+  swiglu(gate, linear(h, w.up));
+  run_hooks(hooks, Site::DownIn, layer, gate);
+  add_into(x, linear(gate, w.down));
+}
+
+void final_norm(const Model& m, Matrix& x, const Hooks& hooks) {
+  Matrix gain = m.weights.get("model.norm.weight");
+  rmsnorm(x, gain.data.data(), m.config.rms_eps);
+  run_hooks(hooks, Site::FinalNorm, -1, x);
+}
+
+Matrix forward(const Model& m, const std::vector<int32_t>& tokens, int batch, int seq,
+               const Hooks& hooks) {
+  if (tokens.size() != size_t(batch) * size_t(seq)) throw Error("forward: token count != batch * seq");
+  Matrix x = embed(m, tokens);
+  for (int l = 0; l < m.config.num_layers; ++l) {
+    LayerWeights w = load_layer(m, l);
+    layer_forward(m.config, w, l, x, batch, seq, hooks);
+    release_layer(m, l);
+  }
+  final_norm(m, x, hooks);
+  return x;
+}
+
+Matrix log_probs(const Model& m, const Matrix& lm_head, const Matrix& x, int64_t row0, int64_t n) {
+  Matrix out(n, lm_head.rows);
+  sgemm(false, true, n, lm_head.rows, x.cols, 1.f, x.row(row0), x.cols, lm_head.data.data(),
+        lm_head.cols, 0.f, out.data.data(), lm_head.rows);
+#pragma omp parallel for schedule(static) if (n * lm_head.rows > kParallelMinWork)
+  for (int64_t r = 0; r < n; ++r) {
+    float* z = out.row(r);
+    float mx = z[0];
+    for (int64_t j = 1; j < out.cols; ++j) mx = std::max(mx, z[j]);
+    double s = 0;
+    for (int64_t j = 0; j < out.cols; ++j) s += std::exp(double(z[j] - mx));
+    float lse = mx + float(std::log(s));
+    for (int64_t j = 0; j < out.cols; ++j) z[j] -= lse;
+  }
+  return out;
+}
+
+std::vector<double> next_token_nll(const Model& m, const std::vector<int32_t>& tokens, int batch,
+                                   int seq, const Hooks& hooks) {
+  Matrix x = forward(m, tokens, batch, seq, hooks);
+  Matrix head = m.weights.get(lm_head_name(m));
+  std::vector<double> nll;
+  nll.reserve(size_t(batch) * size_t(seq - 1));
+  for (int b = 0; b < batch; ++b) {
+    const int64_t r0 = int64_t(b) * seq;
+    // Chunks bound the logits buffer (vocab can be 128k wide).
+    for (int64_t t0 = 0; t0 < seq - 1; t0 += 256) {
+      int64_t n = std::min<int64_t>(256, seq - 1 - t0);
+      Matrix lp = log_probs(m, head, x, r0 + t0, n);
+      for (int64_t i = 0; i < n; ++i) nll.push_back(-double(lp(i, tokens[size_t(r0 + t0 + i + 1)])));
+    }
+  }
+  return nll;
+}
+
+}  // namespace dq

@@ -1,0 +1,55 @@
+// The forward pass of a LLaMA-family decoder, layer by layer, with named sites where hooks observe
+// or rewrite activations. Capture, GPTQ statistics, fake quantization and online Hadamards are all
+// hooks on this one pass.
+//
+// Activations are matrices with one row per token, sequence-major: row b * seq + t.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "model/model.h"
+
+namespace dq {
+
+enum class Site {
+  AttnIn,     // q/k/v input, after the attention norm        [tokens, hidden]
+  Q,          // queries after RoPE                            [tokens, heads * head_dim]
+  K,          // keys after RoPE                               [tokens, kv_heads * head_dim]
+  V,          // values                                        [tokens, kv_heads * head_dim]
+  OprojIn,    // attention output, o_proj input                [tokens, heads * head_dim]
+  MlpIn,      // gate/up input, after the MLP norm             [tokens, hidden]
+  DownIn,     // down_proj input, silu(gate) * up              [tokens, intermediate]
+  FinalNorm,  // final-norm output, lm_head input              [tokens, hidden]
+};
+const char* site_name(Site s);
+
+struct Hook {
+  virtual ~Hook() = default;
+  virtual void at(Site site, int layer, Matrix& x) = 0;  // layer is -1 for FinalNorm
+};
+using Hooks = std::vector<Hook*>;
+
+// One layer's weights as f32 (converted from their stored dtype when loaded).
+struct LayerWeights {
+  Matrix attn_norm, q, k, v, o, q_bias, k_bias, v_bias, mlp_norm, gate, up, down;
+};
+LayerWeights load_layer(const Model& m, int layer);
+void release_layer(const Model& m, int layer);  // hands the mapped pages back
+
+Matrix embed(const Model& m, const std::vector<int32_t>& tokens);
+// Runs one decoder layer in place on x (batch sequences of seq tokens).
+void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matrix& x, int batch,
+                   int seq, const Hooks& hooks);
+// Applies the final norm (and the FinalNorm hooks) in place.
+void final_norm(const Model& m, Matrix& x, const Hooks& hooks);
+// The whole decoder: returns the final-norm output for batch x seq tokens.
+Matrix forward(const Model& m, const std::vector<int32_t>& tokens, int batch, int seq,
+               const Hooks& hooks = {});
+
+// Log-probabilities over the vocabulary of rows [row0, row0 + n) of the final-norm output.
+Matrix log_probs(const Model& m, const Matrix& lm_head, const Matrix& x, int64_t row0, int64_t n);
+// For each sequence, the NLL of tokens 1..seq-1 given their prefixes: batch * (seq - 1) values.
+std::vector<double> next_token_nll(const Model& m, const std::vector<int32_t>& tokens, int batch,
+                                   int seq, const Hooks& hooks = {});
+
+}  // namespace dq

@@ -1,0 +1,62 @@
+#include "model/weights.h"
+
+namespace dq {
+
+void Weights::add_file(std::shared_ptr<const SafetensorsFile> file) {
+  for (const auto& [name, info] : file->tensors()) entries_[name] = Entry{file, &info, nullptr};
+}
+
+const Weights::Entry& Weights::entry(const std::string& name) const {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) throw Error("missing weight '" + name + "'");
+  return it->second;
+}
+
+Matrix Weights::get(const std::string& name) const {
+  const Entry& e = entry(name);
+  if (e.owned) return *e.owned;
+  const TensorInfo& t = *e.info;
+  if (t.shape.empty() || t.shape.size() > 2)
+    throw Error(e.file->file().path() + ": tensor '" + name + "' is not 1-D or 2-D");
+  Matrix m(t.shape.size() == 1 ? 1 : t.shape[0], t.shape.back());
+  try {
+    convert_to_f32(t.dtype, t.data, m.size(), m.data.data());
+  } catch (const Error& err) {
+    throw Error(e.file->file().path() + ": tensor '" + name + "': " + err.what());
+  }
+  return m;
+}
+
+std::vector<int64_t> Weights::shape(const std::string& name) const {
+  const Entry& e = entry(name);
+  if (e.owned) return e.owned->rows == 1 ? std::vector<int64_t>{e.owned->cols}
+                                        : std::vector<int64_t>{e.owned->rows, e.owned->cols};
+  return e.info->shape;
+}
+
+DType Weights::stored_dtype(const std::string& name) const {
+  const Entry& e = entry(name);
+  return e.owned ? DType::F32 : e.info->dtype;
+}
+
+void Weights::set(const std::string& name, Matrix m) {
+  entries_[name] = Entry{nullptr, nullptr, std::make_shared<const Matrix>(std::move(m))};
+}
+
+void Weights::release(const std::string& name) const {
+  auto it = entries_.find(name);
+  if (it != entries_.end() && it->second.file)
+    it->second.file->file().release(it->second.info->offset, it->second.info->nbytes);
+}
+
+std::vector<std::string> Weights::names() const {
+  std::vector<std::string> out;
+  for (const auto& [name, e] : entries_) out.push_back(name);
+  return out;
+}
+
+std::string layer_name(int layer, const std::string& suffix) {
+  return "model.layers." + std::to_string(layer) + "." + suffix;
+}
+
+}  // namespace dq

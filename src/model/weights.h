@@ -1,0 +1,42 @@
+// Named weight tensors (HF names). A tensor is either a view into a memory-mapped safetensors file,
+// kept in its stored dtype until used, or an owned f32 matrix that replaced it (after fusion or
+// quantization). Copies share both, so cloning a model is cheap and never duplicates weights.
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/safetensors.h"
+#include "tensor/tensor.h"
+
+namespace dq {
+
+class Weights {
+ public:
+  void add_file(std::shared_ptr<const SafetensorsFile> file);  // registers all of its tensors
+  bool has(const std::string& name) const { return entries_.count(name) > 0; }
+  // An f32 copy; a 1-D tensor becomes a 1 x n matrix. Throws Error naming a missing tensor.
+  Matrix get(const std::string& name) const;
+  std::vector<int64_t> shape(const std::string& name) const;
+  DType stored_dtype(const std::string& name) const;
+  void set(const std::string& name, Matrix m);
+  void erase(const std::string& name) { entries_.erase(name); }
+  // Returns the mapped pages behind a tensor to the kernel (streaming layer by layer).
+  void release(const std::string& name) const;
+  std::vector<std::string> names() const;
+
+ private:
+  struct Entry {
+    std::shared_ptr<const SafetensorsFile> file;
+    const TensorInfo* info = nullptr;
+    std::shared_ptr<const Matrix> owned;
+  };
+  const Entry& entry(const std::string& name) const;
+  std::map<std::string, Entry> entries_;
+};
+
+// The HF name of a layer tensor, e.g. layer_name(3, "self_attn.q_proj.weight").
+std::string layer_name(int layer, const std::string& suffix);
+
+}  // namespace dq

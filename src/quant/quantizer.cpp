@@ -1,0 +1,220 @@
+#include "quant/quantizer.h"
+
+#include <atomic>
+#include <cfloat>
+#include <limits>
+#include <string>
+
+namespace dq {
+
+int64_t QuantSpec::num_groups(int64_t cols) const {
+  if (per_tensor || group <= 0) return 1;
+  return (cols + group - 1) / group;
+}
+
+void QuantSpec::validate() const {
+  if (bits != 16 && (bits < 2 || bits > 8))
+    throw Error("quant spec: bits must be 2..8 or 16, got " + std::to_string(bits));
+  if (group < 0) throw Error("quant spec: group must be >= 0, got " + std::to_string(group));
+  if (per_tensor && group != 0) throw Error("quant spec: per_tensor excludes a group size");
+  if (!(clip_ratio > 0.f && clip_ratio <= 1.f))
+    throw Error("quant spec: clip_ratio must be in (0, 1], got " + std::to_string(clip_ratio));
+  if (mse_clip &&
+      (mse_grid < 1 || !(mse_max_shrink > 0.f && mse_max_shrink < 1.f) || !(mse_norm > 0.f)))
+    throw Error("quant spec: MSE clip needs grid >= 1, max shrink in (0, 1) and norm > 0");
+}
+
+namespace {
+
+// Scale/zero for the range [lo, hi] (lo <= 0 <= hi, clip already applied).
+QuantParams range_params(float lo, float hi, const QuantSpec& spec) {
+  QuantParams p;
+  const float half = float(1 << (spec.bits - 1));
+  if (spec.symmetric) {
+    p.scale = std::max(-lo, hi) / (half - 1.f);
+    p.zero = half;
+  } else {
+    p.scale = (hi - lo) / float(spec.maxq());
+    p.zero = std::nearbyint(-lo / p.scale);
+  }
+  if (!(p.scale >= FLT_MIN)) p = {1.f, spec.symmetric ? half : 0.f};
+  return p;
+}
+
+template <class T>
+double shrink_error(const T* x, int64_t n, QuantParams p, int maxq, float norm) {
+  double err = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    T d = std::abs(x[i] - dequant_code(quant_code(x[i], p, maxq), p));
+    err += std::pow(double(d), double(norm));
+  }
+  return err;
+}
+
+// find_params without throwing (usable inside OpenMP regions); false on a non-finite input.
+template <class T>
+bool try_find_params(const T* x, int64_t n, const QuantSpec& spec, QuantParams& out) {
+  T lo = 0, hi = 0, poison = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+    poison += x[i] * T(0);  // NaN as soon as one value is NaN or infinite
+  }
+  if (poison != poison) return false;
+  float flo = float(lo) * spec.clip_ratio, fhi = float(hi) * spec.clip_ratio;
+  out = range_params(flo, fhi, spec);
+  if (!spec.mse_clip) return true;
+  double best = std::numeric_limits<double>::infinity();
+  const int steps = int(spec.mse_max_shrink * float(spec.mse_grid));
+  for (int i = 0; i < steps; ++i) {
+    float shrink = 1.f - float(i) / float(spec.mse_grid);
+    QuantParams p = range_params(shrink * flo, shrink * fhi, spec);
+    double err = shrink_error(x, n, p, spec.maxq(), spec.mse_norm);
+    if (err < best) {
+      best = err;
+      out = p;
+    }
+  }
+  return true;
+}
+
+template <class T>
+QuantParams find_params_impl(const T* x, int64_t n, const QuantSpec& spec) {
+  QuantParams p;
+  if (!try_find_params(x, n, spec, p)) throw Error("quantize: non-finite input value");
+  return p;
+}
+
+void check_quantizable(const QuantSpec& spec) {
+  spec.validate();
+  if (!spec.enabled()) throw Error("quantize: 16 bits means not quantized; nothing to encode");
+}
+
+// Visits every row-group of a rows x cols block with its parameters: fn(r, g, c0, c1, params).
+// Row-groups are independent, so rows run in parallel; a non-finite input throws after the loop.
+template <class Fn>
+void for_each_group(const float* x, int64_t rows, int64_t cols, const QuantSpec& spec, Fn&& fn) {
+  if (spec.per_tensor) {
+    QuantParams p = find_params_impl(x, rows * cols, spec);
+#pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
+    for (int64_t r = 0; r < rows; ++r) fn(r, int64_t(0), int64_t(0), cols, p);
+    return;
+  }
+  const int64_t gs = spec.group > 0 ? spec.group : cols, ng = spec.num_groups(cols);
+  std::atomic<bool> bad{false};
+#pragma omp parallel for schedule(static) if (rows * cols > (1 << 16) || spec.mse_clip)
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < ng; ++g) {
+      int64_t c0 = g * gs, c1 = std::min(cols, c0 + gs);
+      QuantParams p;
+      if (!try_find_params(x + r * cols + c0, c1 - c0, spec, p)) {
+        bad = true;
+        break;
+      }
+      fn(r, g, c0, c1, p);
+    }
+  }
+  if (bad) throw Error("quantize: non-finite input value");
+}
+
+}  // namespace
+
+QuantParams find_params(const float* x, int64_t n, const QuantSpec& spec) {
+  check_quantizable(spec);
+  return find_params_impl(x, n, spec);
+}
+QuantParams find_params(const double* x, int64_t n, const QuantSpec& spec) {
+  check_quantizable(spec);
+  return find_params_impl(x, n, spec);
+}
+
+void fake_quantize(float* x, int64_t rows, int64_t cols, const QuantSpec& spec) {
+  spec.validate();
+  if (!spec.enabled()) return;
+  const int maxq = spec.maxq();
+  for_each_group(x, rows, cols, spec,
+                 [&](int64_t r, int64_t, int64_t c0, int64_t c1, QuantParams p) {
+                   float* row = x + r * cols;
+                   for (int64_t c = c0; c < c1; ++c)
+                     row[c] = dequant_code(quant_code(row[c], p, maxq), p);
+                 });
+}
+
+QuantParams QuantizedMatrix::params(int64_t r, int64_t c) const {
+  if (spec.per_tensor) return {scales.data[0], zeros.data[0]};
+  int64_t g = spec.group > 0 ? c / spec.group : 0;
+  return {scales(r, g), zeros(r, g)};
+}
+
+Matrix QuantizedMatrix::dequantize() const {
+  Matrix out(rows, cols);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      out(r, c) = dequant_code(float(codes[size_t(r * cols + c)]), params(r, c));
+  return out;
+}
+
+QuantizedMatrix quantize(const Matrix& x, const QuantSpec& spec) {
+  check_quantizable(spec);
+  QuantizedMatrix q;
+  q.rows = x.rows;
+  q.cols = x.cols;
+  q.spec = spec;
+  q.codes.resize(x.size());
+  const int64_t ng = spec.num_groups(x.cols);
+  q.scales = spec.per_tensor ? Matrix(1, 1) : Matrix(x.rows, ng);
+  q.zeros = q.scales;
+  const int maxq = spec.maxq();
+  for_each_group(x.data.data(), x.rows, x.cols, spec,
+                 [&](int64_t r, int64_t g, int64_t c0, int64_t c1, QuantParams p) {
+                   if (!spec.per_tensor || r == 0) {
+                     q.scales(spec.per_tensor ? 0 : r, g) = p.scale;
+                     q.zeros(spec.per_tensor ? 0 : r, g) = p.zero;
+                   }
+                   for (int64_t c = c0; c < c1; ++c)
+                     q.codes[size_t(r * x.cols + c)] = uint8_t(quant_code(x(r, c), p, maxq));
+                 });
+  return q;
+}
+
+int64_t packed_row_bytes(int64_t cols, int bits) { return (cols * bits + 7) / 8; }
+
+std::vector<uint8_t> pack_codes(const std::vector<uint8_t>& codes, int64_t rows, int64_t cols,
+                                int bits) {
+  if (int64_t(codes.size()) != rows * cols) throw Error("pack_codes: size mismatch");
+  if (bits < 1 || bits > 8) throw Error("pack_codes: bits must be 1..8");
+  const int64_t rb = packed_row_bytes(cols, bits);
+  std::vector<uint8_t> out(size_t(rows * rb), 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t* dst = out.data() + r * rb;
+    for (int64_t c = 0; c < cols; ++c) {
+      uint32_t v = codes[size_t(r * cols + c)] & ((1u << bits) - 1);
+      int64_t bit = c * bits;
+      // A code spans at most two bytes because bits <= 8.
+      uint32_t shifted = v << (bit % 8);
+      dst[bit / 8] |= uint8_t(shifted);
+      if (shifted >> 8) dst[bit / 8 + 1] |= uint8_t(shifted >> 8);
+    }
+  }
+  return out;
+}
+
+std::vector<uint8_t> unpack_codes(const std::vector<uint8_t>& packed, int64_t rows, int64_t cols,
+                                  int bits) {
+  if (bits < 1 || bits > 8) throw Error("unpack_codes: bits must be 1..8");
+  const int64_t rb = packed_row_bytes(cols, bits);
+  if (int64_t(packed.size()) != rows * rb) throw Error("unpack_codes: size mismatch");
+  std::vector<uint8_t> out(size_t(rows * cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* src = packed.data() + r * rb;
+    for (int64_t c = 0; c < cols; ++c) {
+      int64_t bit = c * bits;
+      uint32_t v = src[bit / 8];
+      if (bit / 8 + 1 < rb) v |= uint32_t(src[bit / 8 + 1]) << 8;
+      out[size_t(r * cols + c)] = uint8_t((v >> (bit % 8)) & ((1u << bits) - 1));
+    }
+  }
+  return out;
+}
+
+}  // namespace dq

@@ -1,0 +1,36 @@
+// The compute backend seam: every dense kernel the model, quantizers and optimizers use.
+// The CPU implementation (kernels_cpu.cpp) uses OpenBLAS and OpenMP; another backend provides the
+// same functions.
+#pragma once
+#include "tensor/tensor.h"
+
+namespace dq {
+
+// C = alpha * op(A) * op(B) + beta * C with row-major operands; op = transpose when the flag is set.
+// Shapes are checked; C is resized when beta == 0.
+void gemm(const Matrix& A, bool transA, const Matrix& B, bool transB, Matrix& C,
+          float alpha = 1.f, float beta = 0.f);
+// Y = X Wᵀ (a linear layer; W is out x in).
+Matrix linear(const Matrix& X, const Matrix& W);
+// Y = A B.
+Matrix matmul(const Matrix& A, const Matrix& B);
+
+// Raw row-major sgemm: C[m,n] = alpha * op(A) op(B) + beta * C, leading dimensions given.
+void sgemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
+           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+// x <- x / rms(x) * gain (gain may be null = all ones), row by row.
+void rmsnorm(Matrix& x, const float* gain, float eps);
+// In-place softmax of n values.
+void softmax(float* x, int64_t n);
+// gate <- silu(gate) * up, elementwise.
+void swiglu(Matrix& gate, const Matrix& up);
+
+// Loops over fewer elements than this run on one thread (waking threads costs more).
+constexpr int64_t kParallelMinWork = 1 << 16;
+
+// Threads used by BLAS and by our own parallel loops (one pool size for both).
+void set_num_threads(int n);
+int num_threads();
+
+}  // namespace dq

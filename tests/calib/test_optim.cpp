@@ -1,0 +1,216 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "calib/losses.h"
+#include "calib/orth_optim.h"
+#include "linalg/hadamard.h"
+#include "tensor/kernels.h"
+
+using namespace dq;
+
+namespace {
+
+// Token vectors like a norm-fused q_proj/up_proj input: Laplace(0, 1) channels plus a massive
+// activation shared by 4 fixed outlier channels (u·v with |u| ≈ 10–15, v = (±½, ±½, ±½, ±½) on
+// channels 5, 17, 30, 51), each token scaled to rms 1 (x / rms(x)). Independent channels alone
+// would not do: a Hadamard already mixes them into a near-Gaussian that no rotation can improve
+// on, whereas the outlier direction is mapped by any Hadamard to entries 0, ±1/8, ±1/4 (sums of
+// four ±1/16) and a learned rotation can flatten it.
+Matrix laplace_with_outliers(int64_t T, int64_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::exponential_distribution<float> ex(1.f);
+  auto sign = [&] { return (rng() & 1) ? 1.f : -1.f; };
+  const int64_t outliers[4] = {5 % n, 17 % n, 30 % n, 51 % n};
+  Matrix X(T, n);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t c = 0; c < n; ++c) X(t, c) = ex(rng) * sign();
+    const float u = 10.f * (1.f + 0.25f * ex(rng)) * sign();
+    for (int k = 0; k < 4; ++k) X(t, outliers[k]) += (k == 2 ? -0.5f : 0.5f) * u;
+  }
+  rmsnorm(X, nullptr, 0.f);
+  return X;
+}
+
+Matrix gaussian(int64_t r, int64_t c, uint64_t seed, float scale = 1.f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.f, scale);
+  Matrix X(r, c);
+  for (float& v : X.data) v = nd(rng);
+  return X;
+}
+
+// ‖RᵀR − I‖∞ (max absolute row sum).
+double orthogonality_error(const Matrix& R) {
+  Matrix G;
+  gemm(R, true, R, false, G);
+  double worst = 0;
+  for (int64_t i = 0; i < G.rows; ++i) {
+    double s = 0;
+    for (int64_t j = 0; j < G.cols; ++j) s += std::abs(G(i, j) - (i == j ? 1.0 : 0.0));
+    worst = std::max(worst, s);
+  }
+  return worst;
+}
+
+float max_abs_rotated(const Matrix& X, const Matrix& R) {
+  Matrix O;
+  gemm(X, false, R, false, O);
+  float m = 0;
+  for (float v : O.data) m = std::max(m, std::abs(v));
+  return m;
+}
+
+// Central finite differences of a loss (double steps on a float input).
+void expect_gradient_matches(LossKind kind, const Matrix& O, float tol) {
+  Matrix g;
+  loss_and_grad(kind, O, &g);
+  const float eps = 1e-2f;
+  for (size_t i = 0; i < O.size(); ++i) {
+    if (kind == LossKind::Whip && std::abs(O.data[i]) < 2 * eps) continue;  // the kink at 0
+    Matrix p = O, m = O;
+    p.data[i] += eps, m.data[i] -= eps;
+    double fd = (double(loss_and_grad(kind, p, nullptr)) - loss_and_grad(kind, m, nullptr)) / (2 * eps);
+    ASSERT_NEAR(g.data[i], fd, tol * std::max(1.0, std::abs(fd))) << loss_name(kind) << " at " << i;
+  }
+}
+
+}  // namespace
+
+TEST(Losses, GradientsMatchFiniteDifferences) {
+  Matrix O = gaussian(6, 20, 1, 1.5f);
+  expect_gradient_matches(LossKind::Whip, O, 2e-3f);
+  expect_gradient_matches(LossKind::Variance, O, 2e-3f);
+  expect_gradient_matches(LossKind::Kurtosis, O, 2e-3f);
+}
+
+TEST(Losses, ValuesOnKnownInputs) {
+  Matrix O(2, 3);
+  O.data = {0.f, 1.f, -2.f, 3.f, 3.f, 3.f};
+  EXPECT_NEAR(whip_loss(O, nullptr), (1 + std::exp(-1.) + std::exp(-2.) + 3 * std::exp(-3.)) / 2, 1e-6);
+  EXPECT_NEAR(variance_loss(O, nullptr), (14.0 / 9.0 + 0.0) / 2, 1e-6);  // token 1: var of {0,1,−2}
+  EXPECT_EQ(loss_from_name("kurtosis"), LossKind::Kurtosis);
+  EXPECT_THROW(loss_from_name("mse"), Error);
+}
+
+TEST(Losses, QuantLossIsTheRoundingErrorAndShrinksTheRange) {
+  // One token, 4 bits over [−1, 2]: scale 0.2, zero point 5; 0.3 -> 0.4 (error 0.1), 1.05 -> 1.0.
+  Matrix O(1, 4);
+  O.data = {-1.f, 0.3f, 1.05f, 2.f};
+  Matrix g;
+  const float L = quant_loss(O, &g);
+  EXPECT_NEAR(L, 0.1 * 0.1 + 0.05 * 0.05, 1e-6);
+  EXPECT_EQ(g.data[1], 0.f);  // inside entries get the straight-through 0
+  EXPECT_EQ(g.data[2], 0.f);
+  EXPECT_GT(g.data[3], 0.f);  // dL/ds > 0: lowering the max lowers the error
+  EXPECT_LT(g.data[0], 0.f);
+  // A constant token quantizes exactly.
+  Matrix C(1, 5, 0.f);
+  EXPECT_EQ(quant_loss(C, &g), 0.f);
+}
+
+TEST(OrthOptim, QrOrthStaysOrthogonalFor200Steps) {
+  for (int64_t n : {64, 96}) {
+    OrthOptions opt;
+    opt.lr = 0.05f;
+    RotationOptimizer o(random_hadamard(n, 1), opt);
+    EXPECT_LT(orthogonality_error(o.rotation()), 1e-5);
+    for (int s = 0; s < 200; ++s) o.step(laplace_with_outliers(512, n, 100 + uint64_t(s)));
+    EXPECT_LT(orthogonality_error(o.rotation()), 1e-5) << n;
+  }
+}
+
+TEST(OrthOptim, WhipFallsAndBeatsRandomHadamardOnOutliers) {
+  const int64_t n = 64;
+  const Matrix R0 = random_hadamard(n, 1);
+  const Matrix eval = laplace_with_outliers(4096, n, 7);
+  Matrix O0;
+  gemm(eval, false, R0, false, O0);
+  const float start = whip_loss(O0, nullptr);
+  // Fresh 2048-token batches (smaller ones mostly add gradient noise at this lr).
+  for (OptimizerKind kind : {OptimizerKind::SGD, OptimizerKind::Adam}) {
+    OrthOptions opt;
+    opt.optimizer = kind;
+    opt.lr = kind == OptimizerKind::SGD ? 0.05f : 0.01f;
+    RotationOptimizer o(R0, opt);
+    for (int s = 0; s < 200; ++s) o.step(laplace_with_outliers(2048, n, 1000 + uint64_t(s)));
+    Matrix O;
+    gemm(eval, false, o.rotation(), false, O);
+    const float end = whip_loss(O, nullptr);
+    const float max_learned = max_abs_rotated(eval, o.rotation()), max_had = max_abs_rotated(eval, R0);
+    std::printf("%s: whip %.4f -> %.4f, max|XR| hadamard %.3f learned %.3f, unrotated %.3f\n",
+                optimizer_name(kind), start, end, max_had, max_learned,
+                max_abs_rotated(eval, Matrix::identity(n)));
+    EXPECT_LT(end, 0.98f * start) << optimizer_name(kind);
+    EXPECT_LT(max_learned, max_had) << optimizer_name(kind);
+  }
+}
+
+TEST(OrthOptim, CayleyDecreasesLossAndStaysNearlyOrthogonal) {
+  const int64_t n = 64;
+  const Matrix R0 = random_hadamard(n, 1);
+  const Matrix eval = laplace_with_outliers(4096, n, 7);
+  OrthOptions opt;
+  opt.method = OrthMethod::Cayley;
+  // The fixed-point Cayley estimate (s = 2) drifts off the manifold as α‖W‖ grows: ~2e-4 after
+  // 200 steps at this lr, ~1e-2 at lr 0.1, ~2e-1 at the contraction bound α = 1/‖W‖₁.
+  opt.lr = 0.02f;
+  RotationOptimizer o(R0, opt);
+  Matrix O;
+  gemm(eval, false, R0, false, O);
+  const float start = whip_loss(O, nullptr);
+  for (int s = 0; s < 200; ++s) o.step(laplace_with_outliers(2048, n, 1000 + uint64_t(s)));
+  gemm(eval, false, o.rotation(), false, O);
+  const float end = whip_loss(O, nullptr);
+  const double orth = orthogonality_error(o.rotation());
+  std::printf("cayley: whip %.4f -> %.4f, ||RtR-I||inf %.2e\n", start, end, orth);
+  EXPECT_LT(end, 0.98f * start);
+  EXPECT_LT(orth, 1e-3);
+}
+
+TEST(OrthOptim, CosineScheduleAndOptionChecks) {
+  OrthOptions opt;
+  opt.cosine = true;
+  opt.total_steps = 10;
+  opt.lr = 1.f;
+  RotationOptimizer o(Matrix::identity(4), opt);
+  EXPECT_FLOAT_EQ(o.lr_at(0), 1.f);
+  EXPECT_NEAR(o.lr_at(5), 0.5f, 1e-6);
+  EXPECT_NEAR(o.lr_at(10), 0.f, 1e-6);
+  opt.total_steps = 0;
+  EXPECT_THROW(RotationOptimizer(Matrix::identity(4), opt), Error);
+  OrthOptions cay;
+  cay.method = OrthMethod::Cayley;
+  cay.optimizer = OptimizerKind::Adam;
+  EXPECT_THROW(RotationOptimizer(Matrix::identity(4), cay), Error);
+  EXPECT_THROW(RotationOptimizer(Matrix::identity(4), OrthOptions{}).step(Matrix(3, 5)), Error);
+  EXPECT_EQ(orth_from_name("cayley"), OrthMethod::Cayley);
+  EXPECT_EQ(optimizer_from_name("adam"), OptimizerKind::Adam);
+}
+
+TEST(OrthOptim, BatchedR2SumsHeadsAndLearns) {
+  // 4 query heads sharing 2 KV-head latents (GQA group of 2), head_dim 16.
+  const int64_t hq = 4, hkv = 2, d = 16;
+  std::vector<Matrix> init;
+  for (int64_t h = 0; h < hkv; ++h) init.push_back(random_hadamard(d, 10 + uint64_t(h)));
+  OrthOptions opt;
+  opt.lr = 0.05f;
+  BatchedRotationOptimizer b(init, hq, opt);
+  const Matrix X = laplace_with_outliers(512, hq * d, 3);
+  // The first loss is the sum over query heads of each head's Whip loss under its latent.
+  float expect = 0;
+  for (int64_t j = 0; j < hq; ++j) {
+    Matrix Xj(X.rows, d), O;
+    for (int64_t t = 0; t < X.rows; ++t) std::copy(X.row(t) + j * d, X.row(t) + (j + 1) * d, Xj.row(t));
+    gemm(Xj, false, init[size_t(j / (hq / hkv))], false, O);
+    expect += whip_loss(O, nullptr);
+  }
+  const float first = b.step(X);
+  EXPECT_NEAR(first, expect, 1e-4 * expect);
+  float last = first;
+  for (int s = 0; s < 100; ++s) last = b.step(X);
+  EXPECT_LT(last, first);
+  for (const Matrix& R : b.rotations()) EXPECT_LT(orthogonality_error(R), 1e-5);
+  EXPECT_THROW(BatchedRotationOptimizer(init, 3, opt), Error);
+}

@@ -1,0 +1,101 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "linalg/qr.h"
+#include "tensor/kernels.h"
+
+using namespace dq;
+
+namespace {
+
+std::vector<double> gaussian(int64_t count, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> nd;
+  std::vector<double> v(static_cast<size_t>(count));
+  for (double& x : v) x = nd(rng);
+  return v;
+}
+
+// L(Z) = <W, Q(Z)>.
+double objective(int64_t n, const std::vector<double>& Z, const std::vector<double>& W) {
+  std::vector<double> Q(Z.size()), U(Z.size());
+  qr_positive<double>(n, Z.data(), Q.data(), U.data());
+  double s = 0;
+  for (size_t i = 0; i < Q.size(); ++i) s += W[i] * Q[i];
+  return s;
+}
+
+}  // namespace
+
+TEST(QR, FactorsArePositiveTriangularAndOrthogonal) {
+  for (int64_t n : {1, 2, 5, 16, 33, 64}) {
+    auto Zd = gaussian(n * n, uint64_t(n));
+    std::vector<double> Q(Zd.size()), U(Zd.size());
+    qr_positive<double>(n, Zd.data(), Q.data(), U.data());
+    double orth = 0, rec = 0;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        double qtq = 0, qu = 0;
+        for (int64_t k = 0; k < n; ++k) qtq += Q[size_t(k * n + i)] * Q[size_t(k * n + j)];
+        for (int64_t k = 0; k < n; ++k) qu += Q[size_t(i * n + k)] * U[size_t(k * n + j)];
+        orth = std::max(orth, std::abs(qtq - (i == j)));
+        rec = std::max(rec, std::abs(qu - Zd[size_t(i * n + j)]));
+        if (j < i) {
+          EXPECT_EQ(U[size_t(i * n + j)], 0.0);
+        }
+      }
+    for (int64_t i = 0; i < n; ++i) EXPECT_GT(U[size_t(i * n + i)], 0.0);
+    EXPECT_LT(orth, 1e-12) << n;
+    EXPECT_LT(rec, 1e-12) << n;
+
+    Matrix Zf(n, n);  // float path agrees
+    for (size_t i = 0; i < Zd.size(); ++i) Zf.data[i] = float(Zd[i]);
+    QRFactors f = qr_positive(Zf);
+    for (size_t i = 0; i < Q.size(); ++i) EXPECT_NEAR(f.Q.data[i], Q[i], 2e-4) << n;
+  }
+}
+
+TEST(QR, OrthogonalInputGivesItselfBack) {
+  Matrix R = random_orthogonal(24, 5);
+  QRFactors f = qr_positive(R);
+  for (size_t i = 0; i < R.size(); ++i) EXPECT_NEAR(f.Q.data[i], R.data[i], 1e-5);
+}
+
+TEST(QR, BackwardMatchesCentralFiniteDifferences) {
+  for (int64_t n : {1, 2, 3, 5, 8, 12, 17, 32}) {
+    auto Z = gaussian(n * n, 100 + uint64_t(n)), W = gaussian(n * n, 200 + uint64_t(n));
+    std::vector<double> Q(Z.size()), U(Z.size()), G(Z.size());
+    qr_positive<double>(n, Z.data(), Q.data(), U.data());
+    qr_backward<double>(n, Q.data(), U.data(), W.data(), G.data());
+    const double eps = 1e-6;
+    double worst = 0, scale = 0;
+    for (size_t i = 0; i < Z.size(); ++i) {
+      auto Zp = Z, Zm = Z;
+      Zp[i] += eps, Zm[i] -= eps;
+      double fd = (objective(n, Zp, W) - objective(n, Zm, W)) / (2 * eps);
+      worst = std::max(worst, std::abs(fd - G[i]));
+      scale = std::max(scale, std::abs(fd));
+    }
+    EXPECT_LT(worst, 1e-7 * std::max(1.0, scale)) << "n = " << n;
+  }
+}
+
+TEST(QR, FloatBackwardAgreesWithDouble) {
+  const int64_t n = 20;
+  auto Z = gaussian(n * n, 1), W = gaussian(n * n, 2);
+  std::vector<double> Q(Z.size()), U(Z.size()), G(Z.size());
+  qr_positive<double>(n, Z.data(), Q.data(), U.data());
+  qr_backward<double>(n, Q.data(), U.data(), W.data(), G.data());
+  Matrix Zf(n, n), Wf(n, n);
+  for (size_t i = 0; i < Z.size(); ++i) Zf.data[i] = float(Z[i]), Wf.data[i] = float(W[i]);
+  Matrix Gf = qr_backward(qr_positive(Zf), Wf);
+  for (size_t i = 0; i < G.size(); ++i) EXPECT_NEAR(Gf.data[i], G[i], 1e-3 * (1 + std::abs(G[i])));
+}
+
+TEST(QR, SingularAndNonSquareAreErrors) {
+  EXPECT_THROW(qr_positive(Matrix(3, 3)), Error);
+  EXPECT_THROW(qr_positive(Matrix(3, 4)), Error);
+}

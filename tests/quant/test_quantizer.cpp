@@ -1,0 +1,242 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+
+#include "quant/quantizer.h"
+
+using namespace dq;
+
+namespace {
+
+Matrix random_matrix(int64_t rows, int64_t cols, uint32_t seed, float scale = 1.f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.f, scale);
+  Matrix m(rows, cols);
+  for (float& v : m.data) v = nd(rng);
+  return m;
+}
+
+// Heavy-tailed rows: Gaussian plus a few large outliers, like LLM activations.
+Matrix outlier_matrix(int64_t rows, int64_t cols, uint32_t seed) {
+  Matrix m = random_matrix(rows, cols, seed);
+  std::mt19937 rng(seed + 1);
+  std::uniform_int_distribution<int64_t> col(0, cols - 1);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int k = 0; k < 3; ++k) m(r, col(rng)) *= 12.f;
+  return m;
+}
+
+QuantSpec spec_of(int bits, bool sym, int group = 0, float clip = 1.f) {
+  QuantSpec s;
+  s.bits = bits;
+  s.symmetric = sym;
+  s.group = group;
+  s.clip_ratio = clip;
+  return s;
+}
+
+// Checks fake-quant against the params of each row-group: |x - deq| <= scale/2 inside the
+// representable range, the nearest edge of the grid outside it, and codes that round-trip.
+void check_bounds(const Matrix& x, const QuantSpec& spec) {
+  Matrix fq = x;
+  fake_quantize(fq, spec);
+  QuantizedMatrix q = quantize(x, spec);
+  for (int64_t r = 0; r < x.rows; ++r)
+    for (int64_t c = 0; c < x.cols; ++c) {
+      QuantParams p = q.params(r, c);
+      float lo = p.scale * (0.f - p.zero), hi = p.scale * (float(spec.maxq()) - p.zero);
+      float v = x(r, c), d = fq(r, c);
+      if (v >= lo && v <= hi) {
+        ASSERT_LE(std::abs(v - d), 0.5f * p.scale * (1.f + 1e-5f)) << r << "," << c;
+      } else {
+        ASSERT_EQ(d, v < lo ? lo : hi) << r << "," << c;
+      }
+    }
+}
+
+}  // namespace
+
+TEST(Quantizer, SymmetricConventionMatchesQuaRot) {
+  // max|x| = 7 at 4 bits: scale 1, zero 8, signed codes in [-8, 7]; ties round to even.
+  Matrix x(1, 6);
+  x.data = {-7.f, 3.5f, 2.5f, -0.5f, 6.9f, 0.f};
+  QuantSpec s = spec_of(4, true);
+  QuantParams p = find_params(x.row(0), 6, s);
+  EXPECT_FLOAT_EQ(p.scale, 1.f);
+  EXPECT_EQ(p.zero, 8.f);
+  QuantizedMatrix q = quantize(x, s);
+  std::vector<int> signed_codes;
+  for (uint8_t c : q.codes) signed_codes.push_back(int(c) - 8);
+  EXPECT_EQ(signed_codes, (std::vector<int>{-7, 4, 2, 0, 7, 0}));
+}
+
+TEST(Quantizer, AsymmetricConventionMatchesGptq) {
+  QuantSpec s = spec_of(4, false);
+  std::vector<float> a = {-5.f, 10.f, 1.f};
+  QuantParams p = find_params(a.data(), 3, s);
+  EXPECT_FLOAT_EQ(p.scale, 1.f);
+  EXPECT_EQ(p.zero, 5.f);
+  // The range always includes 0: an all-positive row has zero 0.
+  std::vector<float> b = {3.f, 18.f};
+  p = find_params(b.data(), 2, s);
+  EXPECT_FLOAT_EQ(p.scale, 18.f / 15.f);
+  EXPECT_EQ(p.zero, 0.f);
+  // The clip ratio multiplies both ends.
+  s.clip_ratio = 0.9f;
+  p = find_params(a.data(), 3, s);
+  EXPECT_FLOAT_EQ(p.scale, (9.f + 4.5f) / 15.f);
+  EXPECT_EQ(p.zero, std::nearbyint(4.5f / p.scale));
+}
+
+TEST(Quantizer, SymmetricPerChannelBound) {
+  Matrix w = random_matrix(32, 200, 1);
+  for (int bits : {2, 3, 4, 8}) check_bounds(w, spec_of(bits, true));
+}
+
+TEST(Quantizer, AsymmetricPerTokenWithClip) {
+  Matrix x = outlier_matrix(64, 256, 2);
+  for (int bits : {4, 8}) {
+    QuantSpec s = spec_of(bits, false, 0, 0.9f);
+    check_bounds(x, s);
+    // A clip ratio below 1 leaves each row's extreme value outside the grid (on its edge).
+    QuantizedMatrix q = quantize(x, s);
+    int64_t clipped_rows = 0;
+    for (int64_t r = 0; r < x.rows; ++r) {
+      QuantParams p = q.params(r, 0);
+      float lo = p.scale * (0.f - p.zero), hi = p.scale * (float(s.maxq()) - p.zero);
+      auto [mn, mx] = std::minmax_element(x.row(r), x.row(r) + x.cols);
+      clipped_rows += (*mn < lo || *mx > hi);
+    }
+    EXPECT_EQ(clipped_rows, x.rows);
+  }
+}
+
+TEST(Quantizer, PartialLastGroup) {
+  Matrix w = random_matrix(8, 172, 3);
+  QuantSpec s = spec_of(4, true, 64);
+  EXPECT_EQ(s.num_groups(172), 3);
+  check_bounds(w, s);
+  QuantizedMatrix q = quantize(w, s);
+  ASSERT_EQ(q.scales.cols, 3);
+  for (int64_t r = 0; r < w.rows; ++r) {
+    QuantParams last = find_params(w.row(r) + 128, 44, s);
+    EXPECT_EQ(q.scales(r, 2), last.scale);
+  }
+  check_bounds(w, spec_of(3, false, 172 / 4 + 1));
+}
+
+TEST(Quantizer, PerTensor) {
+  Matrix x = random_matrix(16, 48, 4);
+  QuantSpec s = spec_of(8, true);
+  s.per_tensor = true;
+  check_bounds(x, s);
+  QuantizedMatrix q = quantize(x, s);
+  EXPECT_EQ(q.scales.rows, 1);
+  EXPECT_EQ(q.scales.cols, 1);
+  float amax = 0;
+  for (float v : x.data) amax = std::max(amax, std::abs(v));
+  EXPECT_FLOAT_EQ(q.scales(0, 0), amax / 127.f);
+  s.symmetric = false;
+  check_bounds(x, s);
+}
+
+TEST(Quantizer, IntegerPathEqualsFakeQuantExactly) {
+  Matrix x = outlier_matrix(24, 172, 5);
+  std::vector<QuantSpec> specs;
+  for (int bits = 2; bits <= 8; ++bits)
+    for (bool sym : {true, false})
+      for (int group : {0, 32, 100}) specs.push_back(spec_of(bits, sym, group, sym ? 1.f : 0.9f));
+  QuantSpec t = spec_of(4, false);
+  t.per_tensor = true;
+  specs.push_back(t);
+  QuantSpec m = spec_of(3, true, 64);
+  m.mse_clip = true;
+  specs.push_back(m);
+  for (const QuantSpec& s : specs) {
+    Matrix fq = x;
+    fake_quantize(fq, s);
+    QuantizedMatrix q = quantize(x, s);
+    for (uint8_t c : q.codes) ASSERT_LE(int(c), s.maxq());
+    Matrix dq = q.dequantize();
+    ASSERT_EQ(dq.data, fq.data) << "bits " << s.bits << " sym " << s.symmetric << " group "
+                                << s.group;
+    // Stored form: packed codes round-trip.
+    auto packed = pack_codes(q.codes, q.rows, q.cols, s.bits);
+    EXPECT_EQ(int64_t(packed.size()), q.rows * packed_row_bytes(q.cols, s.bits));
+    EXPECT_EQ(unpack_codes(packed, q.rows, q.cols, s.bits), q.codes);
+  }
+}
+
+TEST(Quantizer, PackingLayout) {
+  std::vector<uint8_t> codes = {0x1, 0x2, 0xF, 0x0, 0x7};
+  auto p4 = pack_codes(codes, 1, 5, 4);
+  EXPECT_EQ(p4, (std::vector<uint8_t>{0x21, 0x0F, 0x07}));  // low nibble first, row padded
+  auto p3 = pack_codes({7, 1, 5}, 1, 3, 3);                 // bits 111 001 101 -> 0b01001111, 0b1
+  EXPECT_EQ(p3, (std::vector<uint8_t>{0x4F, 0x01}));
+}
+
+TEST(Quantizer, ZeroAndTinyRows) {
+  Matrix x(3, 16, 0.f);
+  for (int64_t c = 0; c < 16; ++c) x(1, c) = 1e-41f * float(c % 3);  // denormals
+  x(2, 0) = 1.f;                                                     // one non-zero value
+  for (bool sym : {true, false}) {
+    Matrix fq = x;
+    fake_quantize(fq, spec_of(4, sym));
+    for (int64_t c = 0; c < 16; ++c) {
+      EXPECT_EQ(fq(0, c), 0.f);
+      EXPECT_TRUE(std::isfinite(fq(1, c)));
+      EXPECT_LE(std::abs(fq(1, c)), 1e-40f);
+    }
+    EXPECT_FLOAT_EQ(fq(2, 0), 1.f);
+    EXPECT_EQ(fq(2, 5), 0.f);
+    QuantizedMatrix q = quantize(x, spec_of(4, sym, 0));
+    EXPECT_EQ(q.dequantize().data, fq.data);
+  }
+}
+
+TEST(Quantizer, MseClipLowersError) {
+  Matrix x = outlier_matrix(32, 128, 6);
+  QuantSpec plain = spec_of(3, true);
+  QuantSpec mse = plain;
+  mse.mse_clip = true;
+  auto err = [&](const QuantSpec& s) {
+    Matrix fq = x;
+    fake_quantize(fq, s);
+    double e = 0;
+    for (size_t i = 0; i < x.size(); ++i) e += std::pow(std::abs(x.data[i] - fq.data[i]), 2.4);
+    return e;
+  };
+  // The search includes shrink 1, so it can only help; on heavy tails it helps a lot.
+  EXPECT_LT(err(mse), 0.9 * err(plain));
+  QuantizedMatrix q = quantize(x, mse);
+  QuantizedMatrix q0 = quantize(x, plain);
+  for (int64_t r = 0; r < x.rows; ++r) EXPECT_LE(q.scales(r, 0), q0.scales(r, 0));
+}
+
+TEST(Quantizer, SixteenBitsIsOff) {
+  Matrix x = random_matrix(4, 8, 7);
+  Matrix y = x;
+  fake_quantize(y, QuantSpec{});
+  EXPECT_EQ(y.data, x.data);
+  EXPECT_THROW(quantize(x, QuantSpec{}), Error);
+}
+
+TEST(Quantizer, RejectsNonFiniteAndBadSpecs) {
+  Matrix x = random_matrix(4, 8, 8);
+  x(2, 3) = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_THROW(fake_quantize(x, spec_of(4, true)), Error);
+  EXPECT_THROW(quantize(x, spec_of(4, false, 4)), Error);
+  x(2, 3) = std::numeric_limits<float>::infinity();
+  QuantSpec t = spec_of(4, true);
+  t.per_tensor = true;
+  EXPECT_THROW(fake_quantize(x, t), Error);
+  Matrix ok = random_matrix(4, 8, 9);
+  EXPECT_THROW(fake_quantize(ok, spec_of(1, true)), Error);
+  EXPECT_THROW(fake_quantize(ok, spec_of(9, true)), Error);
+  EXPECT_THROW(fake_quantize(ok, spec_of(4, true, -1)), Error);
+  EXPECT_THROW(fake_quantize(ok, spec_of(4, true, 0, 1.5f)), Error);
+  t.group = 4;
+  EXPECT_THROW(fake_quantize(ok, t), Error);
+}
