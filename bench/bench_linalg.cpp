@@ -1,0 +1,66 @@
+// Rotation kernels: the fast Hadamard transform against the dense product it replaces (R3/R4
+// online), and one optimiser step of QR-Orth against one of Cayley SGD (R1 calibration) on a
+// fixed 2048-token batch.
+#include <benchmark/benchmark.h>
+
+#include <random>
+
+#include "calib/orth_optim.h"
+#include "linalg/hadamard.h"
+#include "tensor/kernels.h"
+
+namespace {
+
+dq::Matrix laplace(int64_t rows, int64_t cols, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::exponential_distribution<float> ex(1.f);
+  dq::Matrix m(rows, cols);
+  for (float& v : m.data) v = ex(rng) * ((rng() & 1) ? 1.f : -1.f);
+  return m;
+}
+
+constexpr int64_t kHadamardRows = 256, kTokens = 2048;
+
+void BM_HadamardFast(benchmark::State& state) {
+  const int64_t n = state.range(0);
+  const dq::Hadamard h(n);
+  const dq::Matrix X = laplace(kHadamardRows, n, 1);
+  dq::Matrix Y;
+  for (auto _ : state) {
+    Y = X;
+    h.apply(Y);
+    benchmark::DoNotOptimize(Y.data.data());
+  }
+  state.counters["K"] = double(h.block());
+}
+
+void BM_HadamardDense(benchmark::State& state) {
+  const int64_t n = state.range(0);
+  const dq::Matrix H = dq::Hadamard(n).matrix(), X = laplace(kHadamardRows, n, 1);
+  dq::Matrix Y;
+  for (auto _ : state) {
+    dq::gemm(X, false, H, false, Y);
+    benchmark::DoNotOptimize(Y.data.data());
+  }
+}
+
+void optimizer_step(benchmark::State& state, dq::OrthMethod method) {
+  const int64_t n = state.range(0);
+  dq::OrthOptions opt;
+  opt.method = method;
+  opt.lr = 1e-3f;
+  dq::RotationOptimizer o(dq::random_hadamard(n, 0), opt);
+  const dq::Matrix X = laplace(kTokens, n, 2);
+  for (auto _ : state) benchmark::DoNotOptimize(o.step(X));
+}
+
+void BM_QrOrthStep(benchmark::State& state) { optimizer_step(state, dq::OrthMethod::QR); }
+void BM_CayleyStep(benchmark::State& state) { optimizer_step(state, dq::OrthMethod::Cayley); }
+
+}  // namespace
+
+BENCHMARK(BM_HadamardFast)->Arg(128)->Arg(4096)->Arg(11008)->Arg(14336)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_HadamardDense)->Arg(128)->Arg(4096)->Arg(11008)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_QrOrthStep)->Arg(64)->Arg(576)->Arg(2048)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_CayleyStep)->Arg(64)->Arg(576)->Arg(2048)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_MAIN();
