@@ -6,7 +6,9 @@
 //    optimizer): M ← βM − G; Ŵ = MRᵀ − ½R(RᵀMRᵀ); W = Ŵ − Ŵᵀ; M ← WR;
 //    α = min(lr, 2q/(‖W‖₁ + ε)) with q = ½; Y ← R + αM, then s times Y ← R + (α/2)W(R + Y).
 //    The fixed-point iteration only approximates the Cayley transform, so R drifts off
-//    orthogonality by a tiny amount per step (see tests/calib/test_optim.cpp).
+//    orthogonality, the more the larger α‖W‖ (on the n = 64 test data after 200 steps:
+//    ‖RᵀR − I‖∞ ≈ 2e-4 at lr 0.02, 7e-3 at lr 0.1, 0.2 when α hits the bound 1/‖W‖₁); a drifting R
+//    can lower scale-dependent losses such as Whip without rotating. QR-Orth is exact.
 #pragma once
 #include <cstdint>
 #include <string>

@@ -5,16 +5,20 @@
 #include "eval/perplexity.h"
 #include "eval/report.h"
 #include "eval/runtime.h"
+#include "eval/zeroshot.h"
 
 namespace dq::cli {
 namespace {
 
 struct EvalArgs {
-  std::string model, tokenizer, ppl, json;
-  int seqlen = 0, max_windows = 0;
+  std::string model, tokenizer, ppl, json, tasks, tasks_dir = "../shared/data/zeroshot";
+  int seqlen = 0, max_windows = 0, limit = 0;
 };
 
 int run_eval(const EvalArgs& a) {
+  if (a.ppl.empty() && a.tasks.empty()) throw Error("eval: pass --ppl FILE, --tasks LIST, or both");
+  const std::vector<std::string> task_names =
+      a.tasks.empty() ? std::vector<std::string>{} : resolve_tasks(a.tasks, a.tasks_dir);
   Model m = load_model(a.model, a.tokenizer);
   RuntimeHooks runtime(m);
   nlohmann::json report = {{"model", a.model}, {"quantization", m.quantization}};
@@ -39,6 +43,24 @@ int run_eval(const EvalArgs& a) {
     report["seconds"] = r.seconds;
     report["tokens_per_second"] = r.tokens_per_second;
   }
+  if (!task_names.empty()) {
+    nlohmann::json tasks = nlohmann::json::object();
+    for (const std::string& name : task_names) {
+      Task t = load_task(name, a.tasks_dir + "/" + name + ".jsonl", a.limit);
+      Progress progress;
+      if (show_progress())
+        progress = [&name](int done, int total) {
+          std::fprintf(stderr, "\r%s: sequence %d/%d", name.c_str(), done, total);
+          if (done == total) std::fprintf(stderr, "\n");
+        };
+      TaskResult r = evaluate_task(m, t, runtime.hooks(), {}, progress);
+      for (const Metric& mt : r.metrics)
+        std::printf("%-16s %-10s %9.4f +- %.4f  (n %d, %.1f examples/s)\n", name.c_str(),
+                    mt.name.c_str(), mt.value, mt.se, r.examples, r.examples_per_second);
+      tasks[name] = to_json(r);
+    }
+    report["tasks"] = tasks;
+  }
   report["peak_rss_mib"] = peak_rss_mib();
   if (!a.json.empty()) write_json(a.json, report);
   return 0;
@@ -49,7 +71,11 @@ RegisterCommand reg("eval", "perplexity of a model (llama2.c .bin, HF directory,
   auto a = std::make_shared<EvalArgs>();
   app.add_option("--model", a->model, "model path")->required();
   app.add_option("--tokenizer", a->tokenizer, "tokenizer.json or llama2.c tokenizer.bin (default: beside the model)");
-  app.add_option("--ppl", a->ppl, "text file whose perplexity to measure")->required();
+  app.add_option("--ppl", a->ppl, "text file whose perplexity to measure");
+  app.add_option("--tasks", a->tasks, "zero-shot tasks: comma list of names in --tasks-dir, or 'all'");
+  app.add_option("--tasks-dir", a->tasks_dir, "directory of NAME.jsonl task files")->capture_default_str();
+  app.add_option("--limit", a->limit, "evaluate only the first N examples of each task")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--seqlen", a->seqlen, "window length in tokens (default: min(2048, max_position_embeddings))");
   app.add_option("--max-windows", a->max_windows, "evaluate only the first K windows");
   app.add_option("--json", a->json, "write a JSON report here");

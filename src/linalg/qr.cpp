@@ -31,6 +31,15 @@ void gemm(bool ta, bool tb, int n, double alpha, const double* A, const double* 
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, n, n,
               n, alpha, A, n, B, n, 0.0, C, n);
 }
+// X ← X·P for lower-triangular P.
+void trmm_right_lower(int n, const float* P, float* X) {
+  cblas_strmm(CblasRowMajor, CblasRight, CblasLower, CblasNoTrans, CblasNonUnit, n, n, 1.f, P, n, X,
+              n);
+}
+void trmm_right_lower(int n, const double* P, double* X) {
+  cblas_dtrmm(CblasRowMajor, CblasRight, CblasLower, CblasNoTrans, CblasNonUnit, n, n, 1.0, P, n, X,
+              n);
+}
 // X ← X·U⁻ᵀ (X·Uᵀ = B solved in place) for upper-triangular U.
 void trsm_right_upper_t(int n, const float* U, float* X) {
   cblas_strsm(CblasRowMajor, CblasRight, CblasUpper, CblasTrans, CblasNonUnit, n, n, 1.f, U, n, X,
@@ -72,7 +81,8 @@ void qr_backward(int64_t n, const T* Q, const T* U, const T* Qbar, T* Zbar) {
   gemm(true, false, ni, T(1), Q, Qbar, B.data());  // B = QᵀQ̄
   for (int64_t i = 1; i < n; ++i)
     for (int64_t j = 0; j < i; ++j) P[size_t(i * n + j)] = B[size_t(i * n + j)] - B[size_t(j * n + i)];
-  gemm(false, false, ni, T(1), Q, P.data(), Zbar);  // Q·tril(B − Bᵀ, −1)
+  std::copy(Q, Q + n * n, Zbar);
+  trmm_right_lower(ni, P.data(), Zbar);  // Q·tril(B − Bᵀ, −1) (P's zero diagonal is used as is)
   trsm_right_upper_t(ni, U, Zbar);
 }
 

@@ -2,7 +2,6 @@
 // which makes the factorisation unique, and its reverse-mode derivative.
 #pragma once
 #include <cstdint>
-#include <vector>
 
 #include "tensor/tensor.h"
 

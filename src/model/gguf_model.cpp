@@ -1,9 +1,151 @@
+// Loading a llama.cpp "llama" GGUF (what export_gguf writes): config from the llama.* keys, weights
+// decoded to f32 under their HF names with q/k rows back in HF order, and a tokenizer rebuilt from
+// the metadata when it can be done exactly.
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "io/gguf.h"
+#include "model/export.h"
 #include "model/model.h"
 
 namespace dq {
+namespace fs = std::filesystem;
+
+namespace {
+
+// A tokenizer loader takes a path, so metadata is written to a private temporary file first.
+class TempFile {
+ public:
+  TempFile(const std::string& suffix, const std::string& bytes) {
+    static std::atomic<int> counter{0};
+    path_ = (fs::temp_directory_path() /
+             ("dq_gguf_tok_" + std::to_string(getpid()) + "_" + std::to_string(counter++) + suffix)).string();
+    std::ofstream f(path_, std::ios::binary | std::ios::trunc);
+    f.write(bytes.data(), std::streamsize(bytes.size()));
+    if (!f) throw Error(path_ + ": cannot write temporary tokenizer file");
+  }
+  ~TempFile() {
+    std::error_code ec;
+    fs::remove(path_, ec);
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+template <class T>
+void append(std::string& out, T v) {
+  out.append(reinterpret_cast<const char*>(&v), sizeof(T));
+}
+
+// A "llama" vocabulary laid out as llama2.c's (unk 0, bos 1, eos 2, byte tokens 3..258, scores)
+// is exactly a llama2.c tokenizer.bin: rebuild that file, with llama.cpp's U+2581 back to spaces.
+std::unique_ptr<Tokenizer> llama2c_from_metadata(const GgufFile& g) {
+  if (g.get_string("tokenizer.ggml.model") != "llama" || !g.has("tokenizer.ggml.scores")) return nullptr;
+  std::vector<std::string> tokens = g.get_strings("tokenizer.ggml.tokens");
+  std::vector<float> scores = g.get_f32s("tokenizer.ggml.scores");
+  std::vector<int32_t> types = g.has("tokenizer.ggml.token_type") ? g.get_i32s("tokenizer.ggml.token_type")
+                                                                   : std::vector<int32_t>(tokens.size(), 1);
+  if (scores.size() != tokens.size() || types.size() != tokens.size() || tokens.size() < 259) return nullptr;
+  auto id = [&](const char* key) { return g.has(key) ? g.get_i64(key) : -1; };
+  if (id("tokenizer.ggml.unknown_token_id") != 0 || id("tokenizer.ggml.bos_token_id") != 1 ||
+      id("tokenizer.ggml.eos_token_id") != 2)
+    return nullptr;
+  for (size_t i = 3; i < 259; ++i)
+    if (types[i] != 6) return nullptr;
+  size_t n = tokens.size();
+  while (n > 259 && types[n - 1] == 5) --n;  // padding added for a larger embedding
+  std::string body;
+  int32_t max_len = 1;
+  const std::string space_mark = "\xE2\x96\x81";
+  for (size_t i = 0; i < n; ++i) {
+    std::string piece = tokens[i];
+    if (types[i] == 1)
+      for (size_t p = 0; (p = piece.find(space_mark, p)) != std::string::npos;) piece.replace(p, space_mark.size(), " ");
+    max_len = std::max(max_len, int32_t(piece.size()));
+    append(body, scores[i]);
+    append(body, int32_t(piece.size()));
+    body += piece;
+  }
+  std::string file;
+  append(file, max_len);
+  TempFile tmp(".bin", file + body);
+  return load_llama2c_tokenizer(tmp.path());
+}
+
+std::unique_ptr<Tokenizer> tokenizer_from_metadata(const GgufFile& g) {
+  if (g.has("tokenizer.huggingface.json")) {
+    TempFile tmp(".json", g.get_string("tokenizer.huggingface.json"));
+    return load_hf_tokenizer(tmp.path());
+  }
+  if (g.has("tokenizer.ggml.model") && g.has("tokenizer.ggml.tokens")) return llama2c_from_metadata(g);
+  return nullptr;
+}
+
+}  // namespace
 
 Model load_gguf_model(const std::string& path) {
-  throw Error(path + ": GGUF models cannot be loaded yet");
+  GgufFile g(path);
+  const std::string arch = g.get_string("general.architecture");
+  if (arch != "llama") throw Error(path + ": GGUF architecture '" + arch + "' is not supported (only 'llama')");
+  if (g.has("llama.rope.scaling.type") && g.get_string("llama.rope.scaling.type") != "none")
+    throw Error(path + ": rope scaling type '" + g.get_string("llama.rope.scaling.type") + "' is not supported");
+  Model m;
+  ModelConfig& c = m.config;
+  auto dim = [&](const std::string& key) {
+    int64_t v = g.get_i64(key);
+    if (v <= 0 || v > (int64_t(1) << 24)) throw Error(path + ": '" + key + "' out of range");
+    return int(v);
+  };
+  c.architecture = "LlamaForCausalLM";
+  c.hidden_size = dim("llama.embedding_length");
+  c.intermediate_size = dim("llama.feed_forward_length");
+  c.num_layers = dim("llama.block_count");
+  c.num_heads = dim("llama.attention.head_count");
+  c.num_kv_heads = g.has("llama.attention.head_count_kv") ? dim("llama.attention.head_count_kv") : c.num_heads;
+  if (c.num_heads % c.num_kv_heads != 0) throw Error(path + ": head_count not divisible by head_count_kv");
+  c.head_dim = g.has("llama.attention.key_length") ? dim("llama.attention.key_length") : c.hidden_size / c.num_heads;
+  if (c.head_dim % 2 != 0) throw Error(path + ": head dimension must be even for RoPE");
+  if (g.has("llama.rope.dimension_count") && dim("llama.rope.dimension_count") != c.head_dim)
+    throw Error(path + ": partial rotary embeddings (rope.dimension_count != head dimension) are not supported");
+  c.max_seq = g.has("llama.context_length") ? dim("llama.context_length") : 2048;
+  c.rms_eps = g.get_f32("llama.attention.layer_norm_rms_epsilon");
+  c.rope_theta = g.has("llama.rope.freq_base") ? g.get_f32("llama.rope.freq_base") : 10000.f;
+  const GgufTensorInfo& embd = g.tensor("token_embd.weight");
+  if (embd.shape.size() != 2) throw Error(path + ": token_embd.weight is not 2-D");
+  c.vocab_size = g.has("llama.vocab_size") ? dim("llama.vocab_size") : int(embd.shape[1]);
+  c.tie_embeddings = g.find_tensor("output.weight") == nullptr;
+  if (g.find_tensor("rope_freqs.weight")) {
+    if (!g.has("dartquant.rope_scaling.factor"))
+      throw Error(path + ": rope_freqs.weight without its Llama-3 parameters is not supported");
+    c.rope_factor = g.get_f32("dartquant.rope_scaling.factor");
+    c.rope_low_freq = g.get_f32("dartquant.rope_scaling.low_freq_factor");
+    c.rope_high_freq = g.get_f32("dartquant.rope_scaling.high_freq_factor");
+    c.rope_original_max = dim("dartquant.rope_scaling.original_context_length");
+  }
+
+  std::vector<std::string> names = {"model.embed_tokens.weight", "model.norm.weight"};
+  if (!c.tie_embeddings) names.push_back("lm_head.weight");
+  for (int l = 0; l < c.num_layers; ++l)
+    for (const char* s : {"input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+                          "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                          "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"})
+      names.push_back(layer_name(l, s));
+  for (const std::string& n : names) m.weights.set(n, g.read_matrix(gguf_tensor_name(n)));
+  // GGUF keeps q/k rows in the interleaved order llama2.c uses; the shared conversion restores HF's.
+  c.rope_interleaved = true;
+  rope_to_halves(m);
+  if (c.rope_factor > 0)
+    c.extra["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", c.rope_factor},
+                               {"low_freq_factor", c.rope_low_freq}, {"high_freq_factor", c.rope_high_freq},
+                               {"original_max_position_embeddings", c.rope_original_max}};
+  m.tokenizer = tokenizer_from_metadata(g);
+  return m;
 }
 
 }  // namespace dq

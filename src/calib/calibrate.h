@@ -1,0 +1,34 @@
+// DartQuant calibration: capture the rotation sites' activations in one pass of the norm-fused,
+// unrotated FP model, keep a seeded random fraction of token vectors (bf16), and learn R1 (pooled
+// q_proj and up_proj inputs of every layer) and each layer's R2 (o_proj input, one rotation per
+// KV head) with QR-Orth or Cayley SGD.
+#pragma once
+#include <functional>
+#include <nlohmann/json.hpp>
+
+#include "calib/orth_optim.h"
+#include "rotate/rotate.h"
+
+namespace dq {
+
+struct CalibOptions {
+  float token_ratio = 0.1f;  // fraction of token vectors kept
+  int epochs = 10;
+  int batch = 64;            // sequences per step: a step sees batch * seqlen * token_ratio vectors
+  OrthOptions r1, r2;        // r1.lr 2e-3 and r2.lr 1e-3 by default (paper App. K)
+  uint64_t seed = 0;
+  CalibOptions() { r2.lr = 1e-3f; }
+};
+
+struct CalibResult {
+  Rotations rotations;
+  nlohmann::json report;  // kept tokens, loss curves (per step: loss, seconds), stage times
+};
+
+using CalibProgress = std::function<void(const std::string& stage, int done, int total)>;
+
+// m must be norm-fused and unrotated; calib holds windows x len tokens.
+CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int windows, int len,
+                      const CalibOptions& o, const CalibProgress& progress = nullptr);
+
+}  // namespace dq

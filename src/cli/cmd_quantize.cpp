@@ -1,0 +1,182 @@
+// dartquant quantize: rotate (none | QuaRot | DartQuant), quantize weights (RTN | GPTQ), record the
+// activation/KV quantization, and write a self-describing model directory.
+#include <chrono>
+#include <cstdio>
+
+#include "calib/calibrate.h"
+#include "cli/command.h"
+#include "eval/perplexity.h"
+#include "eval/report.h"
+#include "eval/runtime.h"
+#include "model/save.h"
+#include "quant/quantize_model.h"
+
+namespace dq::cli {
+namespace {
+
+struct QuantizeArgs {
+  std::string model, tokenizer, out, rotation = "none", rotations_file, calib, json, ppl;
+  std::string w_method = "rtn", loss = "whip", orth = "qr", optimizer = "sgd";
+  int w_bits = 4, w_group = 0, a_bits = 16, kv_bits = 16, nsamples = 128, calib_seqlen = 2048;
+  int seqlen = 0, max_windows = 0, epochs = 10, batch = 64;
+  float a_clip = 0.9f, kv_clip = 1.f, damp = 0.01f, token_ratio = 0.1f, lr_r1 = 2e-3f, lr_r2 = 1e-3f;
+  bool w_asym = false, w_clip = false, act_order = false, no_online = false, cosine = false;
+  uint64_t seed = 0;
+};
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+void progress_line(const std::string& stage, int done, int total) {
+  if (!show_progress()) return;
+  std::fprintf(stderr, "\r%s: %d/%d", stage.c_str(), done, total);
+  if (done == total) std::fprintf(stderr, "\n");
+}
+
+int run_quantize(const QuantizeArgs& a) {
+  if (a.rotation != "none" && a.rotation != "quarot" && a.rotation != "dartquant")
+    throw Error("--rotation must be none, quarot or dartquant");
+  Model m = load_model(a.model, a.tokenizer);
+  rope_to_halves(m);
+  nlohmann::json report = {{"model", a.model}, {"out", a.out}};
+  nlohmann::json stages = nlohmann::json::object();
+  auto stage_done = [&](const char* name, Clock::time_point t) {
+    stages[name] = {{"seconds", since(t)}, {"peak_rss_mib", peak_rss_mib()}};
+  };
+
+  const bool need_calib = a.w_method == "gptq" || (a.rotation == "dartquant" && a.rotations_file.empty());
+  std::vector<int32_t> calib;
+  int len = a.calib_seqlen;
+  if (need_calib) {
+    if (a.calib.empty()) throw Error("--calib is required for GPTQ and DartQuant calibration");
+    std::vector<int32_t> ids = tokenize_file(m, a.calib);
+    len = std::min<int>(len, int(ids.size()) - 1);
+    calib = sample_windows(ids, a.nsamples, len, a.seed);
+  }
+
+  const bool rotate = a.rotation != "none";
+  const bool r4 = rotate && !a.no_online, r3 = r4 && a.kv_bits < 16;
+  if (rotate) {
+    auto t = Clock::now();
+    fuse_norms(m);
+    Rotations rot;
+    if (!a.rotations_file.empty()) {
+      rot = load_rotations(a.rotations_file, m.config);
+    } else if (a.rotation == "quarot") {
+      rot = random_hadamard_rotations(m.config, a.seed);
+    } else {
+      CalibOptions co;
+      co.token_ratio = a.token_ratio;
+      co.epochs = a.epochs;
+      co.batch = a.batch;
+      co.seed = a.seed;
+      co.r1.loss = co.r2.loss = loss_from_name(a.loss);
+      co.r1.method = co.r2.method = orth_from_name(a.orth);
+      co.r1.optimizer = co.r2.optimizer = optimizer_from_name(a.optimizer);
+      co.r1.lr = a.lr_r1;
+      co.r2.lr = a.lr_r2;
+      co.r1.cosine = co.r2.cosine = a.cosine;
+      CalibResult cr = calibrate(m, calib, a.nsamples, len, co, progress_line);
+      rot = std::move(cr.rotations);
+      report["calibration"] = cr.report;
+    }
+    apply_rotations(m, rot);
+    if (r4) fold_r4(m);
+    stage_done("rotate", t);
+  }
+
+  m.quantization = {
+      {"weights", {{"bits", a.w_bits}, {"method", a.w_method}, {"group", a.w_group}, {"symmetric", !a.w_asym},
+                   {"mse_clip", a.w_clip}, {"damp", a.damp}, {"act_order", a.act_order},
+                   {"nsamples", need_calib ? a.nsamples : 0}, {"calib_seqlen", need_calib ? len : 0}}},
+      {"activations", {{"bits", a.a_bits}, {"symmetric", false}, {"clip_ratio", a.a_clip}}},
+      {"kv_cache", {{"bits", a.kv_bits}, {"symmetric", false}, {"clip_ratio", a.kv_clip}}},
+      {"rotation", {{"kind", a.rotation}, {"seed", a.seed}}},
+      {"online", {{"r3", r3}, {"r4", r4}}}};
+
+  auto t = Clock::now();
+  WeightQuantOptions wq;
+  wq.spec.bits = a.w_bits;
+  wq.spec.symmetric = !a.w_asym;
+  wq.spec.group = a.w_group;
+  wq.spec.mse_clip = a.w_clip;
+  wq.method = a.w_method;
+  wq.gptq.damp = a.damp;
+  wq.gptq.act_order = a.act_order;
+  wq.gptq.static_groups = a.act_order && a.w_group > 0;
+  OnlineHadamard online(m.config, r3, r4);
+  Hooks runtime;
+  if (r3 || r4) runtime.push_back(&online);
+  WeightQuantResult w = quantize_weights(m, wq, calib, a.nsamples, len, runtime,
+                                         [](int l, int n) { progress_line("weights", l, n); });
+  report["gptq_layers"] = w.report;
+  stage_done("weights", t);
+
+  t = Clock::now();
+  SaveOptions so;
+  so.extra = std::move(w.codes);
+  save_model(m, a.out, so);
+  stage_done("save", t);
+  report["quantization"] = m.quantization;
+
+  if (!a.ppl.empty()) {
+    t = Clock::now();
+    RuntimeHooks rh(m);
+    int seqlen = a.seqlen > 0 ? a.seqlen : std::min(2048, m.config.max_seq);
+    PplResult r = perplexity(m, tokenize_file(m, a.ppl), seqlen, a.max_windows, rh.hooks());
+    std::printf("ppl %.4f  (%s, %d windows x %d tokens)\n", r.ppl, a.ppl.c_str(), r.windows, r.seqlen);
+    report["ppl"] = {{"ppl", r.ppl}, {"text", a.ppl}, {"windows", r.windows}, {"seqlen", r.seqlen}};
+    stage_done("eval", t);
+  }
+  report["stages"] = stages;
+  report["peak_rss_mib"] = peak_rss_mib();
+  std::printf("wrote %s\n", a.out.c_str());
+  if (!a.json.empty()) write_json(a.json, report);
+  return 0;
+}
+
+RegisterCommand reg("quantize", "rotate and quantize a model into a self-describing directory",
+                    [](CLI::App& app) {
+  auto a = std::make_shared<QuantizeArgs>();
+  app.add_option("--model", a->model, "model path")->required();
+  app.add_option("--tokenizer", a->tokenizer, "tokenizer file (default: beside the model)");
+  app.add_option("--out", a->out, "output directory")->required();
+  app.add_option("--rotation", a->rotation, "none, quarot (random Hadamard) or dartquant (learned)")
+      ->capture_default_str();
+  app.add_option("--rotations", a->rotations_file, "use these rotations (from `calibrate`) instead");
+  app.add_flag("--no-online-hadamard", a->no_online, "leave out R3/R4: the output is a plain LLaMA checkpoint");
+  app.add_option("--w-bits", a->w_bits, "weight bits (16 = not quantized)")->capture_default_str();
+  app.add_option("--w-method", a->w_method, "rtn or gptq")->capture_default_str()
+      ->check(CLI::IsMember({"rtn", "gptq"}));
+  app.add_option("--w-group", a->w_group, "group size along the input dimension (0 = per channel)")
+      ->capture_default_str();
+  app.add_flag("--w-asym", a->w_asym, "asymmetric weights (default symmetric)");
+  app.add_flag("--w-clip", a->w_clip, "MSE clip search for weights");
+  app.add_option("--damp", a->damp, "GPTQ damping, fraction of mean(diag H)")->capture_default_str();
+  app.add_flag("--act-order", a->act_order, "GPTQ act-order");
+  app.add_option("--a-bits", a->a_bits, "activation bits (16 = not quantized)")->capture_default_str();
+  app.add_option("--a-clip", a->a_clip, "activation clip ratio")->capture_default_str();
+  app.add_option("--kv-bits", a->kv_bits, "KV-cache bits (16 = not quantized)")->capture_default_str();
+  app.add_option("--kv-clip", a->kv_clip, "KV-cache clip ratio")->capture_default_str();
+  app.add_option("--calib", a->calib, "calibration text (GPTQ, DartQuant)");
+  app.add_option("--nsamples", a->nsamples, "calibration windows")->capture_default_str();
+  app.add_option("--calib-seqlen", a->calib_seqlen, "calibration window length")->capture_default_str();
+  app.add_option("--seed", a->seed, "seed for windows, rotations and sampling")->capture_default_str();
+  app.add_option("--token-ratio", a->token_ratio, "DartQuant: fraction of token vectors kept")->capture_default_str();
+  app.add_option("--loss", a->loss, "DartQuant loss: whip, variance, kurtosis, quant")->capture_default_str();
+  app.add_option("--orth", a->orth, "DartQuant optimizer: qr (QR-Orth) or cayley")->capture_default_str();
+  app.add_option("--optimizer", a->optimizer, "sgd or adam")->capture_default_str();
+  app.add_option("--lr-r1", a->lr_r1, "R1 learning rate")->capture_default_str();
+  app.add_option("--lr-r2", a->lr_r2, "R2 learning rate")->capture_default_str();
+  app.add_option("--epochs", a->epochs, "calibration epochs")->capture_default_str();
+  app.add_option("--batch", a->batch, "calibration sequences per step")->capture_default_str();
+  app.add_flag("--cosine", a->cosine, "cosine learning-rate schedule");
+  app.add_option("--ppl", a->ppl, "evaluate the quantized model's perplexity on this text");
+  app.add_option("--seqlen", a->seqlen, "evaluation window length");
+  app.add_option("--max-windows", a->max_windows, "evaluate only the first K windows");
+  app.add_option("--json", a->json, "write a JSON report here");
+  return [a] { return run_quantize(*a); };
+});
+
+}  // namespace
+}  // namespace dq::cli

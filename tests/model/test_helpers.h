@@ -1,0 +1,72 @@
+// Helpers shared by the model tests: scratch directories, file I/O, and running the dartquant CLI.
+#pragma once
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+namespace dq::test {
+
+namespace fs = std::filesystem;
+
+inline const std::string kData = DQ_DATA_DIR;
+inline const std::string kStories = kData + "/stories260K/stories260K.bin";
+inline const std::string kTok512 = kData + "/stories260K/tok512.bin";
+inline const std::string kValid = kData + "/tinystories/valid.txt";
+
+// A fresh directory per test, removed afterwards.
+class ScratchDir {
+ public:
+  ScratchDir() {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    path_ = fs::temp_directory_path() /
+            ("dq_model_" + std::to_string(getpid()) + "_" + info->test_suite_name() + "_" + info->name());
+    fs::remove_all(path_);
+    fs::create_directories(path_);
+  }
+  ~ScratchDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  std::string operator/(const std::string& name) const { return (path_ / name).string(); }
+  const fs::path& path() const { return path_; }
+
+ private:
+  fs::path path_;
+};
+
+inline std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+inline void spit(const std::string& path, const std::string& bytes) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f.write(bytes.data(), std::streamsize(bytes.size()));
+}
+
+struct CliResult {
+  int exit_code = -1;  // -1 when the process did not exit normally (a signal)
+  std::string out, err;
+};
+
+// Runs `dartquant ARGS` (one thread: the test machines are shared) through the shell.
+inline CliResult run_cli(const std::string& args, const ScratchDir& scratch) {
+  const std::string out = scratch / "cli.stdout", err = scratch / "cli.stderr";
+  const std::string cmd = std::string(DQ_BINARY) + " --threads 1 " + args + " >" + out + " 2>" + err;
+  const int status = std::system(cmd.c_str());
+  CliResult r;
+  if (status != -1 && WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
+  r.out = slurp(out);
+  r.err = slurp(err);
+  return r;
+}
+
+}  // namespace dq::test
