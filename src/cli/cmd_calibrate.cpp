@@ -3,6 +3,7 @@
 
 #include "calib/calibrate.h"
 #include "cli/command.h"
+#include "eval/html_report.h"
 #include "eval/perplexity.h"
 #include "eval/report.h"
 #include "quant/quantize_model.h"
@@ -11,7 +12,7 @@ namespace dq::cli {
 namespace {
 
 struct CalibrateArgs {
-  std::string model, tokenizer, calib, out, json, loss = "whip", orth = "qr", optimizer = "sgd";
+  std::string model, tokenizer, calib, out, json, html, loss = "whip", orth = "qr", optimizer = "sgd";
   int nsamples = 128, calib_seqlen = 2048, epochs = 10, batch = 64;
   float token_ratio = 0.1f, lr_r1 = 2e-3f, lr_r2 = 1e-3f;
   bool cosine = false;
@@ -58,6 +59,11 @@ int run_calibrate(const CalibrateArgs& a) {
     j["peak_rss_mib"] = peak_rss_mib();
     write_json(a.json, j);
   }
+  if (!a.html.empty()) {
+    nlohmann::json c = r.report;
+    c["options"] = {{"orth", a.orth}, {"loss", a.loss}};  // names the loss curve
+    write_html_report(a.html, {"DartQuant calibration: " + a.model, {{"calibration text", a.calib}}, nullptr, {c}, {}});
+  }
   return 0;
 }
 
@@ -80,6 +86,7 @@ RegisterCommand reg("calibrate", "learn DartQuant rotations R1/R2 from calibrati
   app.add_flag("--cosine", a->cosine, "cosine learning-rate schedule");
   app.add_option("--seed", a->seed, "seed")->capture_default_str();
   app.add_option("--json", a->json, "write a JSON report (loss curves, stage times) here");
+  app.add_option("--html", a->html, "write a self-contained HTML report (loss curves) here");
   return [a] { return run_calibrate(*a); };
 });
 

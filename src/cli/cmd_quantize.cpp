@@ -5,6 +5,7 @@
 
 #include "calib/calibrate.h"
 #include "cli/command.h"
+#include "eval/html_report.h"
 #include "eval/perplexity.h"
 #include "eval/report.h"
 #include "eval/runtime.h"
@@ -15,7 +16,7 @@ namespace dq::cli {
 namespace {
 
 struct QuantizeArgs {
-  std::string model, tokenizer, out, rotation = "none", rotations_file, calib, json, ppl;
+  std::string model, tokenizer, out, rotation = "none", rotations_file, calib, json, html, ppl;
   std::string w_method = "rtn", loss = "whip", orth = "qr", optimizer = "sgd";
   int w_bits = 4, w_group = 0, a_bits = 16, kv_bits = 16, nsamples = 128, calib_seqlen = 2048;
   int seqlen = 0, max_windows = 0, epochs = 10, batch = 64;
@@ -132,6 +133,12 @@ int run_quantize(const QuantizeArgs& a) {
   report["peak_rss_mib"] = peak_rss_mib();
   std::printf("wrote %s\n", a.out.c_str());
   if (!a.json.empty()) write_json(a.json, report);
+  if (!a.html.empty()) {
+    std::vector<nlohmann::json> cals;
+    if (report.contains("calibration")) cals.push_back(report["calibration"]);
+    for (auto& c : cals) c["options"] = {{"orth", a.orth}, {"loss", a.loss}};  // names the loss curve
+    write_html_report(a.html, {"dartquant quantize: " + a.model, {{"output", a.out}}, nullptr, cals, {report}});
+  }
   return 0;
 }
 
@@ -175,6 +182,7 @@ RegisterCommand reg("quantize", "rotate and quantize a model into a self-describ
   app.add_option("--seqlen", a->seqlen, "evaluation window length");
   app.add_option("--max-windows", a->max_windows, "evaluate only the first K windows");
   app.add_option("--json", a->json, "write a JSON report here");
+  app.add_option("--html", a->html, "write a self-contained HTML report (loss curves, evaluation) here");
   return [a] { return run_quantize(*a); };
 });
 

@@ -172,8 +172,7 @@ void add_tokenizer(GgufWriter& w, const Model& m) {
   std::string hf_json;
   if (!m.tokenizer_path.empty()) {
     std::string text = read_file(m.tokenizer_path);
-    size_t first = text.find_first_not_of(" \t\r\n");
-    if (first != std::string::npos && text[first] == '{') hf_json = std::move(text);
+    if (json::accept(text)) hf_json = std::move(text);  // else a llama2.c tokenizer.bin
   }
   if (v.model == "gpt2") w.set("tokenizer.ggml.pre", GgufValue::string(bpe_pre_name(hf_json)));
   w.set("tokenizer.ggml.tokens", GgufValue::strings_array(v.tokens));

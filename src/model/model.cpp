@@ -90,7 +90,7 @@ Model load_model(const std::string& path, const std::string& tokenizer_path) {
     if (tok.empty()) tok = find_tokenizer_beside(p.has_parent_path() ? p.parent_path() : fs::path("."));
   }
   m.source = path;
-  if (!tok.empty() && !m.tokenizer) {
+  if (!tok.empty() && (!m.tokenizer || !tokenizer_path.empty())) {  // an explicit --tokenizer wins
     m.tokenizer = load_tokenizer(tok);
     m.tokenizer_path = tok;
     if (m.tokenizer->vocab_size() > size_t(m.config.vocab_size))

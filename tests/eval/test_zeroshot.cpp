@@ -10,6 +10,7 @@
 
 #include "eval/zeroshot.h"
 #include "io/jsonl.h"
+#include "quant/quantize_model.h"
 
 namespace dq {
 namespace {
@@ -23,7 +24,7 @@ const Model& model() {
 
 // lm-eval's definition spelled out for one request (contexts here end without whitespace), run
 // alone through the model at exactly its own length.
-Loglikelihood naive(const Model& m, const Request& r, int window) {
+Loglikelihood naive(const Model& m, const Request& r, int window, const Hooks& hooks = {}) {
   std::vector<int32_t> ctx = m.tokenizer->encode(r.context, true);
   std::vector<int32_t> whole = m.tokenizer->encode(r.context + " " + r.continuation, true);
   std::vector<int32_t> full = ctx;
@@ -32,7 +33,7 @@ Loglikelihood naive(const Model& m, const Request& r, int window) {
   if (full.size() > size_t(window) + 1) full.erase(full.begin(), full.end() - (window + 1));
   std::vector<int32_t> in(full.begin(), full.end() - 1);
   const int len = int(in.size());
-  Matrix x = forward(m, in, 1, len);
+  Matrix x = forward(m, in, 1, len, hooks);
   Matrix lp = log_probs(m, m.weights.get(lm_head_name(m)), x, 0, len);
   Loglikelihood ll;
   ll.greedy = true;
@@ -79,19 +80,48 @@ TEST(ZeroShot, LongContextsAreTruncatedFromTheLeft) {
   ZeroShotOptions opt;
   opt.window = 40;
   opt.batch_tokens = 100;  // several forward passes
-  expect_matches_naive("boolq", 4, opt, 40);
+  expect_matches_naive("boolq", 3, opt, 40);
   expect_matches_naive("lambada_openai", 4, opt, 40);
 }
 
-TEST(ZeroShot, OneTokenAnswersShareTheirContextPass) {
-  // Both BoolQ answers ("no", "yes") are single tokens after the same prompt: one sequence each.
-  const Task t = load_task("boolq", kTasks + "/boolq.jsonl", 6);
-  const std::vector<Request> reqs = requests_of(t);
-  ASSERT_EQ(reqs.size(), 12u);
+TEST(ZeroShot, RequestsExtendedByAnotherShareItsPass) {
+  // "was" and "a" are one token each, so their inputs are the bare context, a prefix of the
+  // others' inputs; ctx + " was" tokenizes as ctx's tokens plus "was". All four requests are read
+  // from the pass over the longest input.
+  const Model& m = model();
+  const std::string ctx = "Once upon a time there";
+  const std::vector<Request> reqs = {
+      {ctx, "was"}, {ctx, "was a little"}, {ctx + " was", "a"}, {ctx, "a"}};
   ScoreStats st;
-  loglikelihoods(model(), reqs, {}, {}, nullptr, &st);
-  EXPECT_EQ(st.sequences, 6);
-  expect_matches_naive("boolq", 6, {}, model().config.max_seq);
+  const std::vector<Loglikelihood> got = loglikelihoods(m, reqs, {}, {}, nullptr, &st);
+  EXPECT_EQ(st.sequences, 1);
+  EXPECT_EQ(st.forwards, 1);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    const Loglikelihood want = naive(m, reqs[i], m.config.max_seq);
+    EXPECT_NEAR(got[i].logprob, want.logprob, 1e-4) << "request " << i;
+    EXPECT_EQ(got[i].greedy, want.greedy) << "request " << i;
+  }
+}
+
+TEST(ZeroShot, QuantizedHooksSeeTheSameRowsBatchedOrAlone) {
+  // W16A4KV4 fake quantization is per token and per head, so padding and neighbours in the batch
+  // leave each request's score unchanged.
+  const Model& m = model();
+  ActQuantConfig q;
+  q.bits = 4;
+  q.kv_bits = 4;
+  ActQuantHook hook(m.config, q);
+  const Hooks hooks = {&hook};
+  const std::vector<Request> reqs = requests_of(load_task("piqa", kTasks + "/piqa.jsonl", 4));
+  const std::vector<Loglikelihood> got = loglikelihoods(m, reqs, hooks);
+  const std::vector<Loglikelihood> fp = loglikelihoods(m, reqs);
+  double moved = 0;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    const Loglikelihood want = naive(m, reqs[i], m.config.max_seq, hooks);
+    EXPECT_NEAR(got[i].logprob, want.logprob, 1e-3 + 1e-5 * std::abs(want.logprob)) << "request " << i;
+    moved += std::abs(got[i].logprob - fp[i].logprob);
+  }
+  EXPECT_GT(moved, 0.1);  // the hooks did act
 }
 
 TEST(ZeroShot, TrailingContextWhitespaceMovesToTheContinuation) {
@@ -134,10 +164,10 @@ TEST(ZeroShot, AccAndAccNormDisagreeOnALongerBetterAnswer) {
   t.metrics = {"acc", "acc_norm"};
   TaskExample e;
   const std::string q = "Once upon a time, there was a little girl named Lily. She";
-  e.candidates = {{q, "loved"}, {q, "loved to play outside in the park with her friends."}};
+  e.candidates = {{q, "was"}, {q, "loved to play outside in the park with her friends."}};
   const double l0 = naive(m, e.candidates[0], 512).logprob, l1 = naive(m, e.candidates[1], 512).logprob;
   ASSERT_GT(l0, l1);
-  ASSERT_LT(l0 / 5, l1 / double(e.candidates[1].continuation.size()));
+  ASSERT_LT(l0 / 3, l1 / double(e.candidates[1].continuation.size()));
   e.gold = 0;
   t.examples = {e};
   TaskResult r = evaluate_task(m, t);
@@ -197,7 +227,7 @@ TEST(ZeroShot, PromptsFollowLmEval) {
     return s.size() >= e.size() && s.compare(s.size() - e.size(), e.size(), e) == 0;
   };
   for (const char* task : {"arc_easy", "arc_challenge", "piqa", "boolq"}) {
-    const std::string& q = first(task).candidates[0].context;
+    const std::string q = first(task).candidates[0].context;
     EXPECT_TRUE(ends_with(q, "\nAnswer:") && !ends_with(q, "\n\nAnswer:")) << task << ": " << q;
   }
   EXPECT_EQ(first("copa").candidates[0].context, "The man turned on the faucet therefore");
@@ -245,7 +275,7 @@ std::string load_error(const std::string& text) {
 TEST(Jsonl, MalformedRowsNameFileAndLine) {
   const std::string ok = R"({"query": "Q", "choices": ["a", "b"], "gold": 1})" "\n";
   EXPECT_EQ(load_error(ok + "{\"query\": \"Q\", \"choices\": [\"a\"\n"),
-            ":2: invalid JSON at column 26: syntax error while parsing array - unexpected end of input; expected ']'");
+            ":2: invalid JSON at column 31: syntax error while parsing array - unexpected end of input; expected ']'");
   EXPECT_EQ(load_error(ok + "[1, 2]\n"), ":2: not a JSON object");
   EXPECT_EQ(load_error(ok + "\n" + ok), ":2: empty line");
   EXPECT_EQ(load_error(ok + ok + R"({"query": "Q", "choices": ["a", "b"]})"), ":3: missing field 'gold'");

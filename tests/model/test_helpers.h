@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <nlohmann/json.hpp>
 #include <string>
 
 namespace dq::test {
@@ -67,6 +68,14 @@ inline CliResult run_cli(const std::string& args, const ScratchDir& scratch) {
   r.out = slurp(out);
   r.err = slurp(err);
   return r;
+}
+
+// `dartquant eval ... --json` of a model on a text; the parsed report.
+inline nlohmann::json cli_eval(const std::string& args, const ScratchDir& scratch) {
+  const std::string report = scratch / "eval.json";
+  CliResult r = run_cli("eval " + args + " --json " + report, scratch);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.exit_code == 0 ? nlohmann::json::parse(slurp(report)) : nlohmann::json::object();
 }
 
 }  // namespace dq::test

@@ -1,0 +1,104 @@
+// The backend's GEMM entry points (dq::gemm into a reused output, dq::linear which allocates and
+// zero-fills its output) against raw cblas_sgemm on the same operands, at the linear-layer shapes of
+// the models we calibrate: `tokens` rows of activations times an out x in weight (Y = X Wᵀ), plus
+// the per-head attention products (QKᵀ and PV, head_dim 64) the forward pass issues.
+// Counter FLOP/s = 2 m n k per iteration. The fast Hadamard transform against the dense product is
+// in bench_linalg, not repeated here.
+//
+// Args: m (tokens), n (out features), k (in features); BM_*Attn take seq and head_dim.
+#include <benchmark/benchmark.h>
+#include <cblas.h>
+
+#include <random>
+
+#include "tensor/kernels.h"
+
+namespace {
+
+dq::Matrix random_matrix(int64_t rows, int64_t cols, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  dq::Matrix m(rows, cols);
+  for (float& v : m.data) v = nd(rng);
+  return m;
+}
+
+void flops(benchmark::State& state, double m, double n, double k) {
+  state.counters["FLOP/s"] =
+      benchmark::Counter(2 * m * n * k, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+}
+
+// Raw OpenBLAS: C = X Wᵀ, C preallocated.
+void BM_CblasSgemm(benchmark::State& state) {
+  const int64_t m = state.range(0), n = state.range(1), k = state.range(2);
+  const dq::Matrix X = random_matrix(m, k, 1), W = random_matrix(n, k, 2);
+  dq::Matrix C(m, n);
+  for (auto _ : state) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.f, X.data.data(), int(k),
+                W.data.data(), int(k), 0.f, C.data.data(), int(n));
+    benchmark::DoNotOptimize(C.data.data());
+    benchmark::ClobberMemory();
+  }
+  flops(state, double(m), double(n), double(k));
+}
+
+// dq::gemm with the output already shaped (no allocation): the wrapper's own overhead.
+void BM_Gemm(benchmark::State& state) {
+  const int64_t m = state.range(0), n = state.range(1), k = state.range(2);
+  const dq::Matrix X = random_matrix(m, k, 1), W = random_matrix(n, k, 2);
+  dq::Matrix C(m, n);
+  for (auto _ : state) {
+    dq::gemm(X, false, W, true, C);
+    benchmark::DoNotOptimize(C.data.data());
+    benchmark::ClobberMemory();
+  }
+  flops(state, double(m), double(n), double(k));
+}
+
+// dq::linear as the forward pass calls it: a fresh zero-filled output every call.
+void BM_Linear(benchmark::State& state) {
+  const int64_t m = state.range(0), n = state.range(1), k = state.range(2);
+  const dq::Matrix X = random_matrix(m, k, 1), W = random_matrix(n, k, 2);
+  for (auto _ : state) {
+    dq::Matrix Y = dq::linear(X, W);
+    benchmark::DoNotOptimize(Y.data.data());
+  }
+  flops(state, double(m), double(n), double(k));
+}
+
+// One head's attention products at sequence length `seq`: scores = Q Kᵀ (seq x seq x hd) and
+// out = P V (seq x hd x seq), strided inside [seq, heads * hd] activations as forward.cpp does.
+void BM_HeadAttnGemms(benchmark::State& state) {
+  const int64_t seq = state.range(0), hd = state.range(1), heads = 32;
+  const dq::Matrix Q = random_matrix(seq, heads * hd, 1), K = random_matrix(seq, heads * hd, 2);
+  dq::Matrix S(seq, seq), O(seq, heads * hd);
+  for (auto _ : state) {
+    dq::sgemm(false, true, seq, seq, hd, 1.f, Q.data.data(), heads * hd, K.data.data(), heads * hd, 0.f,
+              S.data.data(), seq);
+    dq::sgemm(false, false, seq, hd, seq, 1.f, S.data.data(), seq, K.data.data(), heads * hd, 0.f,
+              O.data.data(), heads * hd);
+    benchmark::DoNotOptimize(O.data.data());
+    benchmark::ClobberMemory();
+  }
+  flops(state, 2.0 * double(seq), double(seq), double(hd));
+}
+
+// LLM linear shapes at 2048 tokens: {out, in}.
+//   Llama-3.2-1B: q/o 2048x2048, k/v 512x2048, gate/up 8192x2048, down 2048x8192
+//   SmolLM2-135M: q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536
+//   Llama-2-7B:  q/k/v/o 4096x4096
+void shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"m", "n", "k"});
+  for (auto nk : std::vector<std::pair<int, int>>{{2048, 2048}, {512, 2048}, {8192, 2048}, {2048, 8192},
+                                                   {576, 576}, {1536, 576}, {576, 1536}, {4096, 4096}})
+    b->Args({2048, nk.first, nk.second});
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+}  // namespace
+
+BENCHMARK(BM_CblasSgemm)->Apply(shapes);
+BENCHMARK(BM_Gemm)->Apply(shapes);
+BENCHMARK(BM_Linear)->Apply(shapes);
+BENCHMARK(BM_HeadAttnGemms)->ArgNames({"seq", "hd"})->Args({2048, 64})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_MAIN();
