@@ -25,6 +25,7 @@
 #include <filesystem>
 #include <random>
 
+#include "model/config.h"
 #include "model/forward.h"
 #include "model/synth.h"
 #include "tensor/kernels.h"
@@ -70,13 +71,36 @@ std::vector<std::pair<int64_t, int64_t>> linear_shapes(const dq::ModelConfig& c)
   return {{Q, D}, {KV, D}, {KV, D}, {D, Q}, {I, D}, {I, D}, {D, I}};
 }
 
+// Timestamps at the hook sites split a layer into: attention norm, q/k/v projections + RoPE,
+// attention, o_proj + residual + MLP norm, gate/up + SwiGLU, down_proj + residual.
+struct TimingHook : dq::Hook {
+  static constexpr int kParts = 6;
+  Clock::time_point last;
+  double part[kParts] = {};
+  void at(dq::Site s, int, dq::Matrix&) override {
+    int i = s == dq::Site::AttnIn ? 0 : s == dq::Site::Q ? 1 : s == dq::Site::OprojIn ? 2
+          : s == dq::Site::MlpIn ? 3 : s == dq::Site::DownIn ? 4 : -1;
+    if (i >= 0) mark(i);
+  }
+  void mark(int i) {
+    auto now = Clock::now();
+    part[i] += std::chrono::duration<double>(now - last).count();
+    last = now;
+  }
+};
+const char* kPartNames[TimingHook::kParts] = {"t_norm1", "t_qkv_rope", "t_attn", "t_o_norm2", "t_gate_up", "t_down"};
+
+double secs(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
 void BM_Forward(benchmark::State& state) {
   const dq::Model& m = model();
   const dq::ModelConfig& c = m.config;
   const int seq = int(state.range(0));
+  const int full_layers = dq::load_config(data_dir() + "/hf/" + env_or("DQ_BENCH_MODEL", "llama-3.2-1b") +
+                                          "/config.json").num_layers;
   std::mt19937 rng(7);
   std::uniform_int_distribution<int32_t> tok(0, c.vocab_size - 1);
-  std::vector<int32_t> tokens(size_t(seq));
+  std::vector<int32_t> tokens(static_cast<size_t>(seq));
   for (auto& t : tokens) t = tok(rng);
 
   // Reference operands: one f32 weight per linear shape (contents do not matter to sgemm's speed),
@@ -94,14 +118,34 @@ void BM_Forward(benchmark::State& state) {
   dq::Matrix X(seq, max_in, 0.5f), Y(seq, max_out);
 
   const double L = c.num_layers;
-  const double lin_flops = 2.0 * lin_params * seq * L;
-  const double attn_flops = 2.0 * 2.0 * c.head_dim * c.num_heads * (double(seq) + 1) / 2.0 * seq * L;
-  double t_fwd = 0, t_ref = 0;
+  const double lin_flops_layer = 2.0 * lin_params * seq;
+  const double attn_flops_layer = 2.0 * 2.0 * c.head_dim * c.num_heads * (double(seq) + 1) / 2.0 * seq;
+  const double flops_layer = lin_flops_layer + attn_flops_layer;
+  double t_fwd = 0, t_ref = 0, t_embed = 0, t_load = 0, t_layers = 0, t_final = 0;
+  TimingHook th;
+  const dq::Hooks hooks{&th};
   for (auto _ : state) {
+    // dq::forward, step by step (the same calls it makes), timed per step.
     auto t0 = Clock::now();
-    dq::Matrix out = dq::forward(m, tokens, 1, seq);
-    benchmark::DoNotOptimize(out.data.data());
+    dq::Matrix x = dq::embed(m, tokens);
     auto t1 = Clock::now();
+    t_embed += secs(t0, t1);
+    for (int l = 0; l < c.num_layers; ++l) {
+      auto a = Clock::now();
+      dq::LayerWeights w = dq::load_layer(m, l);
+      auto b = Clock::now();
+      th.last = b;
+      dq::layer_forward(c, w, l, x, 1, seq, hooks);
+      th.mark(5);
+      dq::release_layer(m, l);
+      t_load += secs(a, b);
+      t_layers += secs(b, Clock::now());
+    }
+    auto t2 = Clock::now();
+    dq::final_norm(m, x, {});
+    benchmark::DoNotOptimize(x.data.data());
+    auto t3 = Clock::now();
+    t_final += secs(t2, t3);
     for (int l = 0; l < c.num_layers; ++l)
       for (size_t i = 0; i < shapes.size(); ++i) {
         auto [o, in] = shapes[i];
@@ -109,20 +153,35 @@ void BM_Forward(benchmark::State& state) {
                     W[i].data.data(), int(in), 0.f, Y.data.data(), int(o));
       }
     benchmark::ClobberMemory();
-    auto t2 = Clock::now();
-    const double f = std::chrono::duration<double>(t1 - t0).count();
-    t_fwd += f;
-    t_ref += std::chrono::duration<double>(t2 - t1).count();
-    state.SetIterationTime(f);
+    auto t4 = Clock::now();
+    t_fwd += secs(t0, t3);
+    t_ref += secs(t3, t4);
+    state.SetIterationTime(secs(t0, t3));
   }
   const double n = double(state.iterations());
-  const double fwd_rate = (lin_flops + attn_flops) * n / t_fwd, ref_rate = lin_flops * n / t_ref;
+  const double ref_rate = lin_flops_layer * L * n / t_ref;
+  const double fwd_rate = flops_layer * L * n / t_fwd;
+  // Full depth: embedding and final norm once, per-layer cost (load + compute) times the real depth.
+  const double t_layer = (t_load + t_layers) / (n * L);
+  const double t_full = (t_embed + t_final) / n + full_layers * t_layer;
+  auto giga = [](double v) { return benchmark::Counter(v, benchmark::Counter::kDefaults, benchmark::Counter::kIs1000); };
   state.counters["tok/s"] = double(seq) * n / t_fwd;
-  state.counters["fwd_FLOP/s"] = benchmark::Counter(fwd_rate, benchmark::Counter::kDefaults, benchmark::Counter::kIs1000);
-  state.counters["sgemm_FLOP/s"] = benchmark::Counter(ref_rate, benchmark::Counter::kDefaults, benchmark::Counter::kIs1000);
+  state.counters["fwd_FLOP/s"] = giga(fwd_rate);
+  state.counters["sgemm_FLOP/s"] = giga(ref_rate);
   state.counters["frac_sgemm"] = fwd_rate / ref_rate;
-  state.counters["linear_share"] = lin_flops / (lin_flops + attn_flops);
+  state.counters["frac_sgemm_layer"] = flops_layer / t_layer / ref_rate;
+  state.counters["tok/s_full"] = double(seq) / t_full;
+  state.counters["frac_sgemm_full"] = flops_layer * full_layers / t_full / ref_rate;
+  state.counters["full_layers"] = full_layers;
   state.counters["layers"] = L;
+  state.counters["linear_share"] = lin_flops_layer / flops_layer;
+  // Where the time goes, as shares of the measured forward time.
+  state.counters["t_embed"] = t_embed / t_fwd;
+  state.counters["t_load_layer"] = t_load / t_fwd;
+  state.counters["t_final_norm"] = t_final / t_fwd;
+  for (int i = 0; i < TimingHook::kParts; ++i) state.counters[kPartNames[i]] = th.part[i] / t_fwd;
+  // The linear products alone at the reference rate, as a share of the forward time (the ideal).
+  state.counters["t_ideal_linears"] = lin_flops_layer * L * n / ref_rate / t_fwd;
   state.counters["threads"] = dq::num_threads();
 }
 

@@ -126,7 +126,7 @@ std::string svg_chart(const Chart& c, const std::vector<Series>& ss) {
     double y = Y(v);
     o += "<line x1=\"" + tick(L) + "\" x2=\"" + tick(L + pw) + "\" y1=\"" + tick(y) + "\" y2=\"" + tick(y) +
          "\" class=\"gl\"/>";
-    std::string lab = c.log_y ? (v >= 1e4 || v < 1e-2 ? fmt("1e%.0f", std::log10(v)) : tick(v)) : tick(v);
+    const std::string lab = !c.log_y ? tick(v) : v >= 1e4 || v < 1e-2 ? fmt("1e%.0f", std::log10(v)) : fmt("%g", v);
     o += "<text x=\"" + tick(L - 4) + "\" y=\"" + tick(y + 3) + "\" class=\"yt\">" + lab + "</text>";
   }
   for (double v : lin_ticks(x0, x1, 5)) {
@@ -154,6 +154,9 @@ std::string svg_chart(const Chart& c, const std::vector<Series>& ss) {
         o += "<circle cx=\"" + tick(X(s.x[i])) + "\" cy=\"" + tick(Y(s.y[i])) + "\" r=\"2.5\" fill=\"" + s.colour +
              "\"/>";
   }
+  if (c.legend && !ss.empty())
+    o += "<rect x=\"" + tick(L + pw - 96) + "\" y=\"" + tick(T + 2) + "\" width=\"94\" height=\"" +
+         tick(14 * double(ss.size()) + 4) + "\" class=\"lgbox\"/>";
   if (c.legend)
     for (size_t i = 0; i < ss.size(); ++i) {
       double y = T + 12 + 14 * double(i);
@@ -177,7 +180,8 @@ const json* find_row(const json& stats, int layer, const std::string& site) {
   return nullptr;
 }
 
-std::string stats_sections(const json& st) {
+// Summary table, histograms and per-layer curves.
+std::string stats_charts(const json& st) {
   std::vector<std::string> variants = st["variants"].get<std::vector<std::string>>();
   std::vector<std::string> sites = st["sites"].get<std::vector<std::string>>();
   const int layers = st["layers"].get<int>();
@@ -210,7 +214,9 @@ std::string stats_sections(const json& st) {
     o += "<h2>Histograms before and after rotation</h2>" + legend(keys) +
          "<p class=\"note\">x axis: each value divided by the RMS of its own token (a rotation keeps a token's "
          "RMS); y axis: count per bin, log scale. Flatter and narrower means fewer outliers for 4-bit "
-         "per-token quantization.</p><div class=\"grid\">";
+         "per-token quantization. The down_proj input is computed from gate and up through SiLU, so R1 does "
+         "not change it: QuaRot and learned share the same online Hadamard R4 there and their curves "
+         "coincide.</p><div class=\"grid\">";
     for (const json& h : st["histograms"]) {
       const double bound = h["bound"].get<double>();
       const int bins = h["bins"].get<int>();
@@ -239,7 +245,7 @@ std::string stats_sections(const json& st) {
       c.xlabel = "value / token RMS";
       c.ylabel = "count (log scale)";
       c.log_y = true;
-      c.y_floor = 0.5;
+      c.y_floor = 1;  // empty bins sit on the axis
       o += svg_chart(c, ss);
     }
     o += "</div>";
@@ -271,9 +277,16 @@ std::string stats_sections(const json& st) {
       o += svg_chart(c, ss);
     }
   o += "</div>";
+  return o;
+}
 
-  // The full numbers; data-k names each cell so tests can check them against the JSON.
+// The full numbers; data-k names each cell so tests can check them against the JSON.
+std::string stats_numbers(const json& st) {
+  std::vector<std::string> variants = st["variants"].get<std::vector<std::string>>();
+  std::vector<std::string> sites = st["sites"].get<std::vector<std::string>>();
+  const int layers = st["layers"].get<int>();
   const json& defs = st["definitions"];
+  std::string o;
   o += "<h2>Numbers per layer</h2><p class=\"note\">kurtosis: " + esc(defs.value("kurtosis", "")) +
        ". &gt;4·RMS: " + esc(defs.value("outlier_fraction", "")) + ", in %. 4-bit rel. MSE: " +
        esc(defs.value("quant_rel_mse", "")) + ".</p>";
@@ -400,7 +413,7 @@ const char* kStyle =
     ".al{font-size:11px;text-anchor:middle;fill:#333}.xt{font-size:10px;text-anchor:middle;fill:#444}"
     ".yt{font-size:10px;text-anchor:end;fill:#444}.lg{font-size:10px;fill:#222}"
     ".gl{stroke:#e4e4e4;stroke-width:1}.axis{stroke:#666}"
-    ".frame{fill:none;stroke:#999}";
+    ".frame{fill:none;stroke:#999}.lgbox{fill:#fff;fill-opacity:0.85;stroke:#ccc}";
 
 }  // namespace
 
@@ -411,9 +424,10 @@ std::string render_html_report(const ReportInput& in) {
     for (auto it = in.meta.begin(); it != in.meta.end(); ++it)
       o += "<p class=\"meta\"><b>" + esc(it.key()) + ":</b> " +
            esc(it->is_string() ? it->get<std::string>() : it->dump()) + "</p>";
-  if (!in.stats.is_null()) o += stats_sections(in.stats);
+  if (!in.stats.is_null()) o += stats_charts(in.stats);
   if (!in.calibrations.empty()) o += loss_section(in.calibrations);
   if (!in.evaluations.empty()) o += eval_section(in.evaluations);
+  if (!in.stats.is_null()) o += stats_numbers(in.stats);  // long tables last: the charts come first
   return o + "</body></html>\n";
 }
 

@@ -1,5 +1,6 @@
 #include "model/forward.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -31,6 +32,11 @@ static const char* kLayerTensors[] = {
     "self_attn.k_proj.bias", "self_attn.v_proj.bias", "post_attention_layernorm.weight",
     "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"};
 
+static void check_finite(const Model& m, const std::string& name, const Matrix& w) {
+  for (float v : w.data)
+    if (!std::isfinite(v)) throw Error(m.source + ": tensor '" + name + "' contains NaN or Inf");
+}
+
 LayerWeights load_layer(const Model& m, int layer) {
   LayerWeights w;
   Matrix* slots[] = {&w.attn_norm, &w.q, &w.k, &w.v, &w.o, &w.q_bias, &w.k_bias, &w.v_bias,
@@ -42,8 +48,7 @@ LayerWeights load_layer(const Model& m, int layer) {
       throw Error(m.source + ": missing tensor '" + name + "'");
     }
     *slots[i] = m.weights.get(name);
-    for (float v : slots[i]->data)
-      if (!std::isfinite(v)) throw Error(m.source + ": tensor '" + name + "' contains NaN or Inf");
+    check_finite(m, name, *slots[i]);
   }
   return w;
 }
@@ -54,12 +59,14 @@ void release_layer(const Model& m, int layer) {
 
 Matrix embed(const Model& m, const std::vector<int32_t>& tokens) {
   const int64_t D = m.config.hidden_size;
-  Matrix table = m.weights.get("model.embed_tokens.weight");
+  const std::string name = "model.embed_tokens.weight";
   Matrix x(int64_t(tokens.size()), D);
   for (size_t i = 0; i < tokens.size(); ++i) {
     if (tokens[i] < 0 || tokens[i] >= m.config.vocab_size)
       throw Error("token id " + std::to_string(tokens[i]) + " outside the vocabulary");
-    std::memcpy(x.row(int64_t(i)), table.row(tokens[i]), size_t(D) * 4);
+    Matrix row = m.weights.get_rows(name, tokens[i], 1);  // only the rows used are converted
+    check_finite(m, name, row);
+    std::memcpy(x.row(int64_t(i)), row.data.data(), size_t(D) * 4);
   }
   return x;
 }
@@ -175,6 +182,7 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
 
 void final_norm(const Model& m, Matrix& x, const Hooks& hooks) {
   Matrix gain = m.weights.get("model.norm.weight");
+  check_finite(m, "model.norm.weight", gain);
   rmsnorm(x, gain.data.data(), m.config.rms_eps);
   run_hooks(hooks, Site::FinalNorm, -1, x);
 }
@@ -212,18 +220,42 @@ Matrix log_probs(const Model& m, const Matrix& lm_head, const Matrix& x, int64_t
 std::vector<double> next_token_nll(const Model& m, const std::vector<int32_t>& tokens, int batch,
                                    int seq, const Hooks& hooks) {
   Matrix x = forward(m, tokens, batch, seq, hooks);
-  Matrix head = m.weights.get(lm_head_name(m));
-  std::vector<double> nll;
-  nll.reserve(size_t(batch) * size_t(seq - 1));
-  for (int b = 0; b < batch; ++b) {
-    const int64_t r0 = int64_t(b) * seq;
-    // Chunks bound the logits buffer (vocab can be 128k wide).
-    for (int64_t t0 = 0; t0 < seq - 1; t0 += 256) {
-      int64_t n = std::min<int64_t>(256, seq - 1 - t0);
-      Matrix lp = log_probs(m, head, x, r0 + t0, n);
-      for (int64_t i = 0; i < n; ++i) nll.push_back(-double(lp(i, tokens[size_t(r0 + t0 + i + 1)])));
+  const std::string head_name = lm_head_name(m);
+  const int64_t V = m.config.vocab_size, D = x.cols, n = int64_t(batch) * (seq - 1);
+  // The classifier is converted in vocabulary chunks (an f32 copy of a 128k x 2048 head is 1 GB), and
+  // each row's log-sum-exp accumulates across chunks: running max and sum of exp relative to it.
+  constexpr int64_t kVocabChunk = 8192, kRowChunk = 256;
+  std::vector<double> mx(size_t(n), -INFINITY), sum(size_t(n), 0.0), target(size_t(n), 0.0);
+  Matrix logits(kRowChunk, kVocabChunk);
+  for (int64_t v0 = 0; v0 < V; v0 += kVocabChunk) {
+    const int64_t nv = std::min(kVocabChunk, V - v0);
+    const Matrix w = m.weights.get_rows(head_name, v0, nv);
+    check_finite(m, head_name, w);
+    for (int b = 0; b < batch; ++b) {
+      for (int64_t t0 = 0; t0 < seq - 1; t0 += kRowChunk) {
+        const int64_t nt = std::min<int64_t>(kRowChunk, seq - 1 - t0), x0 = int64_t(b) * seq + t0;
+        sgemm(false, true, nt, nv, D, 1.f, x.row(x0), D, w.data.data(), D, 0.f, logits.data.data(), nv);
+#pragma omp parallel for schedule(static) if (nt * nv > kParallelMinWork)
+        for (int64_t i = 0; i < nt; ++i) {
+          const float* z = logits.data.data() + i * nv;
+          const size_t k = size_t(int64_t(b) * (seq - 1) + t0 + i);
+          const double cmx = *std::max_element(z, z + nv);
+          if (cmx > mx[k]) {
+            sum[k] *= std::exp(mx[k] - cmx);
+            mx[k] = cmx;
+          }
+          double s = 0;
+          for (int64_t j = 0; j < nv; ++j) s += std::exp(double(z[j]) - mx[k]);
+          sum[k] += s;
+          const int64_t tok = tokens[size_t(x0 + i + 1)];
+          if (tok >= v0 && tok < v0 + nv) target[k] = z[tok - v0];
+        }
+      }
     }
   }
+  m.weights.release(head_name);
+  std::vector<double> nll(static_cast<size_t>(n));
+  for (size_t k = 0; k < nll.size(); ++k) nll[k] = mx[k] + std::log(sum[k]) - target[k];
   return nll;
 }
 

@@ -1,5 +1,7 @@
 #include "model/weights.h"
 
+#include <algorithm>
+
 namespace dq {
 
 void Weights::add_file(std::shared_ptr<const SafetensorsFile> file) {
@@ -21,6 +23,26 @@ Matrix Weights::get(const std::string& name) const {
   Matrix m(t.shape.size() == 1 ? 1 : t.shape[0], t.shape.back());
   try {
     convert_to_f32(t.dtype, t.data, m.size(), m.data.data());
+  } catch (const Error& err) {
+    throw Error(e.file->file().path() + ": tensor '" + name + "': " + err.what());
+  }
+  return m;
+}
+
+Matrix Weights::get_rows(const std::string& name, int64_t row0, int64_t n) const {
+  const Entry& e = entry(name);
+  const std::vector<int64_t> s = shape(name);
+  if (s.size() != 2 || row0 < 0 || n < 0 || row0 + n > s[0])
+    throw Error("weight '" + name + "': rows [" + std::to_string(row0) + ", " + std::to_string(row0 + n) +
+                ") out of range");
+  Matrix m(n, s[1]);
+  if (e.owned) {
+    std::copy_n(e.owned->row(row0), m.size(), m.data.data());
+    return m;
+  }
+  const TensorInfo& t = *e.info;
+  try {
+    convert_to_f32(t.dtype, t.data + size_t(row0 * s[1]) * dtype_size(t.dtype), m.size(), m.data.data());
   } catch (const Error& err) {
     throw Error(e.file->file().path() + ": tensor '" + name + "': " + err.what());
   }

@@ -18,6 +18,9 @@ class Weights {
   bool has(const std::string& name) const { return entries_.count(name) > 0; }
   // An f32 copy; a 1-D tensor becomes a 1 x n matrix. Throws Error naming a missing tensor.
   Matrix get(const std::string& name) const;
+  // Rows [row0, row0 + n) of a 2-D tensor as f32, converting only those: embedding lookups and
+  // classifier chunks need no f32 copy of a whole 128k-row table.
+  Matrix get_rows(const std::string& name, int64_t row0, int64_t n) const;
   std::vector<int64_t> shape(const std::string& name) const;
   DType stored_dtype(const std::string& name) const;
   void set(const std::string& name, Matrix m);

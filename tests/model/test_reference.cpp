@@ -179,11 +179,11 @@ TEST(Reference, ConvertedHfDirectoryGivesTheSamePerplexity) {
   EXPECT_FALSE(hf.config.extra.contains("dq_rope_interleaved"));
   EXPECT_TRUE(fs::exists(out + "/tokenizer.bin"));
 
-  // Every window of the file (both passes are fast at this size), each with its own tokenizer copy.
-  const std::string args = " --ppl " + kValid + " --seqlen " + std::to_string(kSeqlen);
+  // The first 128 of valid.txt's 1043 windows keep the test quick; each model uses its own tokenizer copy.
+  const std::string args = " --ppl " + kValid + " --seqlen " + std::to_string(kSeqlen) + " --max-windows 128";
   json a = cli_eval("--model " + kStories + args, dir), b = cli_eval("--model " + out + args, dir);
   ASSERT_TRUE(a.contains("ppl") && b.contains("ppl"));
-  std::printf("stories260K valid.txt, all %d windows x %d: llama2.c ppl %.6f, converted HF ppl %.6f\n",
+  std::printf("stories260K valid.txt, first %d windows x %d: llama2.c ppl %.6f, converted HF ppl %.6f\n",
               a["windows"].get<int>(), kSeqlen, a["ppl"].get<double>(), b["ppl"].get<double>());
   EXPECT_EQ(a["windows"], b["windows"]);
   EXPECT_EQ(a["tokens"], b["tokens"]);

@@ -58,20 +58,20 @@ const Scratch& scratch() {
   return s;
 }
 
-struct Run {
+struct CliRun {
   int exit_code = -1;
   std::string out, err;
   json report;  // the --json report, when one was written
 };
 
 // `dartquant --threads 1 ARGS`, named so its stdout/stderr/json land in the scratch directory.
-Run cli(const std::string& name, const std::string& args, bool with_json = true) {
+CliRun cli(const std::string& name, const std::string& args, bool with_json = true) {
   const Scratch& s = scratch();
   const std::string o = s / (name + ".stdout"), e = s / (name + ".stderr"), j = s / (name + ".json");
   const std::string cmd = std::string(DQ_BINARY) + " --threads 1 " + args + (with_json ? " --json " + j : "") +
                           " >" + o + " 2>" + e;
   const int status = std::system(cmd.c_str());
-  Run r;
+  CliRun r;
   if (status != -1 && WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
   r.out = slurp(o);
   r.err = slurp(e);
@@ -80,8 +80,8 @@ Run cli(const std::string& name, const std::string& args, bool with_json = true)
 }
 
 // A quantize run into scratch/NAME, computed once per program.
-const Run& quantize_run(const std::string& name, const std::string& args) {
-  static std::map<std::string, Run> done;
+const CliRun& quantize_run(const std::string& name, const std::string& args) {
+  static std::map<std::string, CliRun> done;
   auto it = done.find(name);
   if (it == done.end())
     it = done.emplace(name, cli(name, "quantize --model " + kStories + " --out " + scratch() / name + " " +
@@ -89,14 +89,21 @@ const Run& quantize_run(const std::string& name, const std::string& args) {
   return it->second;
 }
 
-double quantize_ppl(const Run& r) {
+double quantize_ppl(const CliRun& r) {
   EXPECT_EQ(r.exit_code, 0) << r.err;
   return r.report.at("ppl").at("ppl").get<double>();
 }
 
-const Run& rtn_w4() { return quantize_run("rtn_w4", "--w-bits 4 --w-method rtn"); }
-const Run& gptq_w4() { return quantize_run("gptq_w4", "--w-bits 4 --w-method gptq" + kCalibArgs); }
-const Run& quarot_w4a4kv4() {
+// FP reference: stories260K itself through `eval`.
+double fp_ppl() {
+  static const CliRun r = cli("fp_eval", "eval --model " + kStories + kPplArgs);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.report.at("ppl").get<double>();
+}
+
+const CliRun& rtn_w4() { return quantize_run("rtn_w4", "--w-bits 4 --w-method rtn"); }
+const CliRun& gptq_w4() { return quantize_run("gptq_w4", "--w-bits 4 --w-method gptq" + kCalibArgs); }
+const CliRun& quarot_w4a4kv4() {
   return quantize_run("quarot_w4a4kv4",
                       "--rotation quarot --seed 1 --w-bits 4 --a-bits 4 --kv-bits 4 --w-method gptq" + kCalibArgs);
 }
@@ -105,11 +112,8 @@ const Run& quarot_w4a4kv4() {
 
 TEST(PipelineCli, GptqBeatsRtnAtW4A16) {
   const double rtn = quantize_ppl(rtn_w4()), gptq = quantize_ppl(gptq_w4());
-  const Run fp = cli("fp_eval", "eval --model " + kStories + kPplArgs);
-  ASSERT_EQ(fp.exit_code, 0) << fp.err;
-  const double fp_ppl = fp.report.at("ppl").get<double>();
   EXPECT_LT(gptq, rtn);
-  EXPECT_GT(gptq, fp_ppl * 0.99);  // quantization does not make the model better than FP by chance
+  EXPECT_GT(gptq, fp_ppl() * 0.99);  // quantization does not make the model better than FP by chance
   EXPECT_EQ(gptq_w4().report.at("ppl").at("windows").get<int>(), 20);
   EXPECT_EQ(gptq_w4().report.at("ppl").at("seqlen").get<int>(), 256);
   // The report records the GPTQ calibration and one entry per layer.
@@ -123,12 +127,10 @@ TEST(PipelineCli, GptqBeatsRtnAtW4A16) {
 }
 
 TEST(PipelineCli, QuarotAt16BitsGivesTheFpPerplexity) {
-  const Run fp = cli("fp_eval16", "eval --model " + kStories + kPplArgs);
-  ASSERT_EQ(fp.exit_code, 0) << fp.err;
-  const double fp_ppl = fp.report.at("ppl").get<double>();
-  const Run& q = quantize_run("quarot_w16", "--rotation quarot --seed 2 --w-bits 16");
+  const double fp = fp_ppl();
+  const CliRun& q = quantize_run("quarot_w16", "--rotation quarot --seed 2 --w-bits 16");
   const double ppl = quantize_ppl(q);
-  EXPECT_NEAR(ppl / fp_ppl, 1.0, 1e-4) << "quarot " << ppl << " vs FP " << fp_ppl;
+  EXPECT_NEAR(ppl / fp, 1.0, 1e-4) << "quarot " << ppl << " vs FP " << fp;
   // The rotation was really applied, with the online R4 (no KV quantization, so no R3).
   EXPECT_EQ(q.report.at("quantization").at("rotation").at("kind"), "quarot");
   EXPECT_EQ(q.report.at("quantization").at("online").at("r4"), true);
@@ -138,7 +140,7 @@ TEST(PipelineCli, QuarotAt16BitsGivesTheFpPerplexity) {
 }
 
 TEST(PipelineCli, StoredW4A4Kv4QuarotModelReevaluatesToTheIdenticalPerplexity) {
-  const Run& q = quarot_w4a4kv4();
+  const CliRun& q = quarot_w4a4kv4();
   const double ppl = quantize_ppl(q);
   const std::string dir = scratch() / "quarot_w4a4kv4";
   // The quantization section asks for everything the run-time needs.
@@ -149,7 +151,7 @@ TEST(PipelineCli, StoredW4A4Kv4QuarotModelReevaluatesToTheIdenticalPerplexity) {
   EXPECT_EQ(sec.at("activations").at("bits"), 4);
   EXPECT_EQ(sec.at("kv_cache").at("bits"), 4);
 
-  const Run re = cli("quarot_w4a4kv4_eval", "eval --model " + dir + kPplArgs);
+  const CliRun re = cli("quarot_w4a4kv4_eval", "eval --model " + dir + kPplArgs);
   ASSERT_EQ(re.exit_code, 0) << re.err;
   EXPECT_EQ(re.report.at("ppl").get<double>(), ppl) << "reloaded model evaluates differently";
   EXPECT_EQ(re.report.at("windows").get<int>(), 20);
@@ -163,14 +165,14 @@ TEST(PipelineCli, StoredW4A4Kv4QuarotModelReevaluatesToTheIdenticalPerplexity) {
   std::ofstream(plain + "/config.json") << stripped.dump();
   for (const char* f : {"model.safetensors", "tokenizer.bin", "tokenizer.json"})
     if (fs::exists(dir + "/" + f)) fs::copy_file(dir + "/" + f, plain + "/" + f);
-  const Run bare = cli("quarot_w4a4kv4_plain_eval", "eval --model " + plain + kPplArgs);
+  const CliRun bare = cli("quarot_w4a4kv4_plain_eval", "eval --model " + plain + kPplArgs);
   ASSERT_EQ(bare.exit_code, 0) << bare.err;
   EXPECT_GT(std::abs(bare.report.at("ppl").get<double>() - ppl), 1e-3 * ppl);
 }
 
 // Every stored code dequantizes, as scale * (code - zero), to exactly the stored weight.
 TEST(PipelineCli, StoredCodesDequantizeToTheStoredWeights) {
-  for (const Run* r : {&gptq_w4(), &quarot_w4a4kv4()}) ASSERT_EQ(r->exit_code, 0) << r->err;
+  for (const CliRun* r : {&gptq_w4(), &quarot_w4a4kv4()}) ASSERT_EQ(r->exit_code, 0) << r->err;
   for (const char* name : {"gptq_w4", "quarot_w4a4kv4"}) {
     SCOPED_TRACE(name);
     const std::string dir = scratch() / name;
@@ -217,7 +219,7 @@ TEST(PipelineCli, StoredCodesDequantizeToTheStoredWeights) {
 
 TEST(PipelineCli, GptqWithoutCalibFailsCleanly) {
   const std::string out = scratch() / "no_calib";
-  const Run r = cli("no_calib", "quantize --model " + kStories + " --out " + out + " --w-bits 4 --w-method gptq",
+  const CliRun r = cli("no_calib", "quantize --model " + kStories + " --out " + out + " --w-bits 4 --w-method gptq",
                     false);
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.exit_code, -1);  // an error exit, not a crash

@@ -52,7 +52,7 @@ struct Scratch {
 Matrix gaussian_orthogonal(int64_t n, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<double> g;
-  std::vector<std::vector<double>> cols(size_t(n), std::vector<double>(size_t(n)));
+  std::vector<std::vector<double>> cols(size_t(n), std::vector<double>(size_t(n), 0.0));
   for (auto& c : cols)
     for (double& v : c) v = g(rng);
   for (int64_t j = 0; j < n; ++j) {
@@ -157,6 +157,11 @@ Model synth_qwen(const Scratch& s) {
   o.outliers = 2;
   synth_model(cfg, (s.path / "model").string(), o);
   Model m = load_model((s.path / "model").string());
+  // Random weights give nearly flat next-token distributions; a 5x final-norm gain (fused into
+  // lm_head like any other gain) sharpens them so that a broken rotation shows clearly.
+  Matrix gain = m.weights.get("model.norm.weight");
+  for (float& v : gain.data) v *= 5.f;
+  m.weights.set("model.norm.weight", std::move(gain));
   EXPECT_EQ(m.config.num_kv_heads, 2);
   EXPECT_EQ(m.config.head_dim, 16);
   EXPECT_TRUE(m.config.qkv_bias);
@@ -167,7 +172,7 @@ Model synth_qwen(const Scratch& s) {
 std::vector<int32_t> random_tokens(int n, int vocab, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int32_t> d(0, vocab - 1);
-  std::vector<int32_t> t(size_t(n));
+  std::vector<int32_t> t(size_t(n), 0);
   for (auto& x : t) x = d(rng);
   return t;
 }
