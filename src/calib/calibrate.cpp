@@ -1,6 +1,12 @@
 #include "calib/calibrate.h"
 
+#include "io/report.h"
+
+#include <sys/mman.h>
+
+#include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <numeric>
 #include <random>
 
@@ -10,30 +16,79 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-// Token vectors kept from one site, stored as bf16 rows.
-struct Sample {
-  int64_t cols = 0;
-  std::vector<uint16_t> data;
-  int64_t rows() const { return cols ? int64_t(data.size()) / cols : 0; }
-  void add(const float* row) {
-    for (int64_t j = 0; j < cols; ++j) data.push_back(f32_to_bf16(row[j]));
+// Token vectors kept from one site, stored as bf16 rows: in memory while the shared budget lasts,
+// then appended to an unlinked temporary file that is memory-mapped for training.
+class Sample {
+ public:
+  Sample(int64_t cols, int64_t* budget_left) : cols_(cols), budget_left_(budget_left) {}
+  Sample(Sample&& o) noexcept { *this = std::move(o); }
+  Sample& operator=(Sample&& o) noexcept {
+    std::swap(cols_, o.cols_); std::swap(budget_left_, o.budget_left_); std::swap(mem_, o.mem_);
+    std::swap(file_, o.file_); std::swap(file_rows_, o.file_rows_); std::swap(map_, o.map_);
+    std::swap(map_bytes_, o.map_bytes_);
+    return *this;
   }
+  ~Sample() {
+    if (map_) munmap(map_, map_bytes_);
+    if (file_) std::fclose(file_);
+  }
+  int64_t rows() const { return int64_t(mem_.size()) / std::max<int64_t>(cols_, 1) + file_rows_; }
+  int64_t spilled_rows() const { return file_rows_; }
+
+  void add(const float* row) {
+    std::vector<uint16_t> h(static_cast<size_t>(cols_));
+    for (int64_t j = 0; j < cols_; ++j) h[size_t(j)] = f32_to_bf16(row[j]);
+    const int64_t bytes = cols_ * 2;
+    if (!file_ && *budget_left_ >= bytes) {
+      *budget_left_ -= bytes;
+      mem_.insert(mem_.end(), h.begin(), h.end());
+      return;
+    }
+    if (!file_ && !(file_ = std::tmpfile())) throw Error("cannot create a temporary file for captured activations");
+    if (std::fwrite(h.data(), 2, h.size(), file_) != h.size())
+      throw Error(std::string("writing captured activations failed (") + (errno == ENOSPC ? "disk full" : "I/O error") + ")");
+    ++file_rows_;
+  }
+
+  // Maps the spilled rows; call once capture is over.
+  void finish() {
+    if (!file_ || map_) return;
+    if (std::fflush(file_) != 0) throw Error("writing captured activations failed (disk full?)");
+    map_bytes_ = size_t(file_rows_ * cols_ * 2);
+    void* p = mmap(nullptr, map_bytes_, PROT_READ, MAP_PRIVATE, fileno(file_), 0);
+    if (p == MAP_FAILED) throw Error("cannot map captured activations");
+    map_ = p;
+  }
+
   Matrix gather(const std::vector<int64_t>& idx, size_t from, size_t n) const {
-    Matrix x(int64_t(n), cols);
-    for (size_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < cols; ++j) x(int64_t(i), j) = bf16_to_f32(data[size_t(idx[from + i] * cols + j)]);
+    Matrix x(int64_t(n), cols_);
+    const int64_t in_mem = int64_t(mem_.size()) / cols_;
+    for (size_t i = 0; i < n; ++i) {
+      int64_t r = idx[from + i];
+      const uint16_t* src = r < in_mem ? mem_.data() + r * cols_
+                                       : static_cast<const uint16_t*>(map_) + (r - in_mem) * cols_;
+      for (int64_t j = 0; j < cols_; ++j) x(int64_t(i), j) = bf16_to_f32(src[j]);
+    }
     return x;
   }
+
+ private:
+  int64_t cols_ = 0;
+  int64_t* budget_left_ = nullptr;
+  std::vector<uint16_t> mem_;
+  std::FILE* file_ = nullptr;
+  int64_t file_rows_ = 0;
+  void* map_ = nullptr;
+  size_t map_bytes_ = 0;
 };
 
 // Keeps each token row with probability `ratio`, seeded, at the R1 sites (pooled) and per layer
 // at the o_proj input.
 class CaptureHook : public Hook {
  public:
-  CaptureHook(const ModelConfig& c, float ratio, uint64_t seed)
-      : ratio_(ratio), rng_(seed), r2_(size_t(c.num_layers)) {
-    r1_.cols = c.hidden_size;
-    for (auto& s : r2_) s.cols = c.q_dim();
+  CaptureHook(const ModelConfig& c, float ratio, uint64_t seed, int64_t budget_bytes)
+      : budget_left_(budget_bytes), r1_(c.hidden_size, &budget_left_), ratio_(ratio), rng_(seed) {
+    for (int l = 0; l < c.num_layers; ++l) r2_.emplace_back(c.q_dim(), &budget_left_);
   }
   void at(Site site, int layer, Matrix& x) override {
     Sample* s = site == Site::AttnIn || site == Site::MlpIn ? &r1_
@@ -44,6 +99,7 @@ class CaptureHook : public Hook {
     for (int64_t r = 0; r < x.rows; ++r)
       if (keep(rng_)) s->add(x.row(r));
   }
+  int64_t budget_left_;
   Sample r1_;
   std::vector<Sample> r2_;
 
@@ -85,7 +141,7 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
   if (o.epochs < 1 || o.batch < 1) throw Error("--epochs and --batch must be positive");
   CalibResult res;
   auto t0 = Clock::now();
-  CaptureHook cap(c, o.token_ratio, o.seed);
+  CaptureHook cap(c, o.token_ratio, o.seed, int64_t(o.memory_mib) << 20);
   const int per = std::max(1, 8192 / len);
   for (int w0 = 0; w0 < windows; w0 += per) {
     int b = std::min(per, windows - w0);
@@ -93,7 +149,15 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
     forward(m, toks, b, len, {&cap});
     if (progress) progress("capture", w0 + b, windows);
   }
+  int64_t spilled = cap.r1_.spilled_rows();
+  cap.r1_.finish();
+  for (Sample& s : cap.r2_) {
+    s.finish();
+    spilled += s.spilled_rows();
+  }
   res.report["capture_seconds"] = since(t0);
+  res.report["spilled_rows"] = spilled;
+  res.report["capture_peak_rss_mib"] = peak_rss_mib();
   res.report["kept_tokens_r1"] = cap.r1_.rows();
   res.report["kept_tokens_r2_per_layer"] = cap.r2_.empty() ? 0 : cap.r2_[0].rows();
   if (cap.r1_.rows() == 0) throw Error("no token vectors were kept; raise --token-ratio or --nsamples");
@@ -108,6 +172,7 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
                                  [&](int e, int n) { if (progress) progress("R1", e, n); });
   res.rotations.r1 = r1.rotation();
   res.report["r1_seconds"] = since(t1);
+  res.report["r1_peak_rss_mib"] = peak_rss_mib();
 
   auto t2 = Clock::now();
   nlohmann::json r2_curves = nlohmann::json::array();
@@ -121,6 +186,7 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
   }
   res.report["r2_curves"] = r2_curves;
   res.report["r2_seconds"] = since(t2);
+  res.report["r2_peak_rss_mib"] = peak_rss_mib();
   return res;
 }
 

@@ -17,6 +17,7 @@ struct CalibOptions {
   int batch = 64;            // sequences per step: a step sees batch * seqlen * token_ratio vectors
   OrthOptions r1, r2;        // r1.lr 2e-3 and r2.lr 1e-3 by default (paper App. K)
   uint64_t seed = 0;
+  int64_t memory_mib = 4096;  // captured activations beyond this spill to a memory-mapped temp file
   CalibOptions() { r2.lr = 1e-3f; }
 };
 

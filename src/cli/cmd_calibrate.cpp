@@ -5,7 +5,7 @@
 #include "cli/command.h"
 #include "eval/html_report.h"
 #include "eval/perplexity.h"
-#include "eval/report.h"
+#include "io/report.h"
 #include "quant/quantize_model.h"
 
 namespace dq::cli {
@@ -17,6 +17,7 @@ struct CalibrateArgs {
   float token_ratio = 0.1f, lr_r1 = 2e-3f, lr_r2 = 1e-3f;
   bool cosine = false;
   uint64_t seed = 0;
+  int64_t calib_memory = 4096;
 };
 
 int run_calibrate(const CalibrateArgs& a) {
@@ -31,6 +32,7 @@ int run_calibrate(const CalibrateArgs& a) {
   co.epochs = a.epochs;
   co.batch = a.batch;
   co.seed = a.seed;
+  co.memory_mib = a.calib_memory;
   co.r1.loss = co.r2.loss = loss_from_name(a.loss);
   co.r1.method = co.r2.method = orth_from_name(a.orth);
   co.r1.optimizer = co.r2.optimizer = optimizer_from_name(a.optimizer);
@@ -83,6 +85,8 @@ RegisterCommand reg("calibrate", "learn DartQuant rotations R1/R2 from calibrati
   app.add_option("--lr-r2", a->lr_r2, "R2 learning rate")->capture_default_str();
   app.add_option("--epochs", a->epochs, "epochs")->capture_default_str();
   app.add_option("--batch", a->batch, "sequences per step")->capture_default_str();
+  app.add_option("--calib-memory", a->calib_memory, "MiB of captured activations kept in RAM; the rest spills to a memory-mapped temp file")
+      ->capture_default_str();
   app.add_flag("--cosine", a->cosine, "cosine learning-rate schedule");
   app.add_option("--seed", a->seed, "seed")->capture_default_str();
   app.add_option("--json", a->json, "write a JSON report (loss curves, stage times) here");

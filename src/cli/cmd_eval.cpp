@@ -3,7 +3,7 @@
 
 #include "cli/command.h"
 #include "eval/perplexity.h"
-#include "eval/report.h"
+#include "io/report.h"
 #include "eval/runtime.h"
 #include "eval/zeroshot.h"
 

@@ -7,7 +7,7 @@
 #include "cli/command.h"
 #include "eval/html_report.h"
 #include "eval/perplexity.h"
-#include "eval/report.h"
+#include "io/report.h"
 #include "eval/runtime.h"
 #include "model/save.h"
 #include "quant/quantize_model.h"
@@ -23,6 +23,9 @@ struct QuantizeArgs {
   float a_clip = 0.9f, kv_clip = 1.f, damp = 0.01f, token_ratio = 0.1f, lr_r1 = 2e-3f, lr_r2 = 1e-3f;
   bool w_asym = false, w_clip = false, act_order = false, no_online = false, cosine = false;
   uint64_t seed = 0;
+  int64_t min_expert_tokens = 128;
+  int experts_per_pass = 0;
+  int64_t calib_memory = 4096;
 };
 
 using Clock = std::chrono::steady_clock;
@@ -71,6 +74,7 @@ int run_quantize(const QuantizeArgs& a) {
       co.epochs = a.epochs;
       co.batch = a.batch;
       co.seed = a.seed;
+      co.memory_mib = a.calib_memory;
       co.r1.loss = co.r2.loss = loss_from_name(a.loss);
       co.r1.method = co.r2.method = orth_from_name(a.orth);
       co.r1.optimizer = co.r2.optimizer = optimizer_from_name(a.optimizer);
@@ -105,12 +109,19 @@ int run_quantize(const QuantizeArgs& a) {
   wq.gptq.damp = a.damp;
   wq.gptq.act_order = a.act_order;
   wq.gptq.static_groups = a.act_order && a.w_group > 0;
+  wq.min_expert_tokens = a.min_expert_tokens;
+  wq.experts_per_pass = a.experts_per_pass;
   OnlineHadamard online(m.config, r3, r4);
   Hooks runtime;
   if (r3 || r4) runtime.push_back(&online);
   WeightQuantResult w = quantize_weights(m, wq, calib, a.nsamples, len, runtime,
                                          [](int l, int n) { progress_line("weights", l, n); });
   report["gptq_layers"] = w.report;
+  if (w.rtn_fallbacks > 0) {
+    std::fprintf(stderr, "note: %d expert(s) saw fewer than %lld routed calibration tokens; quantized with RTN\n",
+                 w.rtn_fallbacks, (long long)a.min_expert_tokens);
+    report["expert_rtn_fallbacks"] = w.rtn_fallbacks;
+  }
   stage_done("weights", t);
 
   t = Clock::now();
@@ -161,6 +172,12 @@ RegisterCommand reg("quantize", "rotate and quantize a model into a self-describ
   app.add_flag("--w-clip", a->w_clip, "MSE clip search for weights");
   app.add_option("--damp", a->damp, "GPTQ damping, fraction of mean(diag H)")->capture_default_str();
   app.add_flag("--act-order", a->act_order, "GPTQ act-order");
+  app.add_option("--min-expert-tokens", a->min_expert_tokens,
+                 "MoE: experts routed fewer calibration tokens than this get RTN instead of GPTQ")
+      ->capture_default_str();
+  app.add_option("--experts-per-pass", a->experts_per_pass,
+                 "MoE: expert Hessians collected per calibration pass over a layer (0 = all; see `plan`)")
+      ->capture_default_str();
   app.add_option("--a-bits", a->a_bits, "activation bits (16 = not quantized)")->capture_default_str();
   app.add_option("--a-clip", a->a_clip, "activation clip ratio")->capture_default_str();
   app.add_option("--kv-bits", a->kv_bits, "KV-cache bits (16 = not quantized)")->capture_default_str();
@@ -177,6 +194,8 @@ RegisterCommand reg("quantize", "rotate and quantize a model into a self-describ
   app.add_option("--lr-r2", a->lr_r2, "R2 learning rate")->capture_default_str();
   app.add_option("--epochs", a->epochs, "calibration epochs")->capture_default_str();
   app.add_option("--batch", a->batch, "calibration sequences per step")->capture_default_str();
+  app.add_option("--calib-memory", a->calib_memory, "MiB of captured activations kept in RAM; the rest spills to a memory-mapped temp file")
+      ->capture_default_str();
   app.add_flag("--cosine", a->cosine, "cosine learning-rate schedule");
   app.add_option("--ppl", a->ppl, "evaluate the quantized model's perplexity on this text");
   app.add_option("--seqlen", a->seqlen, "evaluation window length");

@@ -6,7 +6,7 @@
 #include "cli/command.h"
 #include "eval/html_report.h"
 #include "eval/perplexity.h"
-#include "eval/report.h"
+#include "io/report.h"
 #include "eval/stats.h"
 #include "io/file.h"
 #include "quant/quantize_model.h"

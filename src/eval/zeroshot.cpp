@@ -33,17 +33,18 @@ std::vector<Loglikelihood> loglikelihoods(const Model& m, const std::vector<Requ
                                           const Progress& progress, ScoreStats* stats) {
   const int window = opt.window > 0 ? opt.window : m.config.max_seq;
   const size_t n = requests.size();
+  ScoreStats st;
   // Model input (all but the last token, left-truncated to the window) and scored targets.
   std::vector<std::vector<int32_t>> input(n), target(n);
   for (size_t i = 0; i < n; ++i) {
     EncodedRequest e = encode_request(m, requests[i]);
     const size_t keep = std::min(e.tokens.size(), size_t(window) + 1);
-    if (size_t(e.continuation) >= keep)
-      throw Error("continuation '" + requests[i].continuation + "' has " +
-                  std::to_string(e.continuation) + " tokens, more than the window of " +
-                  std::to_string(window) + " leaves after its context");
+    // A continuation longer than the window loses its first tokens with the context: only the
+    // tokens predicted inside the window are scored (lm-eval has no rule for this case).
+    const size_t scored = std::min(size_t(e.continuation), keep - 1);
+    if (scored < size_t(e.continuation)) ++st.clipped;
     input[i].assign(e.tokens.end() - keep, e.tokens.end() - 1);
-    target[i].assign(e.tokens.end() - e.continuation, e.tokens.end());
+    target[i].assign(e.tokens.end() - scored, e.tokens.end());
   }
 
   // In lexicographic order, an input that is a prefix of any other is a prefix of its successor,
@@ -72,7 +73,6 @@ std::vector<Loglikelihood> loglikelihoods(const Model& m, const std::vector<Requ
 
   const Matrix head = m.weights.get(lm_head_name(m));
   std::vector<Loglikelihood> out(n);
-  ScoreStats st;
   st.sequences = int(seqs.size());
   for (size_t s0 = 0; s0 < seqs.size();) {
     const int len = int(input[seqs[s0]].size());
@@ -314,7 +314,8 @@ nlohmann::json to_json(const TaskResult& r) {
           {"examples_per_second", r.examples_per_second},
           {"sequences", r.stats.sequences},
           {"forward_passes", r.stats.forwards},
-          {"tokens", r.stats.tokens}};
+          {"tokens", r.stats.tokens},
+          {"clipped_continuations", r.stats.clipped}};
 }
 
 }  // namespace dq

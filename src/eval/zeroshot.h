@@ -8,6 +8,7 @@
 // lm-eval's Hugging Face backend, the sequence starts with BOS when the tokenizer adds one
 // (encode(..., add_special = true)): the llama2.c models here only ever saw text after BOS.
 // Sequences longer than the window keep their last window + 1 tokens (truncation from the left).
+// Were the continuation itself that long, only its tokens predicted inside the window are scored.
 //
 // Task files are MosaicML local-eval JSON lines; the file's rows decide the format:
 //   multiple choice {query, choices, gold}: one request per choice after the query;
@@ -31,7 +32,7 @@ struct Request {
 struct Loglikelihood {
   double logprob = 0;   // summed over the continuation's tokens
   bool greedy = false;  // every continuation token is the argmax at its position
-  int tokens = 0;       // continuation tokens
+  int tokens = 0;       // continuation tokens scored (fewer when it overflows the window)
 };
 
 // A request's tokens as described above, before truncation: the last `continuation` are scored.
@@ -50,6 +51,7 @@ struct ScoreStats {
   int sequences = 0;    // forward-pass rows after prefix sharing
   int forwards = 0;     // forward passes
   int64_t tokens = 0;   // tokens run, padding included
+  int clipped = 0;      // requests whose continuation alone overflowed the window
 };
 
 // Scores requests in batches: a request whose input is a prefix of another's is read from that

@@ -27,12 +27,14 @@ Llama2cCheckpoint read_llama2c(const std::string& path) {
       bad(c.n_kv_heads, c.n_heads) || bad(c.vocab_size, 1 << 22) || bad(c.seq_len, 1 << 20) ||
       c.dim % c.n_heads != 0 || c.n_heads % c.n_kv_heads != 0)
     throw Error(path + ": not a llama2.c checkpoint (implausible header)");
+  if ((c.dim / c.n_heads) % 2 != 0) throw Error(path + ": head dimension must be even for RoPE");
   const int64_t hd = c.dim / c.n_heads, kv = hd * c.n_kv_heads, L = c.n_layers;
   size_t pos = 28;
   auto take = [&](int64_t rows, int64_t cols) {
+    // Checked against the file before allocating: the header bounds make rows * cols * 4 < 2^63.
+    const size_t n = size_t(rows) * size_t(cols) * 4;
+    if (n > f.size() - pos) throw Error(path + ": truncated llama2.c checkpoint (tensor data ends early)");
     Matrix m(rows, cols);
-    size_t n = m.size() * 4;
-    if (pos + n > f.size()) throw Error(path + ": truncated llama2.c checkpoint (tensor data ends early)");
     std::memcpy(m.data.data(), f.data() + pos, n);
     pos += n;
     return m;

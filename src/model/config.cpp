@@ -1,6 +1,10 @@
 #include "model/config.h"
 
+#include <cmath>
+
 #include "io/file.h"
+#include "io/json_limits.h"
+#include "model/weights.h"
 #include "tensor/tensor.h"
 
 namespace dq {
@@ -21,10 +25,22 @@ static int get_int(const json& j, const char* key, const std::string& src, int f
 static float get_float(const json& j, const char* key, const std::string& src, float fallback) {
   if (!j.contains(key) || j[key].is_null()) return fallback;
   if (!j[key].is_number()) throw Error(src + ": '" + key + "' is not a number");
-  return j[key].get<float>();
+  const float v = j[key].get<float>();
+  if (!std::isfinite(v)) throw Error(src + ": '" + key + "' is not a finite float");
+  return v;
 }
 
+static ModelConfig parse_config_fields(const json& j, const std::string& src);
+
 ModelConfig parse_config(const json& j, const std::string& src) {
+  try {
+    return parse_config_fields(j, src);
+  } catch (const json::exception& e) {  // j.value(...) on a field of the wrong type
+    throw Error(src + ": malformed config: " + e.what());
+  }
+}
+
+static ModelConfig parse_config_fields(const json& j, const std::string& src) {
   if (!j.is_object()) throw Error(src + ": config is not a JSON object");
   ModelConfig c;
   c.extra = j;
@@ -35,10 +51,12 @@ ModelConfig parse_config(const json& j, const std::string& src) {
     c.architecture = j["model_type"].get<std::string>();
   else
     throw Error(src + ": missing 'architectures'");
+  const bool mixtral = c.architecture == "MixtralForCausalLM", deepseek = c.architecture == "DeepseekForCausalLM";
   if (c.architecture != "LlamaForCausalLM" && c.architecture != "MistralForCausalLM" &&
-      c.architecture != "Qwen2ForCausalLM")
+      c.architecture != "Qwen2ForCausalLM" && !mixtral && !deepseek)
     throw Error(src + ": unsupported architecture '" + c.architecture +
-                "' (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)");
+                "' (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM, "
+                "DeepseekForCausalLM)");
   c.vocab_size = get_int(j, "vocab_size", src);
   c.hidden_size = get_int(j, "hidden_size", src);
   c.intermediate_size = get_int(j, "intermediate_size", src);
@@ -50,6 +68,34 @@ ModelConfig parse_config(const json& j, const std::string& src) {
   if (c.num_heads % c.num_kv_heads != 0)
     throw Error(src + ": num_attention_heads not divisible by num_key_value_heads");
   if (c.head_dim % 2 != 0) throw Error(src + ": head_dim must be even for RoPE");
+  // q_dim()/kv_dim() are int products: keep them (and every size derived from them) in range.
+  if (int64_t(c.num_heads) * c.head_dim > (int64_t(1) << 24))
+    throw Error(src + ": num_attention_heads * head_dim out of range");
+  if (mixtral) {
+    c.num_experts = get_int(j, "num_local_experts", src);
+    c.moe_intermediate = c.intermediate_size;
+    c.norm_topk_prob = true;  // Mixtral always renormalises among the top-k
+  } else if (deepseek && j.contains("n_routed_experts") && !j["n_routed_experts"].is_null()) {
+    c.num_experts = get_int(j, "n_routed_experts", src);
+    c.moe_intermediate = get_int(j, "moe_intermediate_size", src);
+    if (j.contains("n_shared_experts") && !j["n_shared_experts"].is_null())
+      c.shared_experts = get_int(j, "n_shared_experts", src);
+    if (j.contains("first_k_dense_replace") && j["first_k_dense_replace"].is_number_integer())
+      c.first_dense_layers = std::max(0, j["first_k_dense_replace"].get<int>());
+    c.moe_layer_freq = get_int(j, "moe_layer_freq", src, 1);
+    c.norm_topk_prob = j.value("norm_topk_prob", false);
+    if (j.value("scoring_func", std::string("softmax")) != "softmax")
+      throw Error(src + ": unsupported scoring_func '" + j["scoring_func"].get<std::string>() + "' (softmax only)");
+  }
+  if (c.num_experts > 0) {
+    // Bounded before anything is built per expert (names, weights): real models have <= 256.
+    if (c.num_experts > 4096 || c.shared_experts > 4096 ||
+        int64_t(c.shared_experts) * c.moe_intermediate > (int64_t(1) << 24))
+      throw Error(src + ": expert counts out of range");
+    c.experts_per_tok = get_int(j, "num_experts_per_tok", src);
+    if (c.experts_per_tok > c.num_experts)
+      throw Error(src + ": num_experts_per_tok exceeds the number of experts");
+  }
   c.max_seq = get_int(j, "max_position_embeddings", src, 2048);
   c.rms_eps = get_float(j, "rms_norm_eps", src, 1e-6f);
   c.rope_theta = get_float(j, "rope_theta", src, 10000.f);
@@ -58,7 +104,7 @@ ModelConfig parse_config(const json& j, const std::string& src) {
   c.rope_interleaved = j.value("dq_rope_interleaved", false);
   if (j.contains("sliding_window") && j["sliding_window"].is_number_integer() &&
       j.value("use_sliding_window", c.architecture == "MistralForCausalLM"))
-    c.sliding_window = j["sliding_window"].get<int>();
+    c.sliding_window = get_int(j, "sliding_window", src);
   if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {
     const json& rs = j["rope_scaling"];
     std::string type = rs.value("rope_type", rs.value("type", std::string("")));
@@ -74,10 +120,36 @@ ModelConfig parse_config(const json& j, const std::string& src) {
   return c;
 }
 
+std::vector<ExpertSpec> mlp_experts(const ModelConfig& c, int l) {
+  auto swiglu = [&](const std::string& prefix, const char* g, const char* u, const char* d, int inter, bool routed) {
+    return ExpertSpec{layer_name(l, prefix + g + ".weight"), layer_name(l, prefix + u + ".weight"),
+                      layer_name(l, prefix + d + ".weight"), inter, routed};
+  };
+  if (!c.is_moe_layer(l)) return {swiglu("mlp.", "gate_proj", "up_proj", "down_proj", c.intermediate_size, false)};
+  std::vector<ExpertSpec> e;
+  const bool mixtral = c.architecture == "MixtralForCausalLM";
+  for (int i = 0; i < c.num_experts; ++i) {
+    const std::string p = (mixtral ? "block_sparse_moe.experts." : "mlp.experts.") + std::to_string(i) + ".";
+    e.push_back(mixtral ? swiglu(p, "w1", "w3", "w2", c.moe_intermediate, true)
+                        : swiglu(p, "gate_proj", "up_proj", "down_proj", c.moe_intermediate, true));
+  }
+  if (c.shared_experts > 0)
+    e.push_back(swiglu("mlp.shared_experts.", "gate_proj", "up_proj", "down_proj",
+                       c.shared_experts * c.moe_intermediate, false));
+  return e;
+}
+
+std::string router_name(const ModelConfig& c, int l) {
+  if (!c.is_moe_layer(l)) return "";
+  return layer_name(l, c.architecture == "MixtralForCausalLM" ? "block_sparse_moe.gate.weight" : "mlp.gate.weight");
+}
+
 ModelConfig load_config(const std::string& path) {
   json j;
   try {
-    j = json::parse(read_file(path));
+    const std::string text = read_file(path);
+    check_json_depth(text, path);
+    j = json::parse(text);
   } catch (const json::exception& e) {
     throw Error(path + ": invalid JSON");
   }

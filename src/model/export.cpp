@@ -259,6 +259,9 @@ std::vector<uint8_t> blocks_from_codes(const Codes& k, const std::vector<int64_t
 GgufExportStats export_gguf(const Model& src, const std::string& path, const GgufExportOptions& o) {
   require_plain(src, "GGUF");
   const ModelConfig& sc = src.config;
+  if (sc.num_experts > 0)
+    throw Error(src.source + ": cannot export as GGUF: mixture-of-experts models (" + sc.architecture +
+                ") are not supported by this exporter; use the HF export");
   if (sc.qkv_bias) throw Error(src.source + ": cannot export as GGUF: q/k/v biases (Qwen2) have no llama.cpp 'llama' equivalent");
   if (sc.sliding_window > 0 && sc.sliding_window < sc.max_seq)
     throw Error(src.source + ": cannot export as GGUF: llama.cpp's 'llama' architecture has no sliding-window attention");

@@ -16,6 +16,7 @@ const char* site_name(Site s) {
     case Site::V: return "v";
     case Site::OprojIn: return "o_proj_in";
     case Site::MlpIn: return "mlp_in";
+    case Site::ExpertIn: return "expert_in";
     case Site::DownIn: return "down_in";
     case Site::FinalNorm: return "final_norm";
   }
@@ -26,11 +27,14 @@ static void run_hooks(const Hooks& hooks, Site s, int layer, Matrix& x) {
   for (Hook* h : hooks) h->at(s, layer, x);
 }
 
+static void run_expert_hooks(const Hooks& hooks, Site s, int layer, int expert, Matrix& x) {
+  for (Hook* h : hooks) h->at_expert(s, layer, expert, x);
+}
+
 static const char* kLayerTensors[] = {
     "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
     "self_attn.v_proj.weight", "self_attn.o_proj.weight", "self_attn.q_proj.bias",
-    "self_attn.k_proj.bias", "self_attn.v_proj.bias", "post_attention_layernorm.weight",
-    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"};
+    "self_attn.k_proj.bias", "self_attn.v_proj.bias", "post_attention_layernorm.weight"};
 
 static void check_finite(const Model& m, const std::string& name, const Matrix& w) {
   for (float v : w.data)
@@ -40,7 +44,7 @@ static void check_finite(const Model& m, const std::string& name, const Matrix& 
 LayerWeights load_layer(const Model& m, int layer) {
   LayerWeights w;
   Matrix* slots[] = {&w.attn_norm, &w.q, &w.k, &w.v, &w.o, &w.q_bias, &w.k_bias, &w.v_bias,
-                     &w.mlp_norm, &w.gate, &w.up, &w.down};
+                     &w.mlp_norm};
   for (size_t i = 0; i < std::size(kLayerTensors); ++i) {
     std::string name = layer_name(layer, kLayerTensors[i]);
     if (!m.weights.has(name)) {
@@ -50,11 +54,24 @@ LayerWeights load_layer(const Model& m, int layer) {
     *slots[i] = m.weights.get(name);
     check_finite(m, name, *slots[i]);
   }
+  auto get = [&](const std::string& name) {
+    if (!m.weights.has(name)) throw Error(m.source + ": missing tensor '" + name + "'");
+    Matrix t = m.weights.get(name);
+    check_finite(m, name, t);
+    return t;
+  };
+  const std::string router = router_name(m.config, layer);
+  if (!router.empty()) w.router = get(router);
+  for (const ExpertSpec& e : mlp_experts(m.config, layer)) w.experts.push_back({get(e.gate), get(e.up), get(e.down)});
   return w;
 }
 
 void release_layer(const Model& m, int layer) {
   for (const char* t : kLayerTensors) m.weights.release(layer_name(layer, t));
+  const std::string router = router_name(m.config, layer);
+  if (!router.empty()) m.weights.release(router);
+  for (const ExpertSpec& e : mlp_experts(m.config, layer))
+    for (const std::string* n : {&e.gate, &e.up, &e.down}) m.weights.release(*n);
 }
 
 Matrix embed(const Model& m, const std::vector<int32_t>& tokens) {
@@ -123,27 +140,49 @@ static void add_bias(Matrix& x, const Matrix& b) {
 }
 
 // Causal softmax attention for every (sequence, head); a GQA group's query heads share a KV head.
+// (sequence, head) pairs run in parallel, one per thread with single-threaded BLAS: per-head products
+// are too small to split well, and alternating BLAS calls with parallel softmax loops made the BLAS
+// and OpenMP thread pools spin against each other. Queries go in blocks of kAttnBlock rows, each
+// against only the keys it can see (up to its last row, from its first row's sliding-window start):
+// the masked upper triangle is neither multiplied nor exponentiated, and the scores stay cache-sized.
 static Matrix attention(const ModelConfig& c, const Matrix& q, const Matrix& k, const Matrix& v,
                         int batch, int seq) {
+  constexpr int kAttnBlock = 256;
   const int hd = c.head_dim, group = c.num_heads / c.num_kv_heads;
   const int64_t qd = c.q_dim(), kvd = c.kv_dim();
   const float scale = 1.f / std::sqrt(float(hd));
-  Matrix out(q.rows, qd), scores(seq, seq);
-  for (int b = 0; b < batch; ++b) {
-    for (int h = 0; h < c.num_heads; ++h) {
+  Matrix out(q.rows, qd);
+  const int threads = num_threads();
+  struct RestoreThreads {
+    int n;
+    ~RestoreThreads() { set_num_threads(n); }
+  } restore{threads};
+  set_num_threads(1);  // BLAS inside the loop below; the loop itself keeps `threads`
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scores(size_t(std::min(seq, kAttnBlock)) * size_t(seq));
+#pragma omp for schedule(dynamic, 1)
+    for (int bh = 0; bh < batch * c.num_heads; ++bh) {
+      const int b = bh / c.num_heads, h = bh % c.num_heads;
       const int64_t r0 = int64_t(b) * seq, kvh = h / group;
-      sgemm(false, true, seq, seq, hd, scale, q.row(r0) + h * hd, qd, k.row(r0) + kvh * hd, kvd, 0.f,
-            scores.data.data(), seq);
-#pragma omp parallel for schedule(static) if (int64_t(seq) * seq > kParallelMinWork)
-      for (int t = 0; t < seq; ++t) {
-        float* s = scores.row(t);
-        int first = c.sliding_window > 0 ? std::max(0, t - c.sliding_window + 1) : 0;
-        std::fill(s, s + first, 0.f);
-        softmax(s + first, t + 1 - first);
-        std::fill(s + t + 1, s + seq, 0.f);
+      for (int t0 = 0; t0 < seq; t0 += kAttnBlock) {
+        const int nt = std::min(kAttnBlock, seq - t0);
+        const int lo = c.sliding_window > 0 ? std::max(0, t0 - c.sliding_window + 1) : 0;
+        const int nk = t0 + nt - lo;  // keys [lo, t0 + nt)
+        float* sc = scores.data();
+        sgemm(false, true, nt, nk, hd, scale, q.row(r0 + t0) + h * hd, qd, k.row(r0 + lo) + kvh * hd, kvd,
+              0.f, sc, nk);
+        for (int i = 0; i < nt; ++i) {
+          const int t = t0 + i;
+          float* s = sc + int64_t(i) * nk;
+          const int first = (c.sliding_window > 0 ? std::max(0, t - c.sliding_window + 1) : 0) - lo;
+          std::fill(s, s + first, 0.f);
+          softmax(s + first, t + 1 - lo - first);
+          std::fill(s + (t + 1 - lo), s + nk, 0.f);
+        }
+        sgemm(false, false, nt, hd, nk, 1.f, sc, nk, v.row(r0 + lo) + kvh * hd, kvd, 0.f,
+              out.row(r0 + t0) + h * hd, qd);
       }
-      sgemm(false, false, seq, hd, seq, 1.f, scores.data.data(), seq, v.row(r0) + kvh * hd, kvd, 0.f,
-            out.row(r0) + h * hd, qd);
     }
   }
   return out;
@@ -151,6 +190,82 @@ static Matrix attention(const ModelConfig& c, const Matrix& q, const Matrix& k, 
 
 static void add_into(Matrix& x, const Matrix& y) {
   for (size_t i = 0; i < x.size(); ++i) x.data[i] += y.data[i];
+}
+
+Routing route(const ModelConfig& c, const Matrix& router, const Matrix& h) {
+  Routing r;
+  r.k = c.experts_per_tok;
+  const int E = int(router.rows), k = r.k;
+  r.expert.resize(size_t(h.rows) * size_t(k));
+  r.weight.resize(r.expert.size());
+  Matrix p = linear(h, router);
+#pragma omp parallel for schedule(static) if (h.rows * E > kParallelMinWork)
+  for (int64_t t = 0; t < h.rows; ++t) {
+    float* s = p.row(t);
+    softmax(s, E);
+    std::vector<int> idx(static_cast<size_t>(E));
+    for (int e = 0; e < E; ++e) idx[size_t(e)] = e;
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                      [&](int a, int b) { return s[a] > s[b] || (s[a] == s[b] && a < b); });
+    float sum = 0;
+    for (int i = 0; i < k; ++i) sum += s[idx[size_t(i)]];
+    // DeepSeek renormalises only when k > 1 and adds 1e-20; Mixtral divides by the plain sum.
+    const bool norm = c.norm_topk_prob && (k > 1 || c.architecture == "MixtralForCausalLM");
+    const float denom = c.architecture == "MixtralForCausalLM" ? sum : sum + 1e-20f;
+    for (int i = 0; i < k; ++i) {
+      const size_t j = size_t(t * k + i);
+      r.expert[j] = idx[size_t(i)];
+      r.weight[j] = norm ? s[idx[size_t(i)]] / denom : s[idx[size_t(i)]];
+    }
+  }
+  return r;
+}
+
+// Every MLP is a set of SwiGLU experts (a dense one is a single always-on expert of weight 1):
+// each reads its tokens' rows of h and adds its output, times the token's routing weight, to x.
+static void mlp_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matrix& x, Matrix& h,
+                        const Hooks& hooks) {
+  const int routed = int(w.router.rows);
+  std::vector<std::vector<int64_t>> rows(static_cast<size_t>(routed));
+  std::vector<std::vector<float>> gains(static_cast<size_t>(routed));
+  if (routed > 0) {
+    const Routing r = route(c, w.router, h);
+    for (size_t j = 0; j < r.expert.size(); ++j) {
+      rows[size_t(r.expert[j])].push_back(int64_t(j) / r.k);
+      gains[size_t(r.expert[j])].push_back(r.weight[j]);
+    }
+  }
+  Matrix y(x.rows, x.cols);
+  for (int e = 0; e < int(w.experts.size()); ++e) {
+    const bool always = e >= routed;
+    if (!always && rows[size_t(e)].empty()) continue;
+    Matrix gathered;
+    if (!always) {
+      const auto& rs = rows[size_t(e)];
+      gathered = Matrix(int64_t(rs.size()), h.cols);
+      for (size_t i = 0; i < rs.size(); ++i) std::copy_n(h.row(rs[i]), h.cols, gathered.row(int64_t(i)));
+    }
+    Matrix& in = always ? h : gathered;
+    run_expert_hooks(hooks, Site::ExpertIn, layer, e, in);
+    const ExpertWeights& ew = w.experts[size_t(e)];
+    Matrix gate = linear(in, ew.gate);
+    swiglu(gate, linear(in, ew.up));
+    run_expert_hooks(hooks, Site::DownIn, layer, e, gate);
+    const Matrix out = linear(gate, ew.down);
+    if (always) {
+      add_into(y, out);
+      continue;
+    }
+    const auto& rs = rows[size_t(e)];
+    const auto& gs = gains[size_t(e)];
+#pragma omp parallel for schedule(static) if (out.size() > size_t(kParallelMinWork))
+    for (int64_t i = 0; i < int64_t(rs.size()); ++i) {
+      float* dst = y.row(rs[size_t(i)]);
+      const float* src = out.row(i);
+      for (int64_t j = 0; j < y.cols; ++j) dst[j] += gs[size_t(i)] * src[j];
+    }
+  }
+  add_into(x, y);
 }
 
 void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matrix& x, int batch,
@@ -174,10 +289,7 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
   h = x;
   rmsnorm(h, w.mlp_norm.data.data(), c.rms_eps);
   run_hooks(hooks, Site::MlpIn, layer, h);
-  Matrix gate = linear(h, w.gate);
-  swiglu(gate, linear(h, w.up));
-  run_hooks(hooks, Site::DownIn, layer, gate);
-  add_into(x, linear(gate, w.down));
+  mlp_forward(c, w, layer, x, h, hooks);
 }
 
 void final_norm(const Model& m, Matrix& x, const Hooks& hooks) {

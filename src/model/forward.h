@@ -17,8 +17,9 @@ enum class Site {
   K,          // keys after RoPE                               [tokens, kv_heads * head_dim]
   V,          // values                                        [tokens, kv_heads * head_dim]
   OprojIn,    // attention output, o_proj input                [tokens, heads * head_dim]
-  MlpIn,      // gate/up input, after the MLP norm             [tokens, hidden]
-  DownIn,     // down_proj input, silu(gate) * up              [tokens, intermediate]
+  MlpIn,      // router and gate/up input, after the MLP norm  [tokens, hidden]
+  ExpertIn,   // the MlpIn rows one expert reads (read only)   [routed tokens, hidden]
+  DownIn,     // an expert's down_proj input, silu(gate) * up  [routed tokens, expert intermediate]
   FinalNorm,  // final-norm output, lm_head input              [tokens, hidden]
 };
 const char* site_name(Site s);
@@ -26,13 +27,30 @@ const char* site_name(Site s);
 struct Hook {
   virtual ~Hook() = default;
   virtual void at(Site site, int layer, Matrix& x) = 0;  // layer is -1 for FinalNorm
+  // The per-expert sites (ExpertIn, DownIn) come here, `expert` indexing LayerWeights::experts
+  // (a dense MLP is expert 0); hooks that need not tell experts apart keep this default.
+  virtual void at_expert(Site site, int layer, int expert, Matrix& x) { at(site, layer, x); }
 };
 using Hooks = std::vector<Hook*>;
 
 // One layer's weights as f32 (converted from their stored dtype when loaded).
-struct LayerWeights {
-  Matrix attn_norm, q, k, v, o, q_bias, k_bias, v_bias, mlp_norm, gate, up, down;
+struct ExpertWeights {
+  Matrix gate, up, down;
 };
+struct LayerWeights {
+  Matrix attn_norm, q, k, v, o, q_bias, k_bias, v_bias, mlp_norm;
+  Matrix router;                      // [routed experts, hidden]; empty for a dense MLP
+  std::vector<ExpertWeights> experts;  // as mlp_experts(): routed ones (router rows) first
+};
+
+// Each token's routed experts and their weights, as the HF references compute them: softmax over
+// the router logits, the top k (ties to the lower index), renormalised to sum 1 if the config says.
+struct Routing {
+  int k = 0;
+  std::vector<int> expert;     // [tokens * k]
+  std::vector<float> weight;   // [tokens * k]
+};
+Routing route(const ModelConfig& c, const Matrix& router, const Matrix& h);
 LayerWeights load_layer(const Model& m, int layer);
 void release_layer(const Model& m, int layer);  // hands the mapped pages back
 

@@ -95,6 +95,7 @@ Model load_gguf_model(const std::string& path) {
   if (g.has("llama.rope.scaling.type") && g.get_string("llama.rope.scaling.type") != "none")
     throw Error(path + ": rope scaling type '" + g.get_string("llama.rope.scaling.type") + "' is not supported");
   Model m;
+  m.source = path;
   ModelConfig& c = m.config;
   auto dim = [&](const std::string& key) {
     int64_t v = g.get_i64(key);
@@ -128,6 +129,11 @@ Model load_gguf_model(const std::string& path) {
     c.rope_original_max = dim("dartquant.rope_scaling.original_context_length");
   }
 
+  // Each layer has 9 tensors: bound the claimed count by the file before building names for it.
+  if (uint64_t(c.num_layers) * 9 > g.tensors().size())
+    throw Error(path + ": block_count " + std::to_string(c.num_layers) + " needs more tensors than the file has");
+  if (int64_t(c.num_heads) * c.head_dim > (int64_t(1) << 24))
+    throw Error(path + ": head_count * head dimension out of range");
   std::vector<std::string> names = {"model.embed_tokens.weight", "model.norm.weight"};
   if (!c.tie_embeddings) names.push_back("lm_head.weight");
   for (int l = 0; l < c.num_layers; ++l)

@@ -116,7 +116,7 @@ void validate_weights(const Model& m) {
       throw Error(m.source + ": tensor '" + name + "' has shape " + g + ", expected " + e);
     }
   };
-  const int64_t D = c.hidden_size, F = c.intermediate_size, Q = c.q_dim(), KV = c.kv_dim(), V = c.vocab_size;
+  const int64_t D = c.hidden_size, Q = c.q_dim(), KV = c.kv_dim(), V = c.vocab_size;
   expect("model.embed_tokens.weight", {V, D});
   expect("model.norm.weight", {D});
   if (!c.tie_embeddings || m.weights.has("lm_head.weight")) expect("lm_head.weight", {V, D});
@@ -127,9 +127,12 @@ void validate_weights(const Model& m) {
     expect(layer_name(l, "self_attn.k_proj.weight"), {KV, D});
     expect(layer_name(l, "self_attn.v_proj.weight"), {KV, D});
     expect(layer_name(l, "self_attn.o_proj.weight"), {D, Q});
-    expect(layer_name(l, "mlp.gate_proj.weight"), {F, D});
-    expect(layer_name(l, "mlp.up_proj.weight"), {F, D});
-    expect(layer_name(l, "mlp.down_proj.weight"), {D, F});
+    for (const ExpertSpec& e : mlp_experts(c, l)) {
+      expect(e.gate, {e.intermediate, D});
+      expect(e.up, {e.intermediate, D});
+      expect(e.down, {D, e.intermediate});
+    }
+    if (c.is_moe_layer(l)) expect(router_name(c, l), {c.num_experts, D});
     if (c.qkv_bias) {
       expect(layer_name(l, "self_attn.q_proj.bias"), {Q});
       expect(layer_name(l, "self_attn.k_proj.bias"), {KV});
@@ -148,6 +151,9 @@ void rope_to_halves(Model& m) {
     Matrix w = m.weights.get(name);
     const bool bias = w.rows == 1;  // a bias (1 x n) is permuted as a column
     if (bias) w = w.transposed();
+    if (w.rows != int64_t(heads) * hd)  // a file's shapes are not trusted before validate_weights
+      throw Error(m.source + ": tensor '" + name + "' has " + std::to_string(w.rows) + " rows, expected " +
+                  std::to_string(int64_t(heads) * hd));
     Matrix out(w.rows, w.cols);
     for (int h = 0; h < heads; ++h)
       for (int j = 0; j < hd / 2; ++j)

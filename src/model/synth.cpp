@@ -5,7 +5,6 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
-#include <map>
 #include <nlohmann/json.hpp>
 
 #include "io/file.h"
@@ -144,7 +143,7 @@ void synth_model(const std::string& config_path, const std::string& out_dir, con
     throw Error(config_path + ": --outliers must be between 0 and hidden_size (" + std::to_string(c.hidden_size) + ")");
   j["torch_dtype"] = o.dtype == DType::BF16 ? "bfloat16" : o.dtype == DType::F16 ? "float16" : "float32";
 
-  const int64_t D = c.hidden_size, F = c.intermediate_size, Q = c.q_dim(), KV = c.kv_dim(), V = c.vocab_size;
+  const int64_t D = c.hidden_size, Q = c.q_dim(), KV = c.kv_dim(), V = c.vocab_size;
   const float emb_std = j.contains("initializer_range") && j["initializer_range"].is_number()
                             ? j["initializer_range"].get<float>()
                             : 0.02f;
@@ -178,9 +177,12 @@ void synth_model(const std::string& config_path, const std::string& out_dir, con
     lin(layer_name(l, "self_attn.k_proj.weight"), KV, D);
     lin(layer_name(l, "self_attn.v_proj.weight"), KV, D);
     lin(layer_name(l, "self_attn.o_proj.weight"), D, Q, branch);
-    lin(layer_name(l, "mlp.gate_proj.weight"), F, D);
-    lin(layer_name(l, "mlp.up_proj.weight"), F, D);
-    lin(layer_name(l, "mlp.down_proj.weight"), D, F, branch);
+    if (c.is_moe_layer(l)) lin(router_name(c, l), c.num_experts, D);
+    for (const ExpertSpec& e : mlp_experts(c, l)) {
+      lin(e.gate, e.intermediate, D);
+      lin(e.up, e.intermediate, D);
+      lin(e.down, D, e.intermediate, branch);
+    }
     if (c.qkv_bias)
       for (auto [p, n] : {std::pair{"q", Q}, {"k", KV}, {"v", KV}})
         specs.push_back(gaussian(seed, layer_name(l, std::string("self_attn.") + p + "_proj.bias"), {n}, 0.f, 0.1f));

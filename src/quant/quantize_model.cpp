@@ -40,40 +40,32 @@ std::vector<int32_t> sample_windows(const std::vector<int32_t>& ids, int n, int 
   return out;
 }
 
-namespace {
-
-const char* kLinears[] = {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                          "self_attn.o_proj.weight", "mlp.gate_proj.weight",    "mlp.up_proj.weight",
-                          "mlp.down_proj.weight"};
-
-// The site whose activations are the input of each linear in kLinears.
-Site input_site(int linear) {
-  static const Site s[] = {Site::AttnIn, Site::AttnIn, Site::AttnIn, Site::OprojIn,
-                           Site::MlpIn, Site::MlpIn, Site::DownIn};
-  return s[linear];
+HessianHook::HessianHook(const ModelConfig& c, int layer, bool attention, int first, int last) {
+  if (attention) {
+    acc_[{Site::AttnIn, 0}] = std::make_unique<HessianAccumulator>(c.hidden_size);
+    acc_[{Site::OprojIn, 0}] = std::make_unique<HessianAccumulator>(c.q_dim());
+  }
+  const std::vector<ExpertSpec> experts = mlp_experts(c, layer);
+  for (int e = first; e < last; ++e) {
+    acc_[{Site::ExpertIn, e}] = std::make_unique<HessianAccumulator>(c.hidden_size);
+    acc_[{Site::DownIn, e}] = std::make_unique<HessianAccumulator>(experts[size_t(e)].intermediate);
+  }
 }
 
-// Accumulates the GPTQ Hessian of every linear input site of one layer.
-class HessianHook : public Hook {
- public:
-  explicit HessianHook(const ModelConfig& c)
-      : attn_(c.hidden_size), oproj_(c.q_dim()), mlp_(c.hidden_size), down_(c.intermediate_size) {}
-  void at(Site site, int, Matrix& x) override {
-    if (HessianAccumulator* h = of(site)) h->add(x);
-  }
-  HessianAccumulator* of(Site s) {
-    switch (s) {
-      case Site::AttnIn: return &attn_;
-      case Site::OprojIn: return &oproj_;
-      case Site::MlpIn: return &mlp_;
-      case Site::DownIn: return &down_;
-      default: return nullptr;
-    }
-  }
+void HessianHook::at(Site site, int, Matrix& x) {
+  if (HessianAccumulator* h = of(site)) h->add(x);
+}
 
- private:
-  HessianAccumulator attn_, oproj_, mlp_, down_;
-};
+void HessianHook::at_expert(Site site, int, int expert, Matrix& x) {
+  if (HessianAccumulator* h = of(site, expert)) h->add(x);
+}
+
+HessianAccumulator* HessianHook::of(Site site, int expert) {
+  auto it = acc_.find({site, site == Site::ExpertIn || site == Site::DownIn ? expert : 0});
+  return it == acc_.end() ? nullptr : it->second.get();
+}
+
+namespace {
 
 void store(WeightQuantResult& r, const std::string& name, const QuantizedMatrix& q) {
   r.codes.push_back({name + ".codes", DType::U8, {q.rows, packed_row_bytes(q.cols, q.spec.bits)},
@@ -82,16 +74,17 @@ void store(WeightQuantResult& r, const std::string& name, const QuantizedMatrix&
   r.codes.push_back(blob_from_matrix(name + ".zeros", q.zeros, DType::F32));
 }
 
-// Runs one layer over all calibration windows, a few windows at a time to bound memory.
+// Runs one layer over all calibration windows, a few windows at a time to bound memory; x is
+// updated only when update is set (a statistics pass needs no copy of x).
 void run_layer(const ModelConfig& c, const LayerWeights& w, int layer, Matrix& x, int windows, int len,
-               const Hooks& hooks) {
+               const Hooks& hooks, bool update = true) {
   const int per = std::max(1, 8192 / len);
   for (int w0 = 0; w0 < windows; w0 += per) {
     int b = std::min(per, windows - w0);
     Matrix part(int64_t(b) * len, x.cols);
     std::copy_n(x.row(int64_t(w0) * len), part.size(), part.data.data());
     layer_forward(c, w, layer, part, b, len, hooks);
-    std::copy_n(part.data.data(), part.size(), x.row(int64_t(w0) * len));
+    if (update) std::copy_n(part.data.data(), part.size(), x.row(int64_t(w0) * len));
   }
 }
 
@@ -110,34 +103,54 @@ WeightQuantResult quantize_weights(Model& m, const WeightQuantOptions& o, const 
   if (gptq_mode) x = embed(m, calib);
   for (int l = 0; l < c.num_layers; ++l) {
     nlohmann::json layer = {{"layer", l}};
-    std::vector<Matrix> hessians(std::size(kLinears));
-    if (gptq_mode) {
-      LayerWeights w = load_layer(m, l);
-      HessianHook hh(c);
-      Hooks hooks = runtime;
-      hooks.push_back(&hh);
-      Matrix copy = x;
-      run_layer(c, w, l, copy, windows, len, hooks);
-      for (size_t i = 0; i < std::size(kLinears); ++i) hessians[i] = hh.of(input_site(int(i)))->hessian();
-    }
-    for (size_t i = 0; i < std::size(kLinears); ++i) {
-      std::string name = layer_name(l, kLinears[i]);
+    const std::string prefix = layer_name(l, "");
+    // GPTQ with the Hessian of its input, or RTN without one (or with too few routed tokens).
+    auto quantize_linear = [&](const std::string& name, HessianAccumulator* h, bool expert) {
       Matrix W = m.weights.get(name);
-      if (gptq_mode) {
-        GptqResult g = gptq(W, hessians[i], o.spec, o.gptq);
-        layer[kLinears[i]] = {{"error", g.error}, {"damp", g.damp}, {"retries", g.retries},
-                              {"dead_columns", g.dead_columns}};
+      nlohmann::json& entry = layer[name.substr(prefix.size())];
+      if (h && expert) entry["tokens"] = h->tokens();
+      if (h && (!expert || h->tokens() >= o.min_expert_tokens)) {
+        GptqResult g = gptq(W, h->hessian(), o.spec, o.gptq);
+        entry.update({{"error", g.error}, {"damp", g.damp}, {"retries", g.retries}, {"dead_columns", g.dead_columns}});
         store(r, name, g.q);
         m.weights.set(name, std::move(g.weight));
       } else {
+        if (h) entry["method"] = "rtn";
         QuantizedMatrix q = quantize(W, o.spec);
         store(r, name, q);
         m.weights.set(name, q.dequantize());
       }
+    };
+    const std::vector<ExpertSpec> experts = mlp_experts(c, l);
+    const int n = int(experts.size()), per_pass = o.experts_per_pass > 0 ? o.experts_per_pass : n;
+    LayerWeights w;
+    if (gptq_mode) w = load_layer(m, l);
+    for (int e0 = 0; e0 < n; e0 += per_pass) {
+      const int e1 = std::min(n, e0 + per_pass);
+      std::unique_ptr<HessianHook> hh;
+      if (gptq_mode) {
+        hh = std::make_unique<HessianHook>(c, l, e0 == 0, e0, e1);
+        Hooks hooks = runtime;
+        hooks.push_back(hh.get());
+        run_layer(c, w, l, x, windows, len, hooks, false);
+      }
+      auto hessian = [&](Site s, int e) { return hh ? hh->of(s, e) : nullptr; };
+      if (e0 == 0) {
+        for (const char* s : {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"})
+          quantize_linear(layer_name(l, s), hessian(Site::AttnIn, 0), false);
+        quantize_linear(layer_name(l, "self_attn.o_proj.weight"), hessian(Site::OprojIn, 0), false);
+      }
+      for (int e = e0; e < e1; ++e) {
+        const ExpertSpec& ex = experts[size_t(e)];
+        quantize_linear(ex.gate, hessian(Site::ExpertIn, e), ex.routed);
+        quantize_linear(ex.up, hessian(Site::ExpertIn, e), ex.routed);
+        quantize_linear(ex.down, hessian(Site::DownIn, e), ex.routed);
+        if (gptq_mode && ex.routed && hessian(Site::DownIn, e)->tokens() < o.min_expert_tokens) ++r.rtn_fallbacks;
+      }
     }
     if (gptq_mode) {
       // The next layer calibrates on what this quantized layer produces.
-      LayerWeights w = load_layer(m, l);
+      w = load_layer(m, l);
       run_layer(c, w, l, x, windows, len, runtime);
       r.report.push_back(layer);
     }

@@ -3,6 +3,8 @@
 // already-quantized layers before it).
 #pragma once
 #include <functional>
+#include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -35,16 +37,38 @@ class ActQuantHook : public Hook {
 // n windows of len tokens at seeded uniform random offsets (GPTQ's calibration sampling).
 std::vector<int32_t> sample_windows(const std::vector<int32_t>& ids, int n, int len, uint64_t seed);
 
+// The GPTQ Hessians of one layer's linear inputs: the attention inputs (when asked) over all
+// tokens, and for experts [first, last) the gate/up and down_proj inputs over only the tokens
+// routed to each (all tokens for an always-on expert or a dense MLP).
+class HessianHook : public Hook {
+ public:
+  HessianHook(const ModelConfig& c, int layer, bool attention, int first_expert, int last_expert);
+  void at(Site site, int layer, Matrix& x) override;
+  void at_expert(Site site, int layer, int expert, Matrix& x) override;
+  // ExpertIn/DownIn take the expert; null for a site or expert not collected.
+  HessianAccumulator* of(Site site, int expert = 0);
+
+ private:
+  std::map<std::pair<Site, int>, std::unique_ptr<HessianAccumulator>> acc_;
+};
+
 struct WeightQuantOptions {
   QuantSpec spec;              // bits 16 = leave the weights alone
   std::string method = "rtn";  // or "gptq"
   GptqOptions gptq;
   bool lm_head = false;        // lm_head (and the embedding) stay 16-bit unless asked
+  // MoE: an expert whose Hessian saw fewer routed calibration tokens than this is quantized with
+  // RTN (a Hessian of a handful of tokens would fit the weights to them; none would zero them).
+  int64_t min_expert_tokens = 128;
+  // Experts whose Hessians are collected per calibration pass over a layer (0 = all in one pass):
+  // bounds Hessian memory at the cost of re-running the layer.
+  int experts_per_pass = 0;
 };
 
 struct WeightQuantResult {
   std::vector<TensorBlob> codes;  // NAME.codes / .scales / .zeros for quantized.safetensors
-  nlohmann::json report;          // per-layer GPTQ error, damping and retries
+  nlohmann::json report;          // per-layer GPTQ error, damping and retries; experts' tokens
+  int rtn_fallbacks = 0;          // experts quantized with RTN for lack of routed tokens
 };
 
 using LayerProgress = std::function<void(int layer, int layers)>;

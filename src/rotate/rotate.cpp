@@ -19,6 +19,17 @@ static void fuse_gain(Model& m, const std::string& norm, const std::vector<std::
   m.weights.set(norm, Matrix(1, gain.cols, 1.f));
 }
 
+// Every linear that reads the MLP norm's output: the router and each expert's gate/up.
+static std::vector<std::string> mlp_readers(const ModelConfig& c, int l) {
+  std::vector<std::string> r;
+  if (c.is_moe_layer(l)) r.push_back(router_name(c, l));
+  for (const ExpertSpec& e : mlp_experts(c, l)) {
+    r.push_back(e.gate);
+    r.push_back(e.up);
+  }
+  return r;
+}
+
 void fuse_norms(Model& m) {
   ModelConfig& c = m.config;
   if (!m.weights.has("lm_head.weight")) {
@@ -30,8 +41,7 @@ void fuse_norms(Model& m) {
     fuse_gain(m, layer_name(l, "input_layernorm.weight"),
               {layer_name(l, "self_attn.q_proj.weight"), layer_name(l, "self_attn.k_proj.weight"),
                layer_name(l, "self_attn.v_proj.weight")});
-    fuse_gain(m, layer_name(l, "post_attention_layernorm.weight"),
-              {layer_name(l, "mlp.gate_proj.weight"), layer_name(l, "mlp.up_proj.weight")});
+    fuse_gain(m, layer_name(l, "post_attention_layernorm.weight"), mlp_readers(c, l));
   }
   fuse_gain(m, "model.norm.weight", {"lm_head.weight"});
 }
@@ -66,11 +76,11 @@ void apply_rotations(Model& m, const Rotations& r) {
   rotate_input(m, "model.embed_tokens.weight", r.r1);
   rotate_input(m, "lm_head.weight", r.r1);
   for (int l = 0; l < c.num_layers; ++l) {
-    for (const char* s : {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                          "mlp.gate_proj.weight", "mlp.up_proj.weight"})
+    for (const char* s : {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"})
       rotate_input(m, layer_name(l, s), r.r1);
-    for (const char* s : {"self_attn.o_proj.weight", "mlp.down_proj.weight"})
-      rotate_output(m, layer_name(l, s), r.r1);
+    for (const std::string& name : mlp_readers(c, l)) rotate_input(m, name, r.r1);
+    rotate_output(m, layer_name(l, "self_attn.o_proj.weight"), r.r1);
+    for (const ExpertSpec& e : mlp_experts(c, l)) rotate_output(m, e.down, r.r1);
     if (r.r2.empty()) continue;
     if (r.r2.size() != size_t(c.num_layers) || r.r2[size_t(l)].size() != size_t(c.num_kv_heads))
       throw Error("R2 must hold one matrix per layer and KV head");
@@ -108,26 +118,41 @@ void apply_rotations(Model& m, const Rotations& r) {
   }
 }
 
+// One Hadamard per distinct expert intermediate size (DeepSeek: dense, routed and shared differ).
+static std::map<int64_t, Hadamard> down_hadamards(const ModelConfig& c) {
+  std::map<int64_t, Hadamard> h;
+  for (int l = 0; l < c.num_layers; ++l)
+    for (const ExpertSpec& e : mlp_experts(c, l)) h.try_emplace(e.intermediate, e.intermediate);
+  return h;
+}
+
 void fold_r4(Model& m) {
-  Hadamard h(m.config.intermediate_size);
-  for (int l = 0; l < m.config.num_layers; ++l) {
-    std::string name = layer_name(l, "mlp.down_proj.weight");
-    Matrix w = m.weights.get(name);
-    h.apply(w);
-    m.weights.set(name, std::move(w));
-  }
+  const std::map<int64_t, Hadamard> h = down_hadamards(m.config);
+  for (int l = 0; l < m.config.num_layers; ++l)
+    for (const ExpertSpec& e : mlp_experts(m.config, l)) {
+      Matrix w = m.weights.get(e.down);
+      h.at(e.intermediate).apply(w);
+      m.weights.set(e.down, std::move(w));
+    }
 }
 
 OnlineHadamard::OnlineHadamard(const ModelConfig& c, bool r3, bool r4)
-    : r3_(r3), r4_(r4), head_(c.head_dim), inter_(c.intermediate_size) {}
+    : r3_(r3), r4_(r4), head_(c.head_dim), inter_(down_hadamards(c)) {}
 
-bool OnlineHadamard::genuine() const { return (!r3_ || head_.genuine()) && (!r4_ || inter_.genuine()); }
+bool OnlineHadamard::genuine() const {
+  bool ok = !r3_ || head_.genuine();
+  if (r4_)
+    for (const auto& [n, h] : inter_) ok = ok && h.genuine();
+  return ok;
+}
 
 void OnlineHadamard::at(Site site, int layer, Matrix& x) {
   if (r3_ && (site == Site::Q || site == Site::K)) {
     head_.apply(x.data.data(), x.rows * (x.cols / head_.size()));  // each head slice is a row
   } else if (r4_ && site == Site::DownIn) {
-    inter_.apply(x);
+    auto it = inter_.find(x.cols);
+    if (it == inter_.end()) throw Error("R4: no Hadamard of size " + std::to_string(x.cols));
+    it->second.apply(x);
   }
 }
 

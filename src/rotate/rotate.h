@@ -2,6 +2,7 @@
 // R2 (per KV head, value/o_proj) into the weights, folding R4's transpose into down_proj, and the
 // online Hadamard hooks (R3 on Q/K after RoPE, R4 on the down_proj input) that run at inference.
 #pragma once
+#include <map>
 #include <vector>
 
 #include "linalg/hadamard.h"
@@ -25,11 +26,12 @@ Rotations random_hadamard_rotations(const ModelConfig& c, uint64_t seed);
 // stream becomes x·R1 and each value head v·R2.
 void apply_rotations(Model& m, const Rotations& r);
 
-// Folds R4ᵀ into down_proj (W ← W·H/√n) so the online R4 on its input cancels.
+// Folds R4ᵀ into every expert's down_proj (W ← W·H/√n, n its intermediate size) so the online R4
+// on its input cancels.
 void fold_r4(Model& m);
 
-// R3 (x ← x·H/√head_dim on every head of Q and K) and R4 (x ← x·H/√intermediate on the down_proj
-// input) as forward-pass hooks.
+// R3 (x ← x·H/√head_dim on every head of Q and K) and R4 (x ← x·H/√n on each expert's down_proj
+// input, n its intermediate size) as forward-pass hooks.
 class OnlineHadamard : public Hook {
  public:
   OnlineHadamard(const ModelConfig& c, bool r3, bool r4);
@@ -38,7 +40,8 @@ class OnlineHadamard : public Hook {
 
  private:
   bool r3_, r4_;
-  Hadamard head_, inter_;
+  Hadamard head_;
+  std::map<int64_t, Hadamard> inter_;  // by down_proj input size
 };
 
 }  // namespace dq

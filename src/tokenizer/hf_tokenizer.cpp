@@ -14,6 +14,7 @@
 #include <unordered_map>
 
 #include "io/file.h"
+#include "io/json_limits.h"
 #include "tensor/tensor.h"
 #include "tokenizer/hf_text.h"
 #include "tokenizer/tokenizer.h"
@@ -277,6 +278,7 @@ std::unique_ptr<PreTokenizer> make_pre_tokenizer(const json& j, const Ctx& ctx) 
   if (type == "Metaspace") {
     auto p = std::make_unique<MetaspacePreTokenizer>();
     p->replacement = j.value("replacement", std::string("\xE2\x96\x81"));
+    if (p->replacement.empty()) ctx.fail("Metaspace pre_tokenizer with an empty replacement");
     if (j.contains("prepend_scheme")) {
       std::string s = j["prepend_scheme"].get<std::string>();
       if (s == "always") p->scheme = PrependScheme::Always;
@@ -440,6 +442,7 @@ std::unique_ptr<Decoder> make_decoder(const json& j, const Ctx& ctx) {
   if (type == "Metaspace") {
     auto d = std::make_unique<MetaspaceDecoder>();
     d->replacement = j.value("replacement", std::string("\xE2\x96\x81"));
+    if (d->replacement.empty()) ctx.fail("Metaspace decoder with an empty replacement");
     if (j.contains("prepend_scheme")) d->drop_first = j["prepend_scheme"].get<std::string>() != "never";
     else d->drop_first = j.value("add_prefix_space", true);
     return d;
@@ -455,6 +458,7 @@ std::unique_ptr<Decoder> make_decoder(const json& j, const Ctx& ctx) {
   if (type == "Strip") {
     auto d = std::make_unique<StripDecoder>();
     d->content = j.at("content").get<std::string>();
+    if (d->content.empty()) ctx.fail("Strip decoder with empty content");
     d->start = j.value("start", size_t(0));
     d->stop = j.value("stop", size_t(0));
     return d;
@@ -489,6 +493,9 @@ class BpeModel {
     for (auto it = vocab.begin(); it != vocab.end(); ++it) {
       int32_t id = it.value().get<int32_t>();
       if (id < 0) ctx.fail("model.vocab has a negative id for '" + it.key() + "'");
+      if (id >= kMaxVocab)  // checked before tokens_ grows to it
+        ctx.fail("model.vocab id " + std::to_string(id) + " for '" + it.key() + "' exceeds the limit " +
+                 std::to_string(kMaxVocab));
       vocab_.emplace(it.key(), id);
       if (size_t(id) >= tokens_.size()) tokens_.resize(size_t(id) + 1);
       tokens_[size_t(id)] = it.key();
@@ -675,6 +682,7 @@ class BpeModel {
   }
 
   static constexpr size_t kCacheCapacity = 1 << 16;
+  static constexpr int32_t kMaxVocab = 1 << 22;  // ids beyond this are refused (largest real: ~2^18)
   TokenMap vocab_;
   std::vector<std::string> tokens_;  // by id; "" for ids the vocabulary skips
   std::unordered_map<uint64_t, Merge> merges_;
@@ -780,7 +788,7 @@ class AddedMatcher {
 
 class HfTokenizer : public Tokenizer {
  public:
-  HfTokenizer(const std::string& path, const json& j) {
+  HfTokenizer(const std::string& path, const json& j) : path_(path) {
     Ctx ctx{path};
     if (!j.is_object()) ctx.fail("not a tokenizer.json (not a JSON object)");
     if (!j.contains("model")) ctx.fail("not a tokenizer.json (no \"model\")");
@@ -822,10 +830,22 @@ class HfTokenizer : public Tokenizer {
     size_t n = model_->tokens().size();
     for (const AddedToken& t : added_) n = std::max(n, size_t(t.id) + 1);
     vocab_size_ = n;
+    for (int32_t id : prefix_) check_special_id(id, ctx);
+    for (int32_t id : suffix_) check_special_id(id, ctx);
     find_bos_eos(path);
   }
 
   std::vector<int32_t> encode(std::string_view text, bool add_special) const override {
+    try {
+      return encode_text(text, add_special);
+    } catch (const Error&) {
+      throw;
+    } catch (const std::runtime_error& e) {  // a regex hitting PCRE2's match limit
+      throw Error(path_ + ": " + e.what());
+    }
+  }
+
+  std::vector<int32_t> encode_text(std::string_view text, bool add_special) const {
     std::string fixed;
     if (hf::sanitize_utf8(text, fixed)) text = fixed;
     std::vector<int32_t> ids;
@@ -951,6 +971,13 @@ class HfTokenizer : public Tokenizer {
     }
   }
 
+  // encode() emits these ids as they are: each must be a token of this vocabulary.
+  void check_special_id(int32_t id, const Ctx& ctx) const {
+    if (id < 0 || size_t(id) >= vocab_size_)
+      ctx.fail("post_processor: special token id " + std::to_string(id) + " outside the vocabulary (size " +
+               std::to_string(vocab_size_) + ")");
+  }
+
   int32_t id_of(const std::string& tok) const {
     for (const AddedToken& t : added_)
       if (added_content_.at(t.id) == tok) return t.id;
@@ -993,6 +1020,7 @@ class HfTokenizer : public Tokenizer {
       if (eos_ < 0) eos_ = id_of(name);
   }
 
+  std::string path_;
   std::unique_ptr<BpeModel> model_;
   std::unique_ptr<Normalizer> normalizer_;
   std::unique_ptr<PreTokenizer> pre_tokenizer_;
@@ -1009,6 +1037,7 @@ class HfTokenizer : public Tokenizer {
 
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path) {
   std::string text = read_file(path);
+  check_json_depth(text, path);  // component builders recurse per "Sequence" level
   json j = json::parse(text, nullptr, false);
   if (j.is_discarded()) throw Error(path + ": not a tokenizer.json (invalid JSON)");
   try {

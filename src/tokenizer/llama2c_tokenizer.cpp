@@ -1,6 +1,7 @@
 // llama2.c's tokenizer.bin: int32 max_token_length, then per token {f32 score, int32 len, bytes}.
 // Encoding follows llama2.c: dummy-prefix space, code points (byte fallback to ids 3..258), then
 // repeatedly merge the adjacent pair whose concatenation is the best-scoring piece.
+#include <cmath>
 #include <cstring>
 #include <queue>
 #include <unordered_map>
@@ -13,6 +14,7 @@ namespace dq {
 namespace {
 
 constexpr int32_t kUnk = 0, kBos = 1, kEos = 2, kByteBase = 3;
+constexpr size_t kMaxVocab = size_t(1) << 22;  // as for llama2.c checkpoints
 
 class Llama2cTokenizer : public Tokenizer {
  public:
@@ -33,6 +35,8 @@ class Llama2cTokenizer : public Tokenizer {
       take(&score, 4);
       take(&len, 4);
       if (len < 0 || len > max_len) throw Error(path + ": token length out of range");
+      if (std::isnan(score)) throw Error(path + ": token score is NaN");  // would break the merge order
+      if (pieces_.size() >= kMaxVocab) throw Error(path + ": more than " + std::to_string(kMaxVocab) + " tokens");
       std::string piece(size_t(len), '\0');
       take(piece.data(), size_t(len));
       index_.emplace(piece, int32_t(pieces_.size()));
@@ -46,7 +50,8 @@ class Llama2cTokenizer : public Tokenizer {
   std::vector<int32_t> encode(std::string_view text, bool add_special) const override {
     std::vector<int32_t> ids;
     if (add_special) ids.push_back(kBos);
-    if (!text.empty()) ids.push_back(lookup(" "));
+    // The dummy prefix; a vocabulary without a " " piece gets none (-1 is no token id).
+    if (!text.empty() && lookup(" ") >= 0) ids.push_back(lookup(" "));
     for (size_t i = 0; i < text.size();) {
       size_t n = 1;  // one UTF-8 code point: lead byte plus its continuation bytes (at most 4)
       while (i + n < text.size() && n < 4 && (uint8_t(text[i + n]) & 0xC0) == 0x80) ++n;

@@ -29,10 +29,10 @@ Loglikelihood naive(const Model& m, const Request& r, int window, const Hooks& h
   std::vector<int32_t> whole = m.tokenizer->encode(r.context + " " + r.continuation, true);
   std::vector<int32_t> full = ctx;
   full.insert(full.end(), whole.begin() + int64_t(ctx.size()), whole.end());
-  const size_t n_cont = whole.size() - ctx.size();
   if (full.size() > size_t(window) + 1) full.erase(full.begin(), full.end() - (window + 1));
   std::vector<int32_t> in(full.begin(), full.end() - 1);
   const int len = int(in.size());
+  const size_t n_cont = std::min(whole.size() - ctx.size(), size_t(len));
   Matrix x = forward(m, in, 1, len, hooks);
   Matrix lp = log_probs(m, m.weights.get(lm_head_name(m)), x, 0, len);
   Loglikelihood ll;
@@ -82,6 +82,16 @@ TEST(ZeroShot, LongContextsAreTruncatedFromTheLeft) {
   opt.batch_tokens = 100;  // several forward passes
   expect_matches_naive("boolq", 3, opt, 40);
   expect_matches_naive("lambada_openai", 4, opt, 40);
+  // A continuation longer than the window keeps the tokens predicted inside it.
+  opt.window = 12;
+  const std::vector<Request> reqs = {
+      {"Lily", "went to the park and played with her friends all day long."}, {"Tom", "ran."}};
+  ScoreStats st;
+  const std::vector<Loglikelihood> got = loglikelihoods(model(), reqs, {}, opt, nullptr, &st);
+  EXPECT_EQ(st.clipped, 1);
+  EXPECT_EQ(got[0].tokens, 12);
+  for (size_t i = 0; i < reqs.size(); ++i)
+    EXPECT_NEAR(got[i].logprob, naive(model(), reqs[i], 12).logprob, 1e-4) << "request " << i;
 }
 
 TEST(ZeroShot, RequestsExtendedByAnotherShareItsPass) {

@@ -1,4 +1,4 @@
-#include "eval/report.h"
+#include "io/report.h"
 
 #include <fstream>
 
