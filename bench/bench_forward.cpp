@@ -182,7 +182,7 @@ void BM_Forward(benchmark::State& state) {
   for (int i = 0; i < TimingHook::kParts; ++i) state.counters[kPartNames[i]] = th.part[i] / t_fwd;
   // The linear products alone at the reference rate, as a share of the forward time (the ideal).
   state.counters["t_ideal_linears"] = lin_flops_layer * L * n / ref_rate / t_fwd;
-  state.counters["threads"] = dq::num_threads();
+  state.counters["blas_threads"] = dq::num_threads();
 }
 
 }  // namespace

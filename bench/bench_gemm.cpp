@@ -9,6 +9,7 @@
 #include <benchmark/benchmark.h>
 #include <cblas.h>
 
+#include <chrono>
 #include <random>
 
 #include "tensor/kernels.h"
@@ -66,6 +67,43 @@ void BM_Linear(benchmark::State& state) {
   flops(state, double(m), double(n), double(k));
 }
 
+// The three side by side in every iteration (cblas_sgemm, dq::gemm, dq::linear on the same
+// operands, in rotating order), so their ratios hold on a shared machine whose load drifts between
+// benchmarks. Reported time is dq::linear's; counters give each rate and the ratios to raw sgemm.
+void BM_GemmVsCblas(benchmark::State& state) {
+  const int64_t m = state.range(0), n = state.range(1), k = state.range(2);
+  const dq::Matrix X = random_matrix(m, k, 1), W = random_matrix(n, k, 2);
+  dq::Matrix C(m, n), G(m, n);
+  double t[3] = {0, 0, 0};
+  int64_t it = 0;
+  for (auto _ : state) {
+    for (int j = 0; j < 3; ++j) {
+      const int which = int((it + j) % 3);
+      auto a = std::chrono::steady_clock::now();
+      if (which == 0) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.f, X.data.data(), int(k),
+                    W.data.data(), int(k), 0.f, C.data.data(), int(n));
+        benchmark::DoNotOptimize(C.data.data());
+      } else if (which == 1) {
+        dq::gemm(X, false, W, true, G);
+        benchmark::DoNotOptimize(G.data.data());
+      } else {
+        dq::Matrix Y = dq::linear(X, W);
+        benchmark::DoNotOptimize(Y.data.data());
+      }
+      benchmark::ClobberMemory();
+      const double d = std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
+      t[which] += d;
+      if (which == 2) state.SetIterationTime(d);
+    }
+    ++it;
+  }
+  const double f = 2.0 * double(m) * double(n) * double(k) * double(it);
+  state.counters["sgemm_GFLOP/s"] = f / t[0] / 1e9;
+  state.counters["gemm/sgemm"] = t[0] / t[1];
+  state.counters["linear/sgemm"] = t[0] / t[2];
+}
+
 // One head's attention products at sequence length `seq`: scores = Q Kᵀ (seq x seq x hd) and
 // out = P V (seq x hd x seq), strided inside [seq, heads * hd] activations as forward.cpp does.
 void BM_HeadAttnGemms(benchmark::State& state) {
@@ -92,13 +130,14 @@ void shapes(benchmark::internal::Benchmark* b) {
   for (auto nk : std::vector<std::pair<int, int>>{{2048, 2048}, {512, 2048}, {8192, 2048}, {2048, 8192},
                                                    {576, 576}, {1536, 576}, {576, 1536}, {4096, 4096}})
     b->Args({2048, nk.first, nk.second});
-  b->Unit(benchmark::kMillisecond)->UseRealTime();
+  b->Unit(benchmark::kMillisecond);
 }
 
 }  // namespace
 
-BENCHMARK(BM_CblasSgemm)->Apply(shapes);
-BENCHMARK(BM_Gemm)->Apply(shapes);
-BENCHMARK(BM_Linear)->Apply(shapes);
+BENCHMARK(BM_GemmVsCblas)->Apply(shapes)->UseManualTime();
+BENCHMARK(BM_CblasSgemm)->Apply(shapes)->UseRealTime();
+BENCHMARK(BM_Gemm)->Apply(shapes)->UseRealTime();
+BENCHMARK(BM_Linear)->Apply(shapes)->UseRealTime();
 BENCHMARK(BM_HeadAttnGemms)->ArgNames({"seq", "hd"})->Args({2048, 64})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_MAIN();

@@ -311,6 +311,7 @@ int main(int argc, char** argv) {
   }
   const std::string data = argv[1], src = argv[2];
   out_dir = argv[3];
+  fs::create_directories(out_dir);
   try {
     safetensors_seeds();
     config_seeds(data);

@@ -7,11 +7,12 @@ cd "$(dirname "$0")/.."
 D=../shared/data
 seed=${SEED:-0}
 out=$(mktemp -d); trap 'rm -rf "$out"' EXIT
+cp build/dartquant "$out/dartquant"  # a rebuild during the run must not swap the binary under it
 echo "| loss | orth | R1 loss first → last | R1 seconds | PPL W4A4KV16 |"
 echo "|---|---|---|---|---|"
 for orth in qr cayley; do
   for loss in whip variance kurtosis quant; do
-    build/dartquant --threads 1 quantize --model $D/stories260K/stories260K.bin --calib $D/tinystories/calib.txt \
+    "$out/dartquant" --threads 1 quantize --model $D/stories260K/stories260K.bin --calib $D/tinystories/calib.txt \
       --nsamples 128 --calib-seqlen 256 --ppl $D/tinystories/valid.txt --seqlen 256 --seed "$seed" \
       --rotation dartquant --loss $loss --orth $orth --w-bits 4 --w-method gptq --a-bits 4 \
       --out "$out/m" --json "$out/r.json" >/dev/null

@@ -9,6 +9,7 @@
 #   MODELS ["smollm2-135m-instruct llama-3.2-1b"]   directories under $DQ_DATA_DIR/hf
 #   NSAMPLES [4] CALIB_SEQLEN [256] MAX_WINDOWS [2] SEQLEN [256]   calibration / evaluation sizes
 #   FWD_LAYERS [2]        decoder depth of the synthetic model bench_forward times (see bench/README.md)
+#   TOKENIZER [SmolLM2's tokenizer.json, for configs that have none]
 #   THREADS [nproc]  OUTLIERS [4]  SEED [0]  DQ_DATA_DIR [../shared/data]  WORK [/tmp/dq-bench-pipeline]
 # Synthetic checkpoints (bf16, seeded) are kept in $WORK between runs; quantized outputs are removed.
 set -euo pipefail
@@ -36,6 +37,10 @@ for model in $MODELS; do
     echo "synth $model -> $ckpt" >&2
     "$DQ" synth --config "$D/hf/$model/config.json" --out "$ckpt" --seed "$SEED" --dtype bf16 --outliers "$OUTLIERS" >&2
   fi
+  # Configs without a tokenizer.json beside them (Llama-3.2-1B) borrow SmolLM2's (49152 ids, all
+  # inside the larger vocabulary); the text's token count differs, the shapes do not.
+  tok=()
+  [ -f "$ckpt/tokenizer.json" ] || tok=(--tokenizer "${TOKENIZER:-$D/hf/smollm2-135m-instruct/tokenizer.json}")
   for r in $(seq 1 "$RUNS"); do
     echo "quantize $model run $r/$RUNS" >&2
     # Forward throughput first, then the pipeline, so each run's ratio uses its own sgemm baseline.
@@ -44,7 +49,7 @@ for model in $MODELS; do
       "$BUILD/bench/bench_forward" --benchmark_out="$res/$model.$r.forward.json" --benchmark_out_format=json \
       >/dev/null 2>"$res/$model.$r.forward.err"
     /usr/bin/time -v -o "$res/$model.$r.time" \
-      "$DQ" --threads "$THREADS" quantize --model "$ckpt" --out "$WORK/out-$model" \
+      "$DQ" --threads "$THREADS" quantize --model "$ckpt" "${tok[@]}" --out "$WORK/out-$model" \
         --rotation dartquant --w-method gptq --w-bits 4 --a-bits 4 \
         --calib "$D/wikitext2/test.gptq.txt" --nsamples "$N" --calib-seqlen "$L" \
         --ppl "$D/wikitext2/test.gptq.txt" --seqlen "$S" --max-windows "$K" --seed "$SEED" \
@@ -74,14 +79,15 @@ def flops_per_token(cfg, seq, lm_head):
     return f + (2 * D * cfg["vocab_size"] if lm_head else 0)
 
 models = sorted({os.path.basename(p).split(".")[0] for p in glob.glob(f"{res}/*.json")},
-                key=lambda m: os.path.getsize(f"{data}/hf/{m}/config.json") and m)
+                key=lambda m: json.load(open(f"{data}/hf/{m}/config.json"))["hidden_size"])
 stage_names = [("rotate", "capture + calibrate + rotate"), ("weights", "weights (GPTQ)"), ("save", "save"), ("eval", "eval (PPL)")]
 rows = {}
 for m in models:
     cfg = json.load(open(f"{data}/hf/{m}/config.json"))
     runs = sorted(p for p in glob.glob(f"{res}/{m}.*.json") if not p.endswith("forward.json"))
     r = {k: [] for k in ["wall", "rss", "ppl", "eval_tps", "eval_frac", "fwd_tps", "fwd_tps_full", "fwd_frac",
-                         "fwd_frac_full", "sgemm", "capture", "r1", "r2"]}
+                         "fwd_frac_full", "sgemm", "capture", "r1", "r2",
+                         "capture_rss", "r1_rss", "r2_rss"]}
     for s, _ in stage_names: r[s] = []; r[s + "_rss"] = []
     for p in runs:
         j = json.load(open(p)); run = p.rsplit(".", 2)[1]
@@ -90,6 +96,7 @@ for m in models:
             r[s].append(st.get(s, {}).get("seconds")); r[s + "_rss"].append(st.get(s, {}).get("peak_rss_mib"))
         cal = j.get("calibration", {})
         r["capture"].append(cal.get("capture_seconds")); r["r1"].append(cal.get("r1_seconds")); r["r2"].append(cal.get("r2_seconds"))
+        for k in ["capture", "r1", "r2"]: r[k + "_rss"].append(cal.get(k + "_peak_rss_mib"))
         t = open(p.replace(".json", ".time")).read()
         h, mi, sec = ([0, 0] + re.search(r"Elapsed \(wall clock\) time.*: (\S+)", t).group(1).split(":"))[-3:]
         r["wall"].append(int(h) * 3600 + int(mi) * 60 + float(sec))
@@ -99,9 +106,8 @@ for m in models:
         r["fwd_tps"].append(fw["tok/s"]); r["fwd_tps_full"].append(fw["tok/s_full"])
         r["fwd_frac"].append(fw["frac_sgemm_layer"]); r["fwd_frac_full"].append(fw["frac_sgemm_full"])
         r["sgemm"].append(fw["sgemm_FLOP/s"] / 1e9)
-        log = open(p.replace(".json", ".log")).read()
-        mt = re.search(r"([\d.]+) tokens/s", log)
-        tps = float(mt.group(1)) if mt else None
+        ev = j.get("ppl", {})
+        tps = ev["windows"] * ev["seqlen"] / st["eval"]["seconds"] if ev and "eval" in st else None
         r["eval_tps"].append(tps)
         r["eval_frac"].append(tps * flops_per_token(cfg, S, True) / (fw["sgemm_FLOP/s"]) if tps else None)
     rows[m] = (r, len(runs))
@@ -115,10 +121,11 @@ def line(label, key, unit=""):
 line("capture (s)", "capture"); line("R1 calibration (s)", "r1"); line("R2 calibration (s)", "r2")
 for s, label in stage_names: line(label + " (s)", s)
 line("total wall, /usr/bin/time (s)", "wall")
+line("peak RSS after capture (MiB)", "capture_rss"); line("peak RSS after R1 (MiB)", "r1_rss"); line("peak RSS after R2 (MiB)", "r2_rss")
 for s, label in stage_names: line(f"peak RSS after {s} (MiB)", s + "_rss")
 line("peak RSS overall, /usr/bin/time (MiB)", "rss")
 line("PPL (random weights: a sanity figure only)", "ppl")
-line(f"eval tokens/s (seq {S}, with A4 hooks, online Hadamard, lm_head)", "eval_tps")
+line(f"eval tokens/s (seq {S}; A4 hooks, online Hadamard, lm_head, tokenizing the text)", "eval_tps")
 line("eval FLOP/s ÷ sgemm FLOP/s", "eval_frac")
 line(f"forward tokens/s, seq 2048, {fwd_layers} layers", "fwd_tps")
 line("forward FLOP/s ÷ sgemm FLOP/s (decoder layers)", "fwd_frac")

@@ -35,9 +35,11 @@ for f in "${fuzzers[@]}"; do
   [ -x "$exe" ] || { echo "fuzz.sh: no fuzzer '$f' (have: ${all[*]})" >&2; exit 2; }
   mkdir -p "$B/corpus/$f" "$B/seeds/$f"
   log="$B/artifacts/$f.log"
+  dict=()
+  case "$f" in safetensors|config|hf_tokenizer|jsonl) dict=(-dict=fuzz/json.dict) ;; esac
   # -timeout: one input taking longer is a finding (hang); -rss_limit_mb: memory a hostile file
   # makes us take is a finding too (limits must be checked before allocating).
-  if "$exe" -max_total_time="$secs" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 \
+  if "$exe" "${dict[@]}" -max_total_time="$secs" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 \
       -artifact_prefix="$B/artifacts/$f-" "$B/corpus/$f" "$B/seeds/$f" >"$log" 2>&1; then
     runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
     echo "fuzz_$f: ok, $runs executions in ${secs}s"

@@ -7,13 +7,14 @@ cd "$(dirname "$0")/.."
 D=../shared/data
 seeds=("${@:-0 1 2}"); [ $# -eq 0 ] && seeds=(0 1 2)
 out=$(mktemp -d); trap 'rm -rf "$out"' EXIT
+cp build/dartquant "$out/dartquant"  # a rebuild during the run must not swap the binary under it
 common=(--model $D/stories260K/stories260K.bin --calib $D/tinystories/calib.txt --nsamples 128
         --calib-seqlen 256 --ppl $D/tinystories/valid.txt --seqlen 256)
 run() {  # name seed args...
   local name=$1 seed=$2; shift 2
-  ./build/dartquant --threads 1 quantize "${common[@]}" --seed "$seed" --out "$out/m" --json "$out/$name.$seed.json" "$@" >/dev/null
+  "$out/dartquant" --threads 1 quantize "${common[@]}" --seed "$seed" --out "$out/m" --json "$out/$name.$seed.json" "$@" >/dev/null
 }
-./build/dartquant --threads 1 eval --model $D/stories260K/stories260K.bin --ppl $D/tinystories/valid.txt --seqlen 256 \
+"$out/dartquant" --threads 1 eval --model $D/stories260K/stories260K.bin --ppl $D/tinystories/valid.txt --seqlen 256 \
   --json "$out/fp.0.json" >/dev/null
 for s in "${seeds[@]}"; do
   run "none W8A8 RTN"          $s --rotation none --w-bits 8 --w-method rtn --a-bits 8

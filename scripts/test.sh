@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh
-cd build && ctest --output-on-failure -j"$(nproc)"
+# Test programs run in parallel, one per core, so each computes on one thread.
+cd build && OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 ctest --output-on-failure -j"$(nproc)"

@@ -83,9 +83,11 @@ static ModelConfig parse_config_fields(const json& j, const std::string& src) {
     if (j.contains("first_k_dense_replace") && j["first_k_dense_replace"].is_number_integer())
       c.first_dense_layers = std::max(0, j["first_k_dense_replace"].get<int>());
     c.moe_layer_freq = get_int(j, "moe_layer_freq", src, 1);
+    if (j.contains("norm_topk_prob") && !j["norm_topk_prob"].is_boolean())
+      throw Error(src + ": 'norm_topk_prob' is not a boolean");
     c.norm_topk_prob = j.value("norm_topk_prob", false);
-    if (j.value("scoring_func", std::string("softmax")) != "softmax")
-      throw Error(src + ": unsupported scoring_func '" + j["scoring_func"].get<std::string>() + "' (softmax only)");
+    if (j.contains("scoring_func") && j["scoring_func"] != "softmax")
+      throw Error(src + ": unsupported scoring_func " + j["scoring_func"].dump() + " (softmax only)");
   }
   if (c.num_experts > 0) {
     // Bounded before anything is built per expert (names, weights): real models have <= 256.

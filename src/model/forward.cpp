@@ -198,6 +198,10 @@ Routing route(const ModelConfig& c, const Matrix& router, const Matrix& h) {
   const int E = int(router.rows), k = r.k;
   r.expert.resize(size_t(h.rows) * size_t(k));
   r.weight.resize(r.expert.size());
+  // DeepSeek renormalises only when k > 1 and adds 1e-20; Mixtral divides by the plain sum.
+  const bool mixtral = c.architecture == "MixtralForCausalLM";
+  const bool norm = c.norm_topk_prob && (k > 1 || mixtral);
+  const float eps = mixtral ? 0.f : 1e-20f;
   Matrix p = linear(h, router);
 #pragma omp parallel for schedule(static) if (h.rows * E > kParallelMinWork)
   for (int64_t t = 0; t < h.rows; ++t) {
@@ -209,9 +213,7 @@ Routing route(const ModelConfig& c, const Matrix& router, const Matrix& h) {
                       [&](int a, int b) { return s[a] > s[b] || (s[a] == s[b] && a < b); });
     float sum = 0;
     for (int i = 0; i < k; ++i) sum += s[idx[size_t(i)]];
-    // DeepSeek renormalises only when k > 1 and adds 1e-20; Mixtral divides by the plain sum.
-    const bool norm = c.norm_topk_prob && (k > 1 || c.architecture == "MixtralForCausalLM");
-    const float denom = c.architecture == "MixtralForCausalLM" ? sum : sum + 1e-20f;
+    const float denom = sum + eps;
     for (int i = 0; i < k; ++i) {
       const size_t j = size_t(t * k + i);
       r.expert[j] = idx[size_t(i)];

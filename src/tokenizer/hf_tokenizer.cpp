@@ -6,6 +6,7 @@
 // subsequence with U+FFFD, as a Rust String from String::from_utf8_lossy would be.
 #include <algorithm>
 #include <array>
+#include <climits>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -49,6 +50,18 @@ std::string type_of(const json& j, const Ctx& ctx, const char* component) {
   if (!j.is_object() || !j.contains("type") || !j["type"].is_string())
     ctx.fail(std::string(component) + " without a \"type\"");
   return j["type"].get<std::string>();
+}
+
+// Integer fields. nlohmann's get<int>() converts a float with a static_cast, undefined behaviour
+// when it is out of range (found by fuzzing: an id of 6.7e46), so the type and range are checked.
+int64_t get_integer(const json& v, const Ctx& ctx, const std::string& what, int64_t lo, int64_t hi) {
+  if (!v.is_number_integer()) ctx.fail(what + " is not an integer");
+  if (v.is_number_unsigned() ? v.get<uint64_t>() > uint64_t(hi) : (v.get<int64_t>() < lo || v.get<int64_t>() > hi))
+    ctx.fail(what + " is out of range");
+  return v.get<int64_t>();
+}
+int32_t get_id(const json& v, const Ctx& ctx, const std::string& what) {
+  return int32_t(get_integer(v, ctx, what, INT32_MIN, INT32_MAX));
 }
 
 // {"String": "..."} or {"Regex": "..."}, as Replace and Split store their pattern.
@@ -459,8 +472,8 @@ std::unique_ptr<Decoder> make_decoder(const json& j, const Ctx& ctx) {
     auto d = std::make_unique<StripDecoder>();
     d->content = j.at("content").get<std::string>();
     if (d->content.empty()) ctx.fail("Strip decoder with empty content");
-    d->start = j.value("start", size_t(0));
-    d->stop = j.value("stop", size_t(0));
+    d->start = j.contains("start") ? size_t(get_integer(j["start"], ctx, "Strip start", 0, INT64_MAX)) : 0;
+    d->stop = j.contains("stop") ? size_t(get_integer(j["stop"], ctx, "Strip stop", 0, INT64_MAX)) : 0;
     return d;
   }
   if (type == "Sequence") {
@@ -491,7 +504,7 @@ class BpeModel {
     if (!vocab.is_object()) ctx.fail("model.vocab is not an object");
     vocab_.reserve(vocab.size());
     for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-      int32_t id = it.value().get<int32_t>();
+      int32_t id = get_id(it.value(), ctx, "model.vocab id of '" + it.key() + "'");
       if (id < 0) ctx.fail("model.vocab has a negative id for '" + it.key() + "'");
       if (id >= kMaxVocab)  // checked before tokens_ grows to it
         ctx.fail("model.vocab id " + std::to_string(id) + " for '" + it.key() + "' exceeds the limit " +
@@ -809,7 +822,7 @@ class HfTokenizer : public Tokenizer {
       std::unordered_map<std::string, int32_t> seen;
       for (const json& a : j["added_tokens"]) {
         std::string content = a.at("content").get<std::string>();
-        a.at("id").get<int32_t>();  // required by the format
+        get_id(a.at("id"), ctx, "added_tokens id");  // required by the format
         if (seen.count(content)) continue;
         auto in_vocab = model_->vocab().find(content);
         int32_t id = in_vocab != model_->vocab().end() ? in_vocab->second
@@ -952,8 +965,8 @@ class HfTokenizer : public Tokenizer {
       return;
     }
     if (type == "BertProcessing" || type == "RobertaProcessing") {
-      prefix_.push_back(j.at("cls").at(1).get<int32_t>());
-      suffix_.push_back(j.at("sep").at(1).get<int32_t>());
+      prefix_.push_back(get_id(j.at("cls").at(1), ctx, "post_processor cls id"));
+      suffix_.push_back(get_id(j.at("sep").at(1), ctx, "post_processor sep id"));
       return;
     }
     if (type != "TemplateProcessing") ctx.unsupported("post_processor", type);
@@ -967,7 +980,7 @@ class HfTokenizer : public Tokenizer {
       if (!item.contains("SpecialToken")) ctx.fail("post_processor: bad template item " + item.dump());
       std::string name = item["SpecialToken"].at("id").get<std::string>();
       if (!specials.contains(name)) ctx.fail("post_processor: template uses undefined special token '" + name + "'");
-      for (const json& id : specials[name].at("ids")) (seen_seq ? suffix_ : prefix_).push_back(id.get<int32_t>());
+      for (const json& id : specials[name].at("ids")) (seen_seq ? suffix_ : prefix_).push_back(get_id(id, ctx, "post_processor special token id"));
     }
   }
 

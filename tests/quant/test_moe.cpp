@@ -21,6 +21,7 @@
 #include <random>
 #include <sstream>
 
+#include "model/export.h"
 #include "model/synth.h"
 #include "quant/plan.h"
 #include "quant/quantize_model.h"
@@ -266,6 +267,12 @@ TEST(Moe, RoutingMatchesNaiveReference) {
   Model mx = synth_and_load(small_mixtral(s), s / "mixtral");
   check_moe_layer(mx, 0);
   check_moe_layer(mx, 1);
+  try {
+    export_gguf(mx, s / "mx.gguf", {});
+    ADD_FAILURE() << "GGUF export of a MoE model should be refused";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("mixture-of-experts"), std::string::npos) << e.what();
+  }
   Model ds = synth_and_load(small_deepseek(s), s / "deepseek");
   check_moe_layer(ds, 0);  // dense: one always-on expert
   check_moe_layer(ds, 2);

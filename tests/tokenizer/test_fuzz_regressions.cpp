@@ -103,6 +103,18 @@ TEST_F(TokFuzzRegressions, HugeVocabIdIsRefusedBeforeAllocating) {
   expect_error(hf({{"a", 0}, {"b", 2147483647}}), "exceeds the limit");
 }
 
+// Found by the fuzzer (hf_tokenizer-crash-c8e5561b): a vocabulary id written as a float too large
+// for int was converted with nlohmann's get<int32_t>(), undefined behaviour (UBSan).
+TEST_F(TokFuzzRegressions, NonIntegerIdsAreRefused) {
+  expect_error(write("tokenizer.json", R"({"model":{"type":"BPE","vocab":{"a":0,"<0xA0>":6.666666e46},"merges":[]}})"),
+               "is not an integer");
+  expect_error(write("tokenizer.json", R"({"model":{"type":"BPE","vocab":{"a":0},"merges":[]},"added_tokens":[{"id":1.5,"content":"x"}]})"),
+               "is not an integer");
+  expect_error(hf({{"a", 0}}, {{"decoder", {{"type", "Strip"}, {"content", " "}, {"start", 1e300}}}}), "is not an integer");
+  expect_error(hf({{"a", 0}}, {{"post_processor", {{"type", "BertProcessing"}, {"cls", {"a", 1e20}}, {"sep", {"a", 0}}}}}}),
+               "is not an integer");
+}
+
 // Found by review: post-processor ids were emitted by encode() unchecked, outside the vocabulary.
 TEST_F(TokFuzzRegressions, PostProcessorIdsMustBeInTheVocabulary) {
   json bert = {{"type", "BertProcessing"}, {"cls", {"[CLS]", 1000}}, {"sep", {"[SEP]", 0}}};
