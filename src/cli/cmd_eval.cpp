@@ -25,13 +25,8 @@ int run_eval(const EvalArgs& a) {
   if (!a.ppl.empty()) {
     int seqlen = a.seqlen > 0 ? a.seqlen : std::min(2048, m.config.max_seq);
     std::vector<int32_t> ids = tokenize_file(m, a.ppl);
-    Progress progress;
-    if (show_progress())
-      progress = [](int done, int total) {
-        std::fprintf(stderr, "\rperplexity: window %d/%d", done, total);
-        if (done == total) std::fprintf(stderr, "\n");
-      };
-    PplResult r = perplexity(m, ids, seqlen, a.max_windows, runtime.hooks(), progress);
+    PplResult r = perplexity(m, ids, seqlen, a.max_windows, runtime.hooks(),
+                             [](int done, int total) { progress_line("perplexity windows", done, total); });
     std::printf("ppl %.4f  (%s, %d windows x %d tokens, %.0f tokens/s)\n", r.ppl, a.ppl.c_str(),
                 r.windows, r.seqlen, r.tokens_per_second);
     report["ppl"] = r.ppl;
@@ -47,13 +42,9 @@ int run_eval(const EvalArgs& a) {
     nlohmann::json tasks = nlohmann::json::object();
     for (const std::string& name : task_names) {
       Task t = load_task(name, a.tasks_dir + "/" + name + ".jsonl", a.limit);
-      Progress progress;
-      if (show_progress())
-        progress = [&name](int done, int total) {
-          std::fprintf(stderr, "\r%s: sequence %d/%d", name.c_str(), done, total);
-          if (done == total) std::fprintf(stderr, "\n");
-        };
-      TaskResult r = evaluate_task(m, t, runtime.hooks(), {}, progress);
+      TaskResult r = evaluate_task(m, t, runtime.hooks(), {}, [&name](int done, int total) {
+        progress_line(name + " sequences", done, total);
+      });
       for (const Metric& mt : r.metrics)
         std::printf("%-16s %-10s %9.4f +- %.4f  (n %d, %.1f examples/s)\n", name.c_str(),
                     mt.name.c_str(), mt.value, mt.se, r.examples, r.examples_per_second);

@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "calib/calibrate.h"
+#include "cli/calib_args.h"
 #include "cli/command.h"
 #include "eval/html_report.h"
 #include "eval/perplexity.h"
@@ -16,26 +17,19 @@ namespace dq::cli {
 namespace {
 
 struct QuantizeArgs {
-  std::string model, tokenizer, out, rotation = "none", rotations_file, calib, json, html, ppl;
-  std::string w_method = "rtn", loss = "whip", orth = "qr", optimizer = "sgd";
-  int w_bits = 4, w_group = 0, a_bits = 16, kv_bits = 16, nsamples = 128, calib_seqlen = 2048;
-  int seqlen = 0, max_windows = 0, epochs = 10, batch = 64;
-  float a_clip = 0.9f, kv_clip = 1.f, damp = 0.01f, token_ratio = 0.1f, lr_r1 = 2e-3f, lr_r2 = 1e-3f;
-  bool w_asym = false, w_clip = false, act_order = false, no_online = false, cosine = false;
-  uint64_t seed = 0;
+  std::string model, tokenizer, out, rotation = "none", rotations_file, json, html, ppl;
+  std::string w_method = "rtn";
+  int w_bits = 4, w_group = 0, a_bits = 16, kv_bits = 16;
+  int seqlen = 0, max_windows = 0;
+  float a_clip = 0.9f, kv_clip = 1.f, damp = 0.01f;
+  bool w_asym = false, w_clip = false, act_order = false, no_online = false;
   int64_t min_expert_tokens = 128;
   int experts_per_pass = 0;
-  int64_t calib_memory = 4096;
+  CalibArgs cal;
 };
 
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-void progress_line(const std::string& stage, int done, int total) {
-  if (!show_progress()) return;
-  std::fprintf(stderr, "\r%s: %d/%d", stage.c_str(), done, total);
-  if (done == total) std::fprintf(stderr, "\n");
-}
 
 int run_quantize(const QuantizeArgs& a) {
   if (a.rotation != "none" && a.rotation != "quarot" && a.rotation != "dartquant")
@@ -50,12 +44,12 @@ int run_quantize(const QuantizeArgs& a) {
 
   const bool need_calib = a.w_method == "gptq" || (a.rotation == "dartquant" && a.rotations_file.empty());
   std::vector<int32_t> calib;
-  int len = a.calib_seqlen;
+  int len = a.cal.calib_seqlen;
   if (need_calib) {
-    if (a.calib.empty()) throw Error("--calib is required for GPTQ and DartQuant calibration");
-    std::vector<int32_t> ids = tokenize_file(m, a.calib);
+    if (a.cal.calib.empty()) throw Error("--calib is required for GPTQ and DartQuant calibration");
+    std::vector<int32_t> ids = tokenize_file(m, a.cal.calib);
     len = std::min<int>(len, int(ids.size()) - 1);
-    calib = sample_windows(ids, a.nsamples, len, a.seed);
+    calib = sample_windows(ids, a.cal.nsamples, len, a.cal.seed);
   }
 
   const bool rotate = a.rotation != "none";
@@ -67,21 +61,9 @@ int run_quantize(const QuantizeArgs& a) {
     if (!a.rotations_file.empty()) {
       rot = load_rotations(a.rotations_file, m.config);
     } else if (a.rotation == "quarot") {
-      rot = random_hadamard_rotations(m.config, a.seed);
+      rot = random_hadamard_rotations(m.config, a.cal.seed);
     } else {
-      CalibOptions co;
-      co.token_ratio = a.token_ratio;
-      co.epochs = a.epochs;
-      co.batch = a.batch;
-      co.seed = a.seed;
-      co.memory_mib = a.calib_memory;
-      co.r1.loss = co.r2.loss = loss_from_name(a.loss);
-      co.r1.method = co.r2.method = orth_from_name(a.orth);
-      co.r1.optimizer = co.r2.optimizer = optimizer_from_name(a.optimizer);
-      co.r1.lr = a.lr_r1;
-      co.r2.lr = a.lr_r2;
-      co.r1.cosine = co.r2.cosine = a.cosine;
-      CalibResult cr = calibrate(m, calib, a.nsamples, len, co, progress_line);
+      CalibResult cr = calibrate(m, calib, a.cal.nsamples, len, a.cal.options(), progress_line);
       rot = std::move(cr.rotations);
       report["calibration"] = cr.report;
     }
@@ -93,10 +75,10 @@ int run_quantize(const QuantizeArgs& a) {
   m.quantization = {
       {"weights", {{"bits", a.w_bits}, {"method", a.w_method}, {"group", a.w_group}, {"symmetric", !a.w_asym},
                    {"mse_clip", a.w_clip}, {"damp", a.damp}, {"act_order", a.act_order},
-                   {"nsamples", need_calib ? a.nsamples : 0}, {"calib_seqlen", need_calib ? len : 0}}},
+                   {"nsamples", need_calib ? a.cal.nsamples : 0}, {"calib_seqlen", need_calib ? len : 0}}},
       {"activations", {{"bits", a.a_bits}, {"symmetric", false}, {"clip_ratio", a.a_clip}}},
       {"kv_cache", {{"bits", a.kv_bits}, {"symmetric", false}, {"clip_ratio", a.kv_clip}}},
-      {"rotation", {{"kind", a.rotation}, {"seed", a.seed}}},
+      {"rotation", {{"kind", a.rotation}, {"seed", a.cal.seed}}},
       {"online", {{"r3", r3}, {"r4", r4}}}};
 
   auto t = Clock::now();
@@ -114,7 +96,7 @@ int run_quantize(const QuantizeArgs& a) {
   OnlineHadamard online(m.config, r3, r4);
   Hooks runtime;
   if (r3 || r4) runtime.push_back(&online);
-  WeightQuantResult w = quantize_weights(m, wq, calib, a.nsamples, len, runtime,
+  WeightQuantResult w = quantize_weights(m, wq, calib, a.cal.nsamples, len, runtime,
                                          [](int l, int n) { progress_line("weights", l, n); });
   report["gptq_layers"] = w.report;
   if (w.rtn_fallbacks > 0) {
@@ -147,7 +129,7 @@ int run_quantize(const QuantizeArgs& a) {
   if (!a.html.empty()) {
     std::vector<nlohmann::json> cals;
     if (report.contains("calibration")) cals.push_back(report["calibration"]);
-    for (auto& c : cals) c["options"] = {{"orth", a.orth}, {"loss", a.loss}};  // names the loss curve
+    for (auto& c : cals) c["options"] = {{"orth", a.cal.orth}, {"loss", a.cal.loss}};  // names the loss curve
     write_html_report(a.html, {"dartquant quantize: " + a.model, {{"output", a.out}}, nullptr, cals, {report}});
   }
   return 0;
@@ -182,21 +164,8 @@ RegisterCommand reg("quantize", "rotate and quantize a model into a self-describ
   app.add_option("--a-clip", a->a_clip, "activation clip ratio")->capture_default_str();
   app.add_option("--kv-bits", a->kv_bits, "KV-cache bits (16 = not quantized)")->capture_default_str();
   app.add_option("--kv-clip", a->kv_clip, "KV-cache clip ratio")->capture_default_str();
-  app.add_option("--calib", a->calib, "calibration text (GPTQ, DartQuant)");
-  app.add_option("--nsamples", a->nsamples, "calibration windows")->capture_default_str();
-  app.add_option("--calib-seqlen", a->calib_seqlen, "calibration window length")->capture_default_str();
-  app.add_option("--seed", a->seed, "seed for windows, rotations and sampling")->capture_default_str();
-  app.add_option("--token-ratio", a->token_ratio, "DartQuant: fraction of token vectors kept")->capture_default_str();
-  app.add_option("--loss", a->loss, "DartQuant loss: whip, variance, kurtosis, quant")->capture_default_str();
-  app.add_option("--orth", a->orth, "DartQuant optimizer: qr (QR-Orth) or cayley")->capture_default_str();
-  app.add_option("--optimizer", a->optimizer, "sgd or adam")->capture_default_str();
-  app.add_option("--lr-r1", a->lr_r1, "R1 learning rate")->capture_default_str();
-  app.add_option("--lr-r2", a->lr_r2, "R2 learning rate")->capture_default_str();
-  app.add_option("--epochs", a->epochs, "calibration epochs")->capture_default_str();
-  app.add_option("--batch", a->batch, "calibration sequences per step")->capture_default_str();
-  app.add_option("--calib-memory", a->calib_memory, "MiB of captured activations kept in RAM; the rest spills to a memory-mapped temp file")
-      ->capture_default_str();
-  app.add_flag("--cosine", a->cosine, "cosine learning-rate schedule");
+  app.add_option("--calib", a->cal.calib, "calibration text (GPTQ, DartQuant)");
+  a->cal.add_options(app);
   app.add_option("--ppl", a->ppl, "evaluate the quantized model's perplexity on this text");
   app.add_option("--seqlen", a->seqlen, "evaluation window length");
   app.add_option("--max-windows", a->max_windows, "evaluate only the first K windows");

@@ -16,4 +16,7 @@ struct RegisterCommand {
 // True when stderr is a terminal: progress lines are shown only then.
 bool show_progress();
 
+// "stage: done/total" on stderr (one line, rewritten in place), only when it is a terminal.
+void progress_line(const std::string& stage, int done, int total);
+
 }  // namespace dq::cli

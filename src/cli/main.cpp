@@ -26,6 +26,12 @@ RegisterCommand::RegisterCommand(const char* name, const char* help, Setup setup
 
 bool show_progress() { return isatty(STDERR_FILENO); }
 
+void progress_line(const std::string& stage, int done, int total) {
+  if (!show_progress()) return;
+  std::fprintf(stderr, "\r%s: %d/%d", stage.c_str(), done, total);
+  if (done == total) std::fprintf(stderr, "\n");
+}
+
 }  // namespace dq::cli
 
 int main(int argc, char** argv) {

@@ -1,0 +1,46 @@
+#include "cli/calib_args.h"
+
+namespace dq::cli {
+
+void CalibArgs::add_options(CLI::App& app) {
+  app.add_option("--nsamples", nsamples, "calibration windows")->capture_default_str();
+  app.add_option("--calib-seqlen", calib_seqlen, "calibration window length")->capture_default_str();
+  app.add_option("--seed", seed, "seed for windows, rotations and sampling")->capture_default_str();
+  app.add_option("--token-ratio", token_ratio, "DartQuant: fraction of token vectors kept")->capture_default_str();
+  app.add_option("--loss", loss, "DartQuant loss: whip, variance, kurtosis, quant")->capture_default_str();
+  app.add_option("--orth", orth, "DartQuant optimizer: qr (QR-Orth) or cayley")->capture_default_str();
+  app.add_option("--optimizer", optimizer, "sgd (momentum 0.9) or adam")->capture_default_str();
+  app.add_option("--lr-r1", lr_r1, "R1 learning rate")->capture_default_str();
+  app.add_option("--lr-r2", lr_r2, "R2 learning rate")->capture_default_str();
+  app.add_option("--epochs", epochs, "calibration epochs")->capture_default_str();
+  app.add_option("--batch", batch, "calibration sequences per step")->capture_default_str();
+  app.add_option("--calib-memory", calib_memory,
+                 "MiB of captured activations kept in RAM; the rest spills to a memory-mapped temp file")
+      ->capture_default_str();
+  app.add_flag("--cosine", cosine, "cosine learning-rate schedule");
+}
+
+CalibOptions CalibArgs::options() const {
+  CalibOptions co;
+  co.token_ratio = token_ratio;
+  co.epochs = epochs;
+  co.batch = batch;
+  co.seed = seed;
+  co.memory_mib = calib_memory;
+  co.r1.loss = co.r2.loss = loss_from_name(loss);
+  co.r1.method = co.r2.method = orth_from_name(orth);
+  co.r1.optimizer = co.r2.optimizer = optimizer_from_name(optimizer);
+  co.r1.lr = lr_r1;
+  co.r2.lr = lr_r2;
+  co.r1.cosine = co.r2.cosine = cosine;
+  return co;
+}
+
+nlohmann::json CalibArgs::to_json(int effective_seqlen) const {
+  return {{"loss", loss},       {"orth", orth},         {"optimizer", optimizer},
+          {"lr_r1", lr_r1},     {"lr_r2", lr_r2},       {"epochs", epochs},
+          {"batch", batch},     {"token_ratio", token_ratio}, {"nsamples", nsamples},
+          {"calib_seqlen", effective_seqlen}, {"seed", seed}, {"calib_memory_mib", calib_memory}};
+}
+
+}  // namespace dq::cli

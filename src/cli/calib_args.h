@@ -1,0 +1,22 @@
+// The calibration-data and DartQuant options `calibrate` and `quantize` share.
+#pragma once
+#include <CLI/CLI.hpp>
+
+#include "calib/calibrate.h"
+
+namespace dq::cli {
+
+struct CalibArgs {
+  std::string calib, loss = "whip", orth = "qr", optimizer = "sgd";
+  int nsamples = 128, calib_seqlen = 2048, epochs = 10, batch = 64;
+  float token_ratio = 0.1f, lr_r1 = 2e-3f, lr_r2 = 1e-3f;
+  bool cosine = false;
+  uint64_t seed = 0;
+  int64_t calib_memory = 4096;
+
+  void add_options(CLI::App& app);  // --calib is added by the command (required or not)
+  CalibOptions options() const;
+  nlohmann::json to_json(int effective_seqlen) const;
+};
+
+}  // namespace dq::cli
