@@ -22,7 +22,7 @@ struct QuantizeArgs {
   int w_bits = 4, w_group = 0, a_bits = 16, kv_bits = 16;
   int seqlen = 0, max_windows = 0;
   float a_clip = 0.9f, kv_clip = 1.f, damp = 0.01f;
-  bool w_asym = false, w_clip = false, act_order = false, no_online = false;
+  bool w_asym = false, w_clip = false, w_f16_scales = false, act_order = false, no_online = false;
   int64_t min_expert_tokens = 128;
   int experts_per_pass = 0;
   CalibArgs cal;
@@ -74,7 +74,7 @@ int run_quantize(const QuantizeArgs& a) {
 
   m.quantization = {
       {"weights", {{"bits", a.w_bits}, {"method", a.w_method}, {"group", a.w_group}, {"symmetric", !a.w_asym},
-                   {"mse_clip", a.w_clip}, {"damp", a.damp}, {"act_order", a.act_order},
+                   {"mse_clip", a.w_clip}, {"f16_scales", a.w_f16_scales}, {"damp", a.damp}, {"act_order", a.act_order},
                    {"nsamples", need_calib ? a.cal.nsamples : 0}, {"calib_seqlen", need_calib ? len : 0}}},
       {"activations", {{"bits", a.a_bits}, {"symmetric", false}, {"clip_ratio", a.a_clip}}},
       {"kv_cache", {{"bits", a.kv_bits}, {"symmetric", false}, {"clip_ratio", a.kv_clip}}},
@@ -87,6 +87,7 @@ int run_quantize(const QuantizeArgs& a) {
   wq.spec.symmetric = !a.w_asym;
   wq.spec.group = a.w_group;
   wq.spec.mse_clip = a.w_clip;
+  wq.spec.f16_scales = a.w_f16_scales;
   wq.method = a.w_method;
   wq.gptq.damp = a.damp;
   wq.gptq.act_order = a.act_order;
@@ -152,6 +153,8 @@ RegisterCommand reg("quantize", "rotate and quantize a model into a self-describ
       ->capture_default_str();
   app.add_flag("--w-asym", a->w_asym, "asymmetric weights (default symmetric)");
   app.add_flag("--w-clip", a->w_clip, "MSE clip search for weights");
+  app.add_flag("--w-f16-scales", a->w_f16_scales,
+               "round weight scales to f16 (GGUF q4_0/q8_0 export then carries the exact values)");
   app.add_option("--damp", a->damp, "GPTQ damping, fraction of mean(diag H)")->capture_default_str();
   app.add_flag("--act-order", a->act_order, "GPTQ act-order");
   app.add_option("--min-expert-tokens", a->min_expert_tokens,

@@ -59,7 +59,7 @@ std::vector<JsonlRow> read_jsonl(const std::string& path) {
     if (s.find_first_not_of(" \t\r") == std::string_view::npos) row.fail("empty line");
     try {
       row.value = nlohmann::json::parse(s);
-    } catch (const nlohmann::json::parse_error& e) {
+    } catch (const nlohmann::json::exception& e) {  // parse_error, or out_of_range for a number like 1e400
       // nlohmann's message counts lines within the string it parsed; keep only the column part.
       std::string msg = e.what();
       size_t col = msg.find("column ");

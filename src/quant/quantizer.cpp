@@ -32,9 +32,11 @@ QuantParams range_params(float lo, float hi, const QuantSpec& spec) {
   const float half = float(1 << (spec.bits - 1));
   if (spec.symmetric) {
     p.scale = std::max(-lo, hi) / (half - 1.f);
+    if (spec.f16_scales) p.scale = f16_to_f32(f32_to_f16(p.scale));
     p.zero = half;
   } else {
     p.scale = (hi - lo) / float(spec.maxq());
+    if (spec.f16_scales) p.scale = f16_to_f32(f32_to_f16(p.scale));
     p.zero = std::nearbyint(-lo / p.scale);
   }
   if (!(p.scale >= FLT_MIN)) p = {1.f, spec.symmetric ? half : 0.f};

@@ -38,6 +38,9 @@ struct QuantSpec {
   bool per_tensor = false;  // one scale/zero for the whole matrix (group must be 0)
   float clip_ratio = 1.f;   // multiplies the range; activations use 0.9
   bool mse_clip = false;
+  // Round every scale to the nearest f16 before codes are chosen, so formats that store f16 scales
+  // (GGUF q4_0/q8_0) carry exactly these values.
+  bool f16_scales = false;
   int mse_grid = 100;
   float mse_max_shrink = 0.8f;
   float mse_norm = 2.4f;

@@ -9,6 +9,7 @@
 #include "../model/test_helpers.h"
 #include "io/gguf.h"
 #include "io/json_limits.h"
+#include "io/jsonl.h"
 #include "io/llama2c.h"
 #include "io/safetensors.h"
 
@@ -62,6 +63,19 @@ TEST(FuzzRegressions, JsonDepthLimit) {
   EXPECT_THROW(check_json_depth(std::string(1000000, '['), "x.json"), Error);
   EXPECT_NO_THROW(check_json_depth(R"({"a":[{"b":"[[[[[[\"{{{{"}]})", "x.json", 3));
   EXPECT_THROW(check_json_depth(R"({"a":[{"b":[]}]})", "x.json", 3), Error);
+}
+
+// Found by the jsonl fuzzer (jsonl-crash-282ee38f): a number too large for a double makes nlohmann
+// throw out_of_range (406), not parse_error, and it escaped read_jsonl without PATH:LINE.
+TEST(FuzzRegressions, JsonlNumberOverflowIsALocatedError) {
+  ScratchDir dir;
+  spit(dir / "t.jsonl", "{\"context\":\"a\",\"continuation\":\"b\"}\n{\"gold\":46000E707028359}\n");
+  try {
+    read_jsonl(dir / "t.jsonl");
+    FAIL() << "accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()).rfind(dir / "t.jsonl:2: invalid JSON", 0), 0u) << e.what();
+  }
 }
 
 // A tiny HF directory: config.json as given, and a model.safetensors with one tensor.
