@@ -12,6 +12,8 @@
 #   TOKENIZER [SmolLM2's tokenizer.json, for configs that have none]
 #   THREADS [nproc]  OUTLIERS [4]  SEED [0]  DQ_DATA_DIR [../shared/data]  WORK [/tmp/dq-bench-pipeline]
 # Synthetic checkpoints (bf16, seeded) are kept in $WORK between runs; quantized outputs are removed.
+# Time on the shared 2-core box (load ~10): SmolLM2 ~1 min per run; Llama-3.2-1B ~36 min per run, two
+# thirds of it GPTQ, whose cost does not shrink with NSAMPLES. Peak RSS of the 1B run: ~12 GiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-1}
@@ -78,19 +80,22 @@ def flops_per_token(cfg, seq, lm_head):
     f = cfg["num_hidden_layers"] * (2 * lin + attn)
     return f + (2 * D * cfg["vocab_size"] if lm_head else 0)
 
-models = sorted({os.path.basename(p).split(".")[0] for p in glob.glob(f"{res}/*.json")},
+# Result files are MODEL.RUN.json (the model name may contain dots).
+models = sorted({re.sub(r"\.\d+\.json$", "", os.path.basename(p)) for p in glob.glob(f"{res}/*.[0-9]*.json")
+                 if not p.endswith(".forward.json")},
                 key=lambda m: json.load(open(f"{data}/hf/{m}/config.json"))["hidden_size"])
 stage_names = [("rotate", "capture + calibrate + rotate"), ("weights", "weights (GPTQ)"), ("save", "save"), ("eval", "eval (PPL)")]
 rows = {}
 for m in models:
     cfg = json.load(open(f"{data}/hf/{m}/config.json"))
-    runs = sorted(p for p in glob.glob(f"{res}/{m}.*.json") if not p.endswith("forward.json"))
+    runs = sorted(p for p in glob.glob(f"{res}/{glob.escape(m)}.*.json")
+                  if re.fullmatch(re.escape(m) + r"\.\d+\.json", os.path.basename(p)))
     r = {k: [] for k in ["wall", "rss", "ppl", "eval_tps", "eval_frac", "fwd_tps", "fwd_tps_full", "fwd_frac",
                          "fwd_frac_full", "sgemm", "capture", "r1", "r2",
                          "capture_rss", "r1_rss", "r2_rss"]}
     for s, _ in stage_names: r[s] = []; r[s + "_rss"] = []
     for p in runs:
-        j = json.load(open(p)); run = p.rsplit(".", 2)[1]
+        j = json.load(open(p))
         st = j["stages"]
         for s, _ in stage_names:
             r[s].append(st.get(s, {}).get("seconds")); r[s + "_rss"].append(st.get(s, {}).get("peak_rss_mib"))
@@ -125,11 +130,11 @@ line("peak RSS after capture (MiB)", "capture_rss"); line("peak RSS after R1 (Mi
 for s, label in stage_names: line(f"peak RSS after {s} (MiB)", s + "_rss")
 line("peak RSS overall, /usr/bin/time (MiB)", "rss")
 line("PPL (random weights: a sanity figure only)", "ppl")
-line(f"eval tokens/s (seq {S}; A4 hooks, online Hadamard, lm_head, tokenizing the text)", "eval_tps")
-line("eval FLOP/s ÷ sgemm FLOP/s", "eval_frac")
+# Evaluation speed is not reported as a rate: it has no baseline interleaved with it (the sgemm
+# reference ran minutes earlier under another load) and its seconds include tokenizing the text.
 line(f"forward tokens/s, seq 2048, {fwd_layers} layers", "fwd_tps")
 line("forward FLOP/s ÷ sgemm FLOP/s (decoder layers)", "fwd_frac")
 line("forward tokens/s, seq 2048, full depth (extrapolated)", "fwd_tps_full")
 line("forward ÷ sgemm, full depth", "fwd_frac_full")
-line("sgemm baseline, same run (GFLOP/s)", "sgemm")
+line("sgemm baseline, same iteration as the forward (GFLOP/s)", "sgemm")
 PY

@@ -11,7 +11,7 @@ B=build-asan
 cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDQ_SANITIZE=ON -DDQ_BENCH=OFF \
   -DCMAKE_CXX_FLAGS="-g" >/dev/null
 cmake --build "$B" -j"${DQ_JOBS:-$(nproc)}"
-export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1}"
+export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
 cd "$B"
 ctest --output-on-failure -j"${DQ_JOBS:-$(nproc)}" "$@"
