@@ -6,7 +6,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
-#include "../model/test_helpers.h"
+#include "test_helpers.h"
 #include "io/gguf.h"
 #include "io/json_limits.h"
 #include "io/jsonl.h"

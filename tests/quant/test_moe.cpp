@@ -9,6 +9,8 @@
 // near tie could flip under rotation; the synthetic routers (N(0, 1/hidden) rows) make that rare
 // and the tests use a few hundred tokens.
 #include <gtest/gtest.h>
+
+#include "test_helpers.h"
 #include <unistd.h>
 
 #include <algorithm>
@@ -38,21 +40,7 @@ const std::string kData = DQ_DATA_DIR;
 const std::string kMixtral = kData + "/hf/mixtral-8x7b-v0.1";
 const std::string kValid = kData + "/tinystories/valid.txt";
 
-struct Scratch {
-  fs::path path;
-  Scratch() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path = fs::temp_directory_path() /
-           ("dq_moe_" + std::to_string(getpid()) + "_" + info->test_suite_name() + "_" + info->name());
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~Scratch() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& n) const { return (path / n).string(); }
-};
+using Scratch = test::ScratchDir;
 
 std::string slurp(const std::string& p) {
   std::ifstream f(p, std::ios::binary);
@@ -71,7 +59,7 @@ std::string small_mixtral(const Scratch& s) {
   j["num_attention_heads"] = 4;
   j["num_key_value_heads"] = 2;
   j["num_hidden_layers"] = 2;
-  fs::create_directories(s.path / "cfg_mixtral");
+  fs::create_directories(s.path() / "cfg_mixtral");
   write(s / "cfg_mixtral/config.json", j.dump(2));
   fs::copy_file(kMixtral + "/tokenizer.json", s / "cfg_mixtral/tokenizer.json");
   return s / "cfg_mixtral/config.json";
@@ -100,7 +88,7 @@ std::string small_deepseek(const Scratch& s, bool norm_topk = false) {
             {"rms_norm_eps", 1e-6},
             {"rope_theta", 10000.0},
             {"tie_word_embeddings", false}};
-  fs::create_directories(s.path / "cfg_deepseek");
+  fs::create_directories(s.path() / "cfg_deepseek");
   write(s / "cfg_deepseek/config.json", j.dump(2));
   fs::copy_file(kMixtral + "/tokenizer.json", s / "cfg_deepseek/tokenizer.json");
   return s / "cfg_deepseek/config.json";
@@ -276,7 +264,7 @@ TEST(Moe, RoutingMatchesNaiveReference) {
   Model ds = synth_and_load(small_deepseek(s), s / "deepseek");
   check_moe_layer(ds, 0);  // dense: one always-on expert
   check_moe_layer(ds, 2);
-  fs::remove_all(s.path / "cfg_deepseek");
+  fs::remove_all(s.path() / "cfg_deepseek");
   Model dsn = synth_and_load(small_deepseek(s, true), s / "deepseek_norm");
   check_moe_layer(dsn, 1);
 }

@@ -10,6 +10,8 @@
 // are meant to catch (a missing transpose, the wrong head for a GQA group, a bias left unrotated, a
 // Hadamard not folded) moves log-probabilities by 0.1 or more; negative controls below check that.
 #include <gtest/gtest.h>
+
+#include "test_helpers.h"
 #include <unistd.h>
 
 #include <cmath>
@@ -31,21 +33,7 @@ const std::string kData = DQ_DATA_DIR;
 const std::string kStories = kData + "/stories260K/stories260K.bin";
 const std::string kValid = kData + "/tinystories/valid.txt";
 
-// A scratch directory per test, removed afterwards.
-struct Scratch {
-  fs::path path;
-  Scratch() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path = fs::temp_directory_path() /
-           ("dq_rotate_" + std::to_string(getpid()) + "_" + info->test_suite_name() + "_" + info->name());
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~Scratch() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
+using Scratch = test::ScratchDir;
 
 // Haar-random orthogonal n×n: Q of the QR factorisation of a Gaussian matrix, by modified
 // Gram-Schmidt in double (applied twice for full orthogonality), signs fixed so diag(U) > 0.
@@ -149,14 +137,14 @@ Model synth_qwen(const Scratch& s) {
                       {"tie_word_embeddings", true},
                       {"hidden_act", "silu"},
                       {"initializer_range", 0.02}};
-  const std::string cfg = (s.path / "config.json").string();
+  const std::string cfg = (s.path() / "config.json").string();
   std::ofstream(cfg) << j.dump();
   SynthOptions o;
   o.seed = 7;
   o.dtype = DType::F32;
   o.outliers = 2;
-  synth_model(cfg, (s.path / "model").string(), o);
-  Model m = load_model((s.path / "model").string());
+  synth_model(cfg, (s.path() / "model").string(), o);
+  Model m = load_model((s.path() / "model").string());
   // Random weights give nearly flat next-token distributions; a 5x final-norm gain (fused into
   // lm_head like any other gain) sharpens them so that a broken rotation shows clearly.
   Matrix gain = m.weights.get("model.norm.weight");
@@ -501,7 +489,7 @@ TEST(RotateIo, SaveLoadRotationsRoundTripsAndChecksShapes) {
   Scratch s;
   const Model m = synth_qwen(s);
   const Rotations r = gaussian_rotations(m.config, 77);
-  const std::string path = (s.path / "rot.safetensors").string();
+  const std::string path = (s.path() / "rot.safetensors").string();
   save_rotations(path, r);
   Rotations back = load_rotations(path, m.config);
   EXPECT_EQ(back.r1.data, r.r1.data);

@@ -1,4 +1,4 @@
-// Helpers shared by the model tests: scratch directories, file I/O, and running the dartquant CLI.
+// Helpers shared by the test programs: scratch directories, file I/O, and running the dartquant CLI.
 #pragma once
 #include <gtest/gtest.h>
 #include <sys/wait.h>
@@ -26,7 +26,7 @@ class ScratchDir {
   ScratchDir() {
     const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
     path_ = fs::temp_directory_path() /
-            ("dq_model_" + std::to_string(getpid()) + "_" + info->test_suite_name() + "_" + info->name());
+            ("dq_test_" + std::to_string(getpid()) + "_" + info->test_suite_name() + "_" + info->name());
     fs::remove_all(path_);
     fs::create_directories(path_);
   }
