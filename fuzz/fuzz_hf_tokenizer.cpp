@@ -1,7 +1,7 @@
 // tokenizer.json: every component constructor (model, normalizers, pre-tokenizers, decoders,
 // post-processor, added tokens), then encode/decode of fixed texts with every id checked against
 // vocab_size(), and vocab_info() (what the GGUF exporter reads).
-#include "fuzz_common.h"
+#include "fuzz_tokenizer.h"
 #include "tensor/tensor.h"
 #include "tokenizer/tokenizer.h"
 
@@ -16,22 +16,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string path = dqfuzz::write_input("hf/tokenizer.json", data, size);
   try {
     auto tok = dq::load_hf_tokenizer(path);
-    const size_t n = tok->vocab_size();
-    for (const char* text : kTexts) {
-      for (bool special : {false, true}) {
-        std::vector<int32_t> ids = tok->encode(text, special);
-        for (int32_t id : ids)
-          if (id < 0 || size_t(id) >= n) dqfuzz::finding("encode produced an id outside the vocabulary");
-        (void)tok->decode(ids);
-      }
-    }
-    std::vector<int32_t> all;
-    for (size_t i = 0; i < n && i < 1024; ++i) all.push_back(int32_t(i));
-    all.push_back(-1);
-    all.push_back(int32_t(n));
-    (void)tok->decode(all);
-    dq::VocabInfo v = tok->vocab_info();
-    if (v.tokens.size() != n) dqfuzz::finding("vocab_info size differs from vocab_size");
+    dqfuzz::exercise_tokenizer(*tok, kTexts);
   } catch (const dq::Error&) {
   }
   return 0;
