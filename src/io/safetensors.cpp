@@ -95,22 +95,28 @@ TensorBlob blob_from_matrix(const std::string& name, const Matrix& m, DType dtyp
   return b;
 }
 
-void write_safetensors(const std::string& path, const std::vector<TensorBlob>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
+std::string safetensors_prefix(const std::vector<TensorLayout>& tensors,
+                               const std::map<std::string, std::string>& metadata) {
   json header = json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   size_t offset = 0;
   for (const auto& t : tensors) {
-    header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape},
-                      {"data_offsets", {offset, offset + t.bytes.size()}}};
-    offset += t.bytes.size();
+    header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.nbytes}}};
+    offset += t.nbytes;
   }
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');  // keeps the data section 8-byte aligned
+  uint64_t n = h.size();
+  return std::string(reinterpret_cast<const char*>(&n), 8) + h;
+}
+
+void write_safetensors(const std::string& path, const std::vector<TensorBlob>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  std::vector<TensorLayout> layout;
+  for (const auto& t : tensors) layout.push_back({t.name, t.dtype, t.shape, t.bytes.size()});
+  const std::string prefix = safetensors_prefix(layout, metadata);
   write_file_atomic(path, [&](OutStream& out) {
-    uint64_t n = h.size();
-    out.write(&n, 8);
-    out.write(h);
+    out.write(prefix);
     for (const auto& t : tensors) out.write(t.bytes.data(), t.bytes.size());
   });
 }

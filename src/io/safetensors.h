@@ -45,6 +45,17 @@ struct TensorBlob {
 TensorBlob blob_from_matrix(const std::string& name, const Matrix& m, DType dtype,
                             std::vector<int64_t> shape = {});
 
+// The file's first bytes (8-byte length, then the JSON header padded to 8 bytes) for tensors whose
+// data follows in this order; for writers that produce the data themselves (streaming).
+struct TensorLayout {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+  size_t nbytes;
+};
+std::string safetensors_prefix(const std::vector<TensorLayout>& tensors,
+                               const std::map<std::string, std::string>& metadata);
+
 // Writes a safetensors file atomically.
 void write_safetensors(const std::string& path, const std::vector<TensorBlob>& tensors,
                        const std::map<std::string, std::string>& metadata = {});

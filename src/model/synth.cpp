@@ -78,20 +78,12 @@ void store(DType dtype, const float* in, size_t n, uint8_t* out) {
 // The safetensors layout write_safetensors produces, but each tensor is generated in row chunks
 // while it is written, so memory stays a few MB however large the model.
 void write_streamed(const std::string& path, const std::vector<TensorSpec>& specs, DType dtype) {
-  json header = json::object();
-  header["__metadata__"] = {{"format", "pt"}};
-  size_t offset = 0;
-  for (const auto& t : specs) {
-    size_t n = size_t(t.rows() * t.cols()) * dtype_size(dtype);
-    header[t.name] = {{"dtype", dtype_name(dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + n}}};
-    offset += n;
-  }
-  std::string h = header.dump();
-  h.append((8 - h.size() % 8) % 8, ' ');  // keeps the data section 8-byte aligned
+  std::vector<TensorLayout> layout;
+  for (const auto& t : specs)
+    layout.push_back({t.name, dtype, t.shape, size_t(t.rows() * t.cols()) * dtype_size(dtype)});
+  const std::string prefix = safetensors_prefix(layout, {{"format", "pt"}});
   write_file_atomic(path, [&](OutStream& out) {
-    uint64_t n = h.size();
-    out.write(&n, 8);
-    out.write(h);
+    out.write(prefix);
     std::vector<float> f32;
     std::vector<uint8_t> bytes;
     for (const auto& t : specs) {
