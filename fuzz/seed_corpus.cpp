@@ -304,6 +304,19 @@ static void jsonl_seeds(const std::string& data) {
   seed("jsonl", "blank_line", "{\"context\":\"c\",\"continuation\":\"d\"}\n\n");
 }
 
+// ---- dartquant_quantization sections (as quantize writes them, and edge cases)
+static void runtime_seeds() {
+  seed("runtime", "w4a4kv4_r3r4",
+       R"({"weights": {"bits": 4, "method": "gptq"}, "activations": {"bits": 4, "symmetric": false, "clip_ratio": 0.9},)"
+       R"( "kv_cache": {"bits": 4, "symmetric": false, "clip_ratio": 1.0}, "online": {"r3": true, "r4": true}})");
+  seed("runtime", "a8_only", R"({"activations": {"bits": 8}})");
+  seed("runtime", "kv16", R"({"kv_cache": {"bits": 16, "clip_ratio": 0.5}, "online": {"r4": true}})");
+  seed("runtime", "bad_bits", R"({"activations": {"bits": 1e30}})");
+  seed("runtime", "bad_clip", R"({"kv_cache": {"bits": 4, "clip_ratio": -1}})");
+  seed("runtime", "bad_online", R"({"online": {"r3": 1}})");
+  seed("runtime", "not_object", R"([1, 2])");
+}
+
 int main(int argc, char** argv) {
   if (argc != 4) {
     std::cerr << "usage: dq_seed_corpus DATA_DIR SOURCE_DIR OUT_DIR\n";
@@ -319,6 +332,7 @@ int main(int argc, char** argv) {
     tokenizer_seeds(data, src);
     gguf_seeds(data);
     jsonl_seeds(data);
+    runtime_seeds();
   } catch (const std::exception& e) {
     std::cerr << "dq_seed_corpus: " << e.what() << "\n";
     return 1;

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-30}"
 shift || true
-all=(safetensors config llama2c llama2c_vocab hf_tokenizer gguf jsonl)
+all=(safetensors config llama2c llama2c_vocab hf_tokenizer gguf jsonl runtime)
 fuzzers=("$@")
 [ ${#fuzzers[@]} -eq 0 ] && fuzzers=("${all[@]}")
 
@@ -36,7 +36,7 @@ for f in "${fuzzers[@]}"; do
   mkdir -p "$B/corpus/$f" "$B/seeds/$f"
   log="$B/artifacts/$f.log"
   dict=()
-  case "$f" in safetensors|config|hf_tokenizer|jsonl) dict=(-dict=fuzz/json.dict) ;; esac
+  case "$f" in safetensors|config|hf_tokenizer|jsonl|runtime) dict=(-dict=fuzz/json.dict) ;; esac
   # -timeout: one input taking longer is a finding (hang); -rss_limit_mb: memory a hostile file
   # makes us take is a finding too (limits must be checked before allocating).
   if "$exe" "${dict[@]}" -max_total_time="$secs" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 \

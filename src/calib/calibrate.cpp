@@ -1,6 +1,7 @@
 #include "calib/calibrate.h"
 
 #include "io/report.h"
+#include "model/layerwise.h"
 
 #include <sys/mman.h>
 
@@ -142,12 +143,16 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
   CalibResult res;
   auto t0 = Clock::now();
   CaptureHook cap(c, o.token_ratio, o.seed, int64_t(o.memory_mib) << 20);
-  const int per = std::max(1, 8192 / len);
-  for (int w0 = 0; w0 < windows; w0 += per) {
-    int b = std::min(per, windows - w0);
-    std::vector<int32_t> toks(calib.begin() + int64_t(w0) * len, calib.begin() + int64_t(w0 + b) * len);
-    forward(m, toks, b, len, {&cap});
-    if (progress) progress("capture", w0 + b, windows);
+  // Layer by layer: only one layer's fused weights exist at a time (in `fused`, a cheap copy of m
+  // that shares the mapped tensors); fusing an already fused layer changes nothing.
+  Model fused = m;
+  LayerActivations x(m, calib, windows, len);
+  for (int l = 0; l < c.num_layers; ++l) {
+    fuse_layer_norms(fused, l);
+    x.run(c, load_layer(fused, l), l, {&cap}, true);
+    for (const std::string& name : layer_tensor_names(fused, l)) fused.weights.erase(name);
+    release_layer(m, l);
+    if (progress) progress("capture", l + 1, c.num_layers);
   }
   int64_t spilled = cap.r1_.spilled_rows();
   cap.r1_.finish();

@@ -1,5 +1,5 @@
-// DartQuant calibration: capture the rotation sites' activations in one pass of the norm-fused,
-// unrotated FP model, keep a seeded random fraction of token vectors (bf16), and learn R1 (pooled
+// DartQuant calibration: capture the rotation sites' activations in one layer-by-layer pass of the
+// norm-fused, unrotated FP model, keep a seeded random fraction of token vectors (bf16), and learn R1 (pooled
 // q_proj and up_proj inputs of every layer) and each layer's R2 (o_proj input, one rotation per
 // KV head) with QR-Orth or Cayley SGD.
 #pragma once
@@ -28,7 +28,8 @@ struct CalibResult {
 
 using CalibProgress = std::function<void(const std::string& stage, int done, int total)>;
 
-// m must be norm-fused and unrotated; calib holds windows x len tokens.
+// m must be unrotated (its norms fused or not: capture fuses each layer as it goes); calib holds
+// windows x len tokens.
 CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int windows, int len,
                       const CalibOptions& o, const CalibProgress& progress = nullptr);
 

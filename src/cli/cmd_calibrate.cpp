@@ -19,7 +19,6 @@ struct CalibrateArgs {
 int run_calibrate(const CalibrateArgs& a) {
   Model m = load_model(a.model, a.tokenizer);
   rope_to_halves(m);
-  fuse_norms(m);
   std::vector<int32_t> ids = tokenize_file(m, a.cal.calib);
   const int len = std::min<int>(a.cal.calib_seqlen, int(ids.size()) - 1);
   std::vector<int32_t> calib = sample_windows(ids, a.cal.nsamples, len, a.cal.seed);

@@ -1,7 +1,9 @@
 // dartquant quantize: rotate (none | QuaRot | DartQuant), quantize weights (RTN | GPTQ), record the
-// activation/KV quantization, and write a self-describing model directory.
+// activation/KV quantization, and write a self-describing model directory (pipeline/quantize.h),
+// then optionally evaluate what was written.
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 
 #include "calib/calibrate.h"
 #include "cli/calib_args.h"
@@ -10,11 +12,13 @@
 #include "eval/perplexity.h"
 #include "io/report.h"
 #include "eval/runtime.h"
-#include "model/save.h"
-#include "quant/quantize_model.h"
+#include "pipeline/quantize.h"
+#include "tensor/kernels.h"
 
 namespace dq::cli {
 namespace {
+
+namespace fs = std::filesystem;
 
 struct QuantizeArgs {
   std::string model, tokenizer, out, rotation = "none", rotations_file, json, html, ppl;
@@ -22,67 +26,45 @@ struct QuantizeArgs {
   int w_bits = 4, w_group = 0, a_bits = 16, kv_bits = 16;
   int seqlen = 0, max_windows = 0;
   float a_clip = 0.9f, kv_clip = 1.f, damp = 0.01f;
-  bool w_asym = false, w_clip = false, w_f16_scales = false, act_order = false, no_online = false;
+  bool w_asym = false, w_clip = false, w_f16_scales = false, act_order = false, no_online = false, resume = false;
   int64_t min_expert_tokens = 128;
   int experts_per_pass = 0;
   CalibArgs cal;
 };
 
-using Clock = std::chrono::steady_clock;
-double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+// A cheap digest of the calibration tokens, so a checkpoint notices an edited calibration text.
+uint64_t fnv1a(const std::vector<int32_t>& v) {
+  uint64_t h = 1469598103934665603ull;
+  for (int32_t x : v) h = (h ^ uint64_t(uint32_t(x))) * 1099511628211ull;
+  return h;
+}
 
 int run_quantize(const QuantizeArgs& a) {
   if (a.rotation != "none" && a.rotation != "quarot" && a.rotation != "dartquant")
     throw Error("--rotation must be none, quarot or dartquant");
   Model m = load_model(a.model, a.tokenizer);
   rope_to_halves(m);
-  nlohmann::json report = {{"model", a.model}, {"out", a.out}};
-  nlohmann::json stages = nlohmann::json::object();
-  auto stage_done = [&](const char* name, Clock::time_point t) {
-    stages[name] = {{"seconds", since(t)}, {"peak_rss_mib", peak_rss_mib()}};
-  };
 
-  const bool need_calib = a.w_method == "gptq" || (a.rotation == "dartquant" && a.rotations_file.empty());
-  std::vector<int32_t> calib;
-  int len = a.cal.calib_seqlen;
+  QuantizeJob job;
+  job.out = a.out;
+  job.rotation = a.rotation;
+  job.rotations_file = a.rotations_file;
+  const bool need_calib = (a.w_method == "gptq" && a.w_bits < 16) ||
+                          (a.rotation == "dartquant" && a.rotations_file.empty());
+  job.len = a.cal.calib_seqlen;
   if (need_calib) {
     if (a.cal.calib.empty()) throw Error("--calib is required for GPTQ and DartQuant calibration");
     std::vector<int32_t> ids = tokenize_file(m, a.cal.calib);
-    len = std::min<int>(len, int(ids.size()) - 1);
-    calib = sample_windows(ids, a.cal.nsamples, len, a.cal.seed);
+    job.len = std::min<int>(job.len, int(ids.size()) - 1);
+    job.windows = a.cal.nsamples;
+    job.calib = sample_windows(ids, a.cal.nsamples, job.len, a.cal.seed);
   }
-
   const bool rotate = a.rotation != "none";
-  const bool r4 = rotate && !a.no_online, r3 = r4 && a.kv_bits < 16;
-  if (rotate) {
-    auto t = Clock::now();
-    fuse_norms(m);
-    Rotations rot;
-    if (!a.rotations_file.empty()) {
-      rot = load_rotations(a.rotations_file, m.config);
-    } else if (a.rotation == "quarot") {
-      rot = random_hadamard_rotations(m.config, a.cal.seed);
-    } else {
-      CalibResult cr = calibrate(m, calib, a.cal.nsamples, len, a.cal.options(), progress_line);
-      rot = std::move(cr.rotations);
-      report["calibration"] = cr.report;
-    }
-    apply_rotations(m, rot);
-    if (r4) fold_r4(m);
-    stage_done("rotate", t);
-  }
+  job.r4 = rotate && !a.no_online;
+  job.r3 = job.r4 && a.kv_bits < 16;
+  job.calib_options = a.cal.options();
 
-  m.quantization = {
-      {"weights", {{"bits", a.w_bits}, {"method", a.w_method}, {"group", a.w_group}, {"symmetric", !a.w_asym},
-                   {"mse_clip", a.w_clip}, {"f16_scales", a.w_f16_scales}, {"damp", a.damp}, {"act_order", a.act_order},
-                   {"nsamples", need_calib ? a.cal.nsamples : 0}, {"calib_seqlen", need_calib ? len : 0}}},
-      {"activations", {{"bits", a.a_bits}, {"symmetric", false}, {"clip_ratio", a.a_clip}}},
-      {"kv_cache", {{"bits", a.kv_bits}, {"symmetric", false}, {"clip_ratio", a.kv_clip}}},
-      {"rotation", {{"kind", a.rotation}, {"seed", a.cal.seed}}},
-      {"online", {{"r3", r3}, {"r4", r4}}}};
-
-  auto t = Clock::now();
-  WeightQuantOptions wq;
+  WeightQuantOptions& wq = job.weights;
   wq.spec.bits = a.w_bits;
   wq.spec.symmetric = !a.w_asym;
   wq.spec.group = a.w_group;
@@ -94,36 +76,50 @@ int run_quantize(const QuantizeArgs& a) {
   wq.gptq.static_groups = a.act_order && a.w_group > 0;
   wq.min_expert_tokens = a.min_expert_tokens;
   wq.experts_per_pass = a.experts_per_pass;
-  OnlineHadamard online(m.config, r3, r4);
-  Hooks runtime;
-  if (r3 || r4) runtime.push_back(&online);
-  WeightQuantResult w = quantize_weights(m, wq, calib, a.cal.nsamples, len, runtime,
-                                         [](int l, int n) { progress_line("weights", l, n); });
-  report["gptq_layers"] = w.report;
-  if (w.rtn_fallbacks > 0) {
-    std::fprintf(stderr, "note: %d expert(s) saw fewer than %lld routed calibration tokens; quantized with RTN\n",
-                 w.rtn_fallbacks, (long long)a.min_expert_tokens);
-    report["expert_rtn_fallbacks"] = w.rtn_fallbacks;
-  }
-  stage_done("weights", t);
 
-  t = Clock::now();
-  SaveOptions so;
-  so.extra = std::move(w.codes);
-  save_model(m, a.out, so);
-  stage_done("save", t);
-  report["quantization"] = m.quantization;
+  job.section = {
+      {"weights", {{"bits", a.w_bits}, {"method", a.w_method}, {"group", a.w_group}, {"symmetric", !a.w_asym},
+                   {"mse_clip", a.w_clip}, {"f16_scales", a.w_f16_scales}, {"damp", a.damp}, {"act_order", a.act_order},
+                   {"nsamples", need_calib ? a.cal.nsamples : 0}, {"calib_seqlen", need_calib ? job.len : 0}}},
+      {"activations", {{"bits", a.a_bits}, {"symmetric", false}, {"clip_ratio", a.a_clip}}},
+      {"kv_cache", {{"bits", a.kv_bits}, {"symmetric", false}, {"clip_ratio", a.kv_clip}}},
+      {"rotation", {{"kind", a.rotation}, {"seed", a.cal.seed}}},
+      {"online", {{"r3", job.r3}, {"r4", job.r4}}}};
+  // What a checkpoint must share with this run: the section, the calibration options, the inputs
+  // and the thread count (BLAS sums in a different order on another count).
+  job.fingerprint = {{"section", job.section},
+                     {"calibration", a.cal.to_json(job.len)},
+                     {"model", fs::absolute(a.model).string()},
+                     {"tokenizer", a.tokenizer.empty() ? "" : fs::absolute(a.tokenizer).string()},
+                     {"rotations", a.rotations_file.empty() ? "" : fs::absolute(a.rotations_file).string()},
+                     {"calib_tokens", std::to_string(fnv1a(job.calib))},
+                     {"min_expert_tokens", a.min_expert_tokens},
+                     {"experts_per_pass", a.experts_per_pass},
+                     {"threads", num_threads()}};
+  job.resume = a.resume;
+
+  nlohmann::json report = {{"model", a.model}, {"out", a.out}};
+  try {
+    report.update(run_quantize_job(m, job, progress_line));
+  } catch (const Error& e) {
+    if (file_exists(a.out + ".partial/state.json"))
+      throw Error(std::string(e.what()) + " (progress kept in " + a.out + ".partial; rerun with --resume)");
+    throw;
+  }
+  report["quantization"] = job.section;
 
   if (!a.ppl.empty()) {
-    t = Clock::now();
-    RuntimeHooks rh(m);
-    int seqlen = a.seqlen > 0 ? a.seqlen : std::min(2048, m.config.max_seq);
-    PplResult r = perplexity(m, tokenize_file(m, a.ppl), seqlen, a.max_windows, rh.hooks());
+    auto t = std::chrono::steady_clock::now();
+    Model q = load_model(a.out);
+    RuntimeHooks rh(q);
+    int seqlen = a.seqlen > 0 ? a.seqlen : std::min(2048, q.config.max_seq);
+    PplResult r = perplexity(q, tokenize_file(q, a.ppl), seqlen, a.max_windows, rh.hooks());
     std::printf("ppl %.4f  (%s, %d windows x %d tokens)\n", r.ppl, a.ppl.c_str(), r.windows, r.seqlen);
     report["ppl"] = {{"ppl", r.ppl}, {"text", a.ppl}, {"windows", r.windows}, {"seqlen", r.seqlen}};
-    stage_done("eval", t);
+    report["stages"]["eval"] = {
+        {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count()},
+        {"peak_rss_mib", peak_rss_mib()}};
   }
-  report["stages"] = stages;
   report["peak_rss_mib"] = peak_rss_mib();
   std::printf("wrote %s\n", a.out.c_str());
   if (!a.json.empty()) write_json(a.json, report);
@@ -172,6 +168,8 @@ RegisterCommand reg("quantize", "rotate and quantize a model into a self-describ
   app.add_option("--ppl", a->ppl, "evaluate the quantized model's perplexity on this text");
   app.add_option("--seqlen", a->seqlen, "evaluation window length");
   app.add_option("--max-windows", a->max_windows, "evaluate only the first K windows");
+  app.add_flag("--resume", a->resume,
+               "continue an interrupted run from OUT.partial (same options and inputs), else start over");
   app.add_option("--json", a->json, "write a JSON report here");
   app.add_option("--html", a->html, "write a self-contained HTML report (loss curves, evaluation) here");
   return [a] { return run_quantize(*a); };

@@ -1,28 +1,70 @@
 #include "eval/runtime.h"
 
+#include <cmath>
+
 #include "quant/quantize_model.h"
 #include "rotate/rotate.h"
 
 namespace dq {
 
-RuntimeHooks::RuntimeHooks(const Model& m) {
-  const nlohmann::json& q = m.quantization;
-  if (q.is_null()) return;
-  try {
-    const nlohmann::json online = q.value("online", nlohmann::json::object());
-    bool r3 = online.value("r3", false), r4 = online.value("r4", false);
-    if (r3 || r4) owned_.push_back(std::make_unique<OnlineHadamard>(m.config, r3, r4));
-    ActQuantConfig a;
-    const nlohmann::json act = q.value("activations", nlohmann::json::object());
-    const nlohmann::json kv = q.value("kv_cache", nlohmann::json::object());
-    a.bits = act.value("bits", 16);
-    a.clip_ratio = act.value("clip_ratio", 0.9f);
-    a.kv_bits = kv.value("bits", 16);
-    a.kv_clip_ratio = kv.value("clip_ratio", 1.f);
-    if (a.bits < 16 || a.kv_bits < 16) owned_.push_back(std::make_unique<ActQuantHook>(m.config, a));
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(m.source + ": malformed dartquant_quantization section (" + e.what() + ")");
+namespace {
+
+using json = nlohmann::json;
+
+// The section is read from a file someone else wrote: every field is type- and range-checked here
+// (nlohmann's own conversions would turn 1e30 into an int with undefined behaviour).
+struct SectionReader {
+  const std::string& source;
+
+  [[noreturn]] void fail(const std::string& what) const {
+    throw Error(source + ": dartquant_quantization: " + what);
   }
+  const json& object(const json& parent, const char* key) const {
+    static const json empty = json::object();
+    if (!parent.contains(key)) return empty;
+    if (!parent[key].is_object()) fail(std::string("'") + key + "' is not an object");
+    return parent[key];
+  }
+  bool flag(const json& o, const char* key) const {
+    if (!o.contains(key)) return false;
+    if (!o[key].is_boolean()) fail(std::string("'") + key + "' is not true/false");
+    return o[key].get<bool>();
+  }
+  int bits(const json& o, const char* what) const {
+    if (!o.contains("bits")) return 16;
+    const json& b = o["bits"];
+    if (!b.is_number_integer()) fail(std::string(what) + ".bits is not an integer");
+    const int64_t v = b.get<int64_t>();
+    if (v != 16 && (v < 2 || v > 8)) fail(std::string(what) + ".bits must be 2..8 or 16, got " + b.dump());
+    return int(v);
+  }
+  float clip(const json& o, const char* what, float fallback) const {
+    if (!o.contains("clip_ratio")) return fallback;
+    const json& c = o["clip_ratio"];
+    const double v = c.is_number() ? c.get<double>() : NAN;
+    if (!(v > 0 && v <= 1)) fail(std::string(what) + ".clip_ratio must be a number in (0, 1], got " + c.dump());
+    return float(v);
+  }
+};
+
+}  // namespace
+
+RuntimeHooks::RuntimeHooks(const Model& m) {
+  const json& q = m.quantization;
+  if (q.is_null()) return;
+  const SectionReader r{m.source};
+  if (!q.is_object()) r.fail("not an object");
+  const json& online = r.object(q, "online");
+  const bool r3 = r.flag(online, "r3"), r4 = r.flag(online, "r4");
+  if (r3 || r4) owned_.push_back(std::make_unique<OnlineHadamard>(m.config, r3, r4));
+  const json& act = r.object(q, "activations");
+  const json& kv = r.object(q, "kv_cache");
+  ActQuantConfig a;
+  a.bits = r.bits(act, "activations");
+  a.clip_ratio = r.clip(act, "activations", 0.9f);
+  a.kv_bits = r.bits(kv, "kv_cache");
+  a.kv_clip_ratio = r.clip(kv, "kv_cache", 1.f);
+  if (a.bits < 16 || a.kv_bits < 16) owned_.push_back(std::make_unique<ActQuantHook>(m.config, a));
   for (auto& h : owned_) hooks_.push_back(h.get());
 }
 

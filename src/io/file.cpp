@@ -79,6 +79,27 @@ void OutStream::write(const void* p, size_t n) {
   }
 }
 
+static int open_for_resume(const std::string& path, size_t keep) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | (keep == 0 ? O_TRUNC : 0), 0644);
+  if (fd < 0) throw Error(path + ": cannot open for writing (" + errno_text(errno) + ")");
+  struct stat st;
+  if (fstat(fd, &st) != 0 || size_t(st.st_size) < keep || ftruncate(fd, off_t(keep)) != 0 ||
+      lseek(fd, off_t(keep), SEEK_SET) != off_t(keep)) {
+    ::close(fd);
+    throw Error(path + ": shorter than its checkpoint says (" + std::to_string(keep) + " bytes); cannot resume");
+  }
+  return fd;
+}
+
+ResumableFile::ResumableFile(const std::string& path, size_t keep)
+    : keep_(keep), out_(open_for_resume(path, keep), path) {}
+
+ResumableFile::~ResumableFile() { ::close(out_.fd_); }
+
+void ResumableFile::sync() {
+  if (fsync(out_.fd_) != 0) throw Error(out_.path_ + ": sync failed (" + errno_text(errno) + ")");
+}
+
 static std::string temp_name(const std::string& path) {
   std::random_device rd;
   return path + ".tmp-" + std::to_string(rd() % 1000000);

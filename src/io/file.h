@@ -35,16 +35,38 @@ void write_file_atomic(const std::string& path, const std::function<void(OutStre
 
 class OutStream {
  public:
+  OutStream(const OutStream&) = delete;
+  OutStream& operator=(const OutStream&) = delete;
   void write(const void* p, size_t n);
   void write(const std::string& s) { write(s.data(), s.size()); }
   size_t written() const { return written_; }
 
  private:
   friend void write_file_atomic(const std::string&, const std::function<void(OutStream&)>&);
+  friend class ResumableFile;
   OutStream(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
   int fd_;
   std::string path_;
   size_t written_ = 0;
+};
+
+// A file written front to back across interruptions: opening it keeps the first `keep` bytes (what
+// the last checkpoint made durable) and drops whatever a killed run wrote after them; sync() makes
+// everything written so far durable. Not atomic by itself: callers keep it in a directory that is
+// renamed into place when complete.
+class ResumableFile {
+ public:
+  ResumableFile(const std::string& path, size_t keep);  // keep == 0: created empty
+  ~ResumableFile();
+  ResumableFile(const ResumableFile&) = delete;
+  ResumableFile& operator=(const ResumableFile&) = delete;
+  OutStream& out() { return out_; }
+  size_t size() const { return keep_ + out_.written(); }
+  void sync();
+
+ private:
+  size_t keep_;
+  OutStream out_;
 };
 
 // A directory built under a temporary name and renamed into place by commit(). Destroyed without

@@ -110,6 +110,48 @@ std::string safetensors_prefix(const std::vector<TensorLayout>& tensors,
   return std::string(reinterpret_cast<const char*>(&n), 8) + h;
 }
 
+static size_t resume_offset(const std::string& prefix, const std::vector<TensorLayout>& layout, size_t k) {
+  if (k > layout.size()) throw Error("safetensors stream: resuming after more tensors than the layout has");
+  if (k == 0) return 0;
+  size_t n = prefix.size();
+  for (size_t i = 0; i < k; ++i) n += layout[i].nbytes;
+  return n;
+}
+
+SafetensorsStreamWriter::SafetensorsStreamWriter(const std::string& path, std::vector<TensorLayout> layout,
+                                                 const std::map<std::string, std::string>& metadata,
+                                                 size_t resume_after)
+    : path_(path),
+      layout_(std::move(layout)),
+      next_(resume_after),
+      file_(path, resume_offset(safetensors_prefix(layout_, metadata), layout_, resume_after)) {
+  if (resume_after == 0) file_.out().write(safetensors_prefix(layout_, metadata));
+}
+
+void SafetensorsStreamWriter::write(const TensorBlob& t) {
+  if (partial_ != 0 || next_ >= layout_.size() || layout_[next_].dtype != t.dtype ||
+      layout_[next_].nbytes != t.bytes.size())
+    throw Error(path_ + ": tensor '" + t.name + "' written out of the announced order or size");
+  write_bytes(t.name, t.bytes.data(), t.bytes.size());
+}
+
+void SafetensorsStreamWriter::write_bytes(const std::string& name, const void* bytes, size_t n) {
+  if (next_ >= layout_.size() || layout_[next_].name != name || partial_ + n > layout_[next_].nbytes)
+    throw Error(path_ + ": tensor '" + name + "' written out of the announced order or size");
+  file_.out().write(bytes, n);
+  partial_ += n;
+  if (partial_ == layout_[next_].nbytes) {
+    ++next_;
+    partial_ = 0;
+  }
+}
+
+void SafetensorsStreamWriter::finish() {
+  if (next_ != layout_.size())
+    throw Error(path_ + ": " + std::to_string(layout_.size() - next_) + " announced tensors were never written");
+  file_.sync();
+}
+
 void write_safetensors(const std::string& path, const std::vector<TensorBlob>& tensors,
                        const std::map<std::string, std::string>& metadata) {
   std::vector<TensorLayout> layout;

@@ -56,6 +56,29 @@ struct TensorLayout {
 std::string safetensors_prefix(const std::vector<TensorLayout>& tensors,
                                const std::map<std::string, std::string>& metadata);
 
+// A safetensors file produced tensor by tensor in an order fixed up front (the header goes first),
+// so a model never has to be whole in memory; resumable: a writer reopened with the count of
+// tensors a checkpoint recorded continues after them, and the bytes come out as if never stopped.
+class SafetensorsStreamWriter {
+ public:
+  SafetensorsStreamWriter(const std::string& path, std::vector<TensorLayout> layout,
+                          const std::map<std::string, std::string>& metadata, size_t resume_after = 0);
+  // The next tensor in layout order: its name, dtype and byte count must match the layout.
+  void write(const TensorBlob& t);
+  // Part of the next tensor (for tensors too large to hold whole): parts must add up to its size.
+  void write_bytes(const std::string& name, const void* bytes, size_t n);
+  size_t written() const { return next_; }
+  void sync() { file_.sync(); }  // durable up to here: a checkpoint may record written()
+  void finish();                 // every tensor written; synced
+
+ private:
+  std::string path_;
+  std::vector<TensorLayout> layout_;
+  size_t next_;
+  size_t partial_ = 0;  // bytes of tensor next_ written so far
+  ResumableFile file_;
+};
+
 // Writes a safetensors file atomically.
 void write_safetensors(const std::string& path, const std::vector<TensorBlob>& tensors,
                        const std::map<std::string, std::string>& metadata = {});

@@ -67,101 +67,94 @@ HessianAccumulator* HessianHook::of(Site site, int expert) {
 
 namespace {
 
-void store(WeightQuantResult& r, const std::string& name, const QuantizedMatrix& q) {
-  r.codes.push_back({name + ".codes", DType::U8, {q.rows, packed_row_bytes(q.cols, q.spec.bits)},
-                     pack_codes(q.codes, q.rows, q.cols, q.spec.bits)});
-  r.codes.push_back(blob_from_matrix(name + ".scales", q.scales, DType::F32));
-  r.codes.push_back(blob_from_matrix(name + ".zeros", q.zeros, DType::F32));
-}
-
-// Runs one layer over all calibration windows, a few windows at a time to bound memory; x is
-// updated only when update is set (a statistics pass needs no copy of x).
-void run_layer(const ModelConfig& c, const LayerWeights& w, int layer, Matrix& x, int windows, int len,
-               const Hooks& hooks, bool update = true) {
-  const int per = std::max(1, 8192 / len);
-  for (int w0 = 0; w0 < windows; w0 += per) {
-    int b = std::min(per, windows - w0);
-    Matrix part(int64_t(b) * len, x.cols);
-    std::copy_n(x.row(int64_t(w0) * len), part.size(), part.data.data());
-    layer_forward(c, w, layer, part, b, len, hooks);
-    if (update) std::copy_n(part.data.data(), part.size(), x.row(int64_t(w0) * len));
-  }
+void store(std::vector<TensorBlob>& codes, const std::string& name, const QuantizedMatrix& q) {
+  codes.push_back({name + ".codes", DType::U8, {q.rows, packed_row_bytes(q.cols, q.spec.bits)},
+                   pack_codes(q.codes, q.rows, q.cols, q.spec.bits)});
+  codes.push_back(blob_from_matrix(name + ".scales", q.scales, DType::F32));
+  codes.push_back(blob_from_matrix(name + ".zeros", q.zeros, DType::F32));
 }
 
 }  // namespace
 
-WeightQuantResult quantize_weights(Model& m, const WeightQuantOptions& o, const std::vector<int32_t>& calib,
-                                   int windows, int len, const Hooks& runtime, const LayerProgress& progress) {
-  WeightQuantResult r;
-  r.report = nlohmann::json::array();
-  if (!o.spec.enabled()) return r;
+std::vector<std::string> quantized_linears(const ModelConfig& c, int l) {
+  std::vector<std::string> names;
+  for (const char* s : {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                        "self_attn.o_proj.weight"})
+    names.push_back(layer_name(l, s));
+  for (const ExpertSpec& e : mlp_experts(c, l))
+    for (const std::string* n : {&e.gate, &e.up, &e.down}) names.push_back(*n);
+  return names;
+}
+
+std::vector<TensorLayout> code_layout(const std::string& name, const std::vector<int64_t>& shape, const QuantSpec& spec) {
+  const int64_t rows = shape.at(0), cols = shape.at(1), groups = spec.num_groups(cols);
+  const size_t scale_bytes = size_t(rows * groups) * sizeof(float);
+  return {{name + ".codes", DType::U8, {rows, packed_row_bytes(cols, spec.bits)}, size_t(rows * packed_row_bytes(cols, spec.bits))},
+          {name + ".scales", DType::F32, {rows, groups}, scale_bytes},
+          {name + ".zeros", DType::F32, {rows, groups}, scale_bytes}};
+}
+
+void check_weight_quant(const WeightQuantOptions& o) {
   o.spec.validate();
+  if (o.method != "gptq" && o.method != "rtn") throw Error("unknown weight method '" + o.method + "' (rtn or gptq)");
+}
+
+LayerQuantResult quantize_layer(Model& m, int l, const WeightQuantOptions& o, LayerActivations* x,
+                                const Hooks& runtime) {
+  LayerQuantResult r;
+  r.report = {{"layer", l}};
+  if (!o.spec.enabled()) return r;
+  check_weight_quant(o);
   const ModelConfig& c = m.config;
   const bool gptq_mode = o.method == "gptq";
-  if (!gptq_mode && o.method != "rtn") throw Error("unknown weight method '" + o.method + "' (rtn or gptq)");
-  Matrix x;
-  if (gptq_mode) x = embed(m, calib);
-  for (int l = 0; l < c.num_layers; ++l) {
-    nlohmann::json layer = {{"layer", l}};
-    const std::string prefix = layer_name(l, "");
-    // GPTQ with the Hessian of its input, or RTN without one (or with too few routed tokens).
-    auto quantize_linear = [&](const std::string& name, HessianAccumulator* h, bool expert) {
-      Matrix W = m.weights.get(name);
-      nlohmann::json& entry = layer[name.substr(prefix.size())];
-      if (h && expert) entry["tokens"] = h->tokens();
-      if (h && (!expert || h->tokens() >= o.min_expert_tokens)) {
-        GptqResult g = gptq(W, h->hessian(), o.spec, o.gptq);
-        entry.update({{"error", g.error}, {"damp", g.damp}, {"retries", g.retries}, {"dead_columns", g.dead_columns}});
-        store(r, name, g.q);
-        m.weights.set(name, std::move(g.weight));
-      } else {
-        if (h) entry["method"] = "rtn";
-        QuantizedMatrix q = quantize(W, o.spec);
-        store(r, name, q);
-        m.weights.set(name, q.dequantize());
-      }
-    };
-    const std::vector<ExpertSpec> experts = mlp_experts(c, l);
-    const int n = int(experts.size()), per_pass = o.experts_per_pass > 0 ? o.experts_per_pass : n;
-    LayerWeights w;
-    if (gptq_mode) w = load_layer(m, l);
-    for (int e0 = 0; e0 < n; e0 += per_pass) {
-      const int e1 = std::min(n, e0 + per_pass);
-      std::unique_ptr<HessianHook> hh;
-      if (gptq_mode) {
-        hh = std::make_unique<HessianHook>(c, l, e0 == 0, e0, e1);
-        Hooks hooks = runtime;
-        hooks.push_back(hh.get());
-        run_layer(c, w, l, x, windows, len, hooks, false);
-      }
-      auto hessian = [&](Site s, int e) { return hh ? hh->of(s, e) : nullptr; };
-      if (e0 == 0) {
-        for (const char* s : {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"})
-          quantize_linear(layer_name(l, s), hessian(Site::AttnIn, 0), false);
-        quantize_linear(layer_name(l, "self_attn.o_proj.weight"), hessian(Site::OprojIn, 0), false);
-      }
-      for (int e = e0; e < e1; ++e) {
-        const ExpertSpec& ex = experts[size_t(e)];
-        quantize_linear(ex.gate, hessian(Site::ExpertIn, e), ex.routed);
-        quantize_linear(ex.up, hessian(Site::ExpertIn, e), ex.routed);
-        quantize_linear(ex.down, hessian(Site::DownIn, e), ex.routed);
-        if (gptq_mode && ex.routed && hessian(Site::DownIn, e)->tokens() < o.min_expert_tokens) ++r.rtn_fallbacks;
-      }
+  if (gptq_mode && (!x || x->empty())) throw Error("GPTQ needs calibration activations");
+  const std::string prefix = layer_name(l, "");
+  // GPTQ with the Hessian of its input, or RTN without one (or with too few routed tokens).
+  auto quantize_linear = [&](const std::string& name, HessianAccumulator* h, bool expert) {
+    Matrix W = m.weights.get(name);
+    nlohmann::json& entry = r.report[name.substr(prefix.size())];
+    if (h && expert) entry["tokens"] = h->tokens();
+    if (h && (!expert || h->tokens() >= o.min_expert_tokens)) {
+      GptqResult g = gptq(W, h->hessian(), o.spec, o.gptq);
+      entry.update({{"error", g.error}, {"damp", g.damp}, {"retries", g.retries}, {"dead_columns", g.dead_columns}});
+      store(r.codes, name, g.q);
+      m.weights.set(name, std::move(g.weight));
+    } else {
+      if (h) entry["method"] = "rtn";
+      QuantizedMatrix q = quantize(W, o.spec);
+      store(r.codes, name, q);
+      m.weights.set(name, q.dequantize());
     }
+  };
+  const std::vector<ExpertSpec> experts = mlp_experts(c, l);
+  const int n = int(experts.size()), per_pass = o.experts_per_pass > 0 ? o.experts_per_pass : n;
+  LayerWeights w;
+  if (gptq_mode) w = load_layer(m, l);
+  for (int e0 = 0; e0 < n; e0 += per_pass) {
+    const int e1 = std::min(n, e0 + per_pass);
+    std::unique_ptr<HessianHook> hh;
     if (gptq_mode) {
-      // The next layer calibrates on what this quantized layer produces.
-      w = load_layer(m, l);
-      run_layer(c, w, l, x, windows, len, runtime);
-      r.report.push_back(layer);
+      hh = std::make_unique<HessianHook>(c, l, e0 == 0, e0, e1);
+      Hooks hooks = runtime;
+      hooks.push_back(hh.get());
+      x->run(c, w, l, hooks, false);
     }
-    release_layer(m, l);
-    if (progress) progress(l + 1, c.num_layers);
+    auto hessian = [&](Site s, int e) { return hh ? hh->of(s, e) : nullptr; };
+    if (e0 == 0) {
+      for (const char* s : {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"})
+        quantize_linear(layer_name(l, s), hessian(Site::AttnIn, 0), false);
+      quantize_linear(layer_name(l, "self_attn.o_proj.weight"), hessian(Site::OprojIn, 0), false);
+    }
+    for (int e = e0; e < e1; ++e) {
+      const ExpertSpec& ex = experts[size_t(e)];
+      quantize_linear(ex.gate, hessian(Site::ExpertIn, e), ex.routed);
+      quantize_linear(ex.up, hessian(Site::ExpertIn, e), ex.routed);
+      quantize_linear(ex.down, hessian(Site::DownIn, e), ex.routed);
+      if (gptq_mode && ex.routed && hessian(Site::DownIn, e)->tokens() < o.min_expert_tokens) ++r.rtn_fallbacks;
+    }
   }
-  if (o.lm_head) {
-    QuantizedMatrix q = quantize(m.weights.get("lm_head.weight"), o.spec);
-    store(r, "lm_head.weight", q);
-    m.weights.set("lm_head.weight", q.dequantize());
-  }
+  // The next layer calibrates on what this quantized layer produces.
+  if (gptq_mode) x->run(c, load_layer(m, l), l, runtime, true);
   return r;
 }
 

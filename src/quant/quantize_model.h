@@ -1,5 +1,5 @@
 // Model-level quantization: activation/KV fake quantization as a forward-pass hook, calibration
-// windows, and weight quantization (RTN, or GPTQ run layer by layer on the outputs of the
+// windows, and weight quantization of one decoder layer (RTN, or GPTQ on the outputs of the
 // already-quantized layers before it).
 #pragma once
 #include <functional>
@@ -11,6 +11,7 @@
 
 #include "io/safetensors.h"
 #include "model/forward.h"
+#include "model/layerwise.h"
 #include "quant/gptq.h"
 #include "quant/quantizer.h"
 
@@ -56,7 +57,6 @@ struct WeightQuantOptions {
   QuantSpec spec;              // bits 16 = leave the weights alone
   std::string method = "rtn";  // or "gptq"
   GptqOptions gptq;
-  bool lm_head = false;        // lm_head (and the embedding) stay 16-bit unless asked
   // MoE: an expert whose Hessian saw fewer routed calibration tokens than this is quantized with
   // RTN (a Hessian of a handful of tokens would fit the weights to them; none would zero them).
   int64_t min_expert_tokens = 128;
@@ -65,18 +65,26 @@ struct WeightQuantOptions {
   int experts_per_pass = 0;
 };
 
-struct WeightQuantResult {
-  std::vector<TensorBlob> codes;  // NAME.codes / .scales / .zeros for quantized.safetensors
-  nlohmann::json report;          // per-layer GPTQ error, damping and retries; experts' tokens
+// Throws Error naming a bad bit width, group, clip or method.
+void check_weight_quant(const WeightQuantOptions& o);
+
+// The linears of layer l that are quantized (attention, then each expert's gate/up/down); the
+// embedding, norms, router and lm_head stay 16-bit.
+std::vector<std::string> quantized_linears(const ModelConfig& c, int l);
+// The tensors a quantized weight of this shape stores: NAME.codes (packed, u8), .scales, .zeros.
+std::vector<TensorLayout> code_layout(const std::string& name, const std::vector<int64_t>& shape,
+                                      const QuantSpec& spec);
+
+struct LayerQuantResult {
+  std::vector<TensorBlob> codes;  // code_layout of each quantized_linears entry, in that order
+  nlohmann::json report;          // GPTQ error, damping and retries per linear; experts' tokens
   int rtn_fallbacks = 0;          // experts quantized with RTN for lack of routed tokens
 };
 
-using LayerProgress = std::function<void(int layer, int layers)>;
-
-// Quantizes m's linear weights in place (dequantized values). GPTQ needs calibration tokens
-// (windows x len) and the run-time hooks the quantized model will run with (online Hadamards).
-WeightQuantResult quantize_weights(Model& m, const WeightQuantOptions& o, const std::vector<int32_t>& calib,
-                                   int windows, int len, const Hooks& runtime,
-                                   const LayerProgress& progress = nullptr);
+// Quantizes layer l's linear weights in place (dequantized values). GPTQ takes the calibration
+// windows' inputs to layer l in x (left holding the quantized layer's outputs, the next layer's
+// inputs) and the run-time hooks the quantized model will run with (online Hadamards).
+LayerQuantResult quantize_layer(Model& m, int l, const WeightQuantOptions& o, LayerActivations* x,
+                                const Hooks& runtime);
 
 }  // namespace dq

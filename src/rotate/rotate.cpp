@@ -30,19 +30,23 @@ static std::vector<std::string> mlp_readers(const ModelConfig& c, int l) {
   return r;
 }
 
+void fuse_layer_norms(Model& m, int l) {
+  fuse_gain(m, layer_name(l, "input_layernorm.weight"),
+            {layer_name(l, "self_attn.q_proj.weight"), layer_name(l, "self_attn.k_proj.weight"),
+             layer_name(l, "self_attn.v_proj.weight")});
+  fuse_gain(m, layer_name(l, "post_attention_layernorm.weight"), mlp_readers(m.config, l));
+}
+
+static void untie_classifier(Model& m) {
+  if (m.weights.has("lm_head.weight")) return;
+  m.weights.set("lm_head.weight", m.weights.get("model.embed_tokens.weight"));
+  m.config.tie_embeddings = false;
+  m.config.extra = m.config.to_json();
+}
+
 void fuse_norms(Model& m) {
-  ModelConfig& c = m.config;
-  if (!m.weights.has("lm_head.weight")) {
-    m.weights.set("lm_head.weight", m.weights.get("model.embed_tokens.weight"));
-    c.tie_embeddings = false;
-    c.extra = c.to_json();
-  }
-  for (int l = 0; l < c.num_layers; ++l) {
-    fuse_gain(m, layer_name(l, "input_layernorm.weight"),
-              {layer_name(l, "self_attn.q_proj.weight"), layer_name(l, "self_attn.k_proj.weight"),
-               layer_name(l, "self_attn.v_proj.weight")});
-    fuse_gain(m, layer_name(l, "post_attention_layernorm.weight"), mlp_readers(c, l));
-  }
+  untie_classifier(m);
+  for (int l = 0; l < m.config.num_layers; ++l) fuse_layer_norms(m, l);
   fuse_gain(m, "model.norm.weight", {"lm_head.weight"});
 }
 
@@ -68,54 +72,61 @@ static void rotate_output(Model& m, const std::string& name, const Matrix& R) {
   m.weights.set(name, std::move(out));
 }
 
-void apply_rotations(Model& m, const Rotations& r) {
-  const ModelConfig& c = m.config;
-  const int hd = c.head_dim, group = c.num_heads / c.num_kv_heads;
+static void check_r1(const ModelConfig& c, const Rotations& r) {
   if (r.r1.rows != c.hidden_size || r.r1.cols != c.hidden_size)
     throw Error("R1 must be " + std::to_string(c.hidden_size) + " x " + std::to_string(c.hidden_size));
+}
+
+void apply_rotations(Model& m, const Rotations& r) {
+  check_r1(m.config, r);
   rotate_input(m, "model.embed_tokens.weight", r.r1);
   rotate_input(m, "lm_head.weight", r.r1);
-  for (int l = 0; l < c.num_layers; ++l) {
-    for (const char* s : {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"})
-      rotate_input(m, layer_name(l, s), r.r1);
-    for (const std::string& name : mlp_readers(c, l)) rotate_input(m, name, r.r1);
-    rotate_output(m, layer_name(l, "self_attn.o_proj.weight"), r.r1);
-    for (const ExpertSpec& e : mlp_experts(c, l)) rotate_output(m, e.down, r.r1);
-    if (r.r2.empty()) continue;
-    if (r.r2.size() != size_t(c.num_layers) || r.r2[size_t(l)].size() != size_t(c.num_kv_heads))
-      throw Error("R2 must hold one matrix per layer and KV head");
-    // Value head h: rows of v_proj (and its bias) ← R2ᵀ·rows; o_proj columns of every query head
-    // in h's group ← columns·R2.
-    Matrix wv = m.weights.get(layer_name(l, "self_attn.v_proj.weight"));
-    Matrix wo = m.weights.get(layer_name(l, "self_attn.o_proj.weight"));
-    std::string bias_name = layer_name(l, "self_attn.v_proj.bias");
-    Matrix bv = m.weights.has(bias_name) ? m.weights.get(bias_name) : Matrix();
-    for (int h = 0; h < c.num_kv_heads; ++h) {
-      const Matrix& R = r.r2[size_t(l)][size_t(h)];
-      if (R.rows != hd || R.cols != hd) throw Error("R2 must be head_dim x head_dim");
-      Matrix rows(hd, wv.cols);
-      sgemm(true, false, hd, wv.cols, hd, 1.f, R.data.data(), hd, wv.row(int64_t(h) * hd), wv.cols, 0.f,
-            rows.data.data(), wv.cols);
-      std::copy(rows.data.begin(), rows.data.end(), wv.row(int64_t(h) * hd));
-      if (!bv.empty()) {
-        std::vector<float> b(bv.data.begin() + h * hd, bv.data.begin() + (h + 1) * hd);
-        for (int i = 0; i < hd; ++i) {
-          float s = 0;
-          for (int k = 0; k < hd; ++k) s += R(k, i) * b[size_t(k)];
-          bv.data[size_t(h * hd + i)] = s;
-        }
-      }
-      for (int q = h * group; q < (h + 1) * group; ++q) {
-        Matrix cols(wo.rows, hd);
-        sgemm(false, false, wo.rows, hd, hd, 1.f, wo.row(0) + int64_t(q) * hd, wo.cols, R.data.data(), hd,
-              0.f, cols.data.data(), hd);
-        for (int64_t i = 0; i < wo.rows; ++i) std::copy_n(cols.row(i), hd, wo.row(i) + int64_t(q) * hd);
+  for (int l = 0; l < m.config.num_layers; ++l) rotate_layer(m, r, l);
+}
+
+void rotate_layer(Model& m, const Rotations& r, int l) {
+  const ModelConfig& c = m.config;
+  const int hd = c.head_dim, group = c.num_heads / c.num_kv_heads;
+  check_r1(c, r);
+  for (const char* s : {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"})
+    rotate_input(m, layer_name(l, s), r.r1);
+  for (const std::string& name : mlp_readers(c, l)) rotate_input(m, name, r.r1);
+  rotate_output(m, layer_name(l, "self_attn.o_proj.weight"), r.r1);
+  for (const ExpertSpec& e : mlp_experts(c, l)) rotate_output(m, e.down, r.r1);
+  if (r.r2.empty()) return;
+  if (r.r2.size() != size_t(c.num_layers) || r.r2[size_t(l)].size() != size_t(c.num_kv_heads))
+    throw Error("R2 must hold one matrix per layer and KV head");
+  // Value head h: rows of v_proj (and its bias) ← R2ᵀ·rows; o_proj columns of every query head
+  // in h's group ← columns·R2.
+  Matrix wv = m.weights.get(layer_name(l, "self_attn.v_proj.weight"));
+  Matrix wo = m.weights.get(layer_name(l, "self_attn.o_proj.weight"));
+  std::string bias_name = layer_name(l, "self_attn.v_proj.bias");
+  Matrix bv = m.weights.has(bias_name) ? m.weights.get(bias_name) : Matrix();
+  for (int h = 0; h < c.num_kv_heads; ++h) {
+    const Matrix& R = r.r2[size_t(l)][size_t(h)];
+    if (R.rows != hd || R.cols != hd) throw Error("R2 must be head_dim x head_dim");
+    Matrix rows(hd, wv.cols);
+    sgemm(true, false, hd, wv.cols, hd, 1.f, R.data.data(), hd, wv.row(int64_t(h) * hd), wv.cols, 0.f,
+          rows.data.data(), wv.cols);
+    std::copy(rows.data.begin(), rows.data.end(), wv.row(int64_t(h) * hd));
+    if (!bv.empty()) {
+      std::vector<float> b(bv.data.begin() + h * hd, bv.data.begin() + (h + 1) * hd);
+      for (int i = 0; i < hd; ++i) {
+        float s = 0;
+        for (int k = 0; k < hd; ++k) s += R(k, i) * b[size_t(k)];
+        bv.data[size_t(h * hd + i)] = s;
       }
     }
-    m.weights.set(layer_name(l, "self_attn.v_proj.weight"), std::move(wv));
-    m.weights.set(layer_name(l, "self_attn.o_proj.weight"), std::move(wo));
-    if (!bv.empty()) m.weights.set(bias_name, std::move(bv));
+    for (int q = h * group; q < (h + 1) * group; ++q) {
+      Matrix cols(wo.rows, hd);
+      sgemm(false, false, wo.rows, hd, hd, 1.f, wo.row(0) + int64_t(q) * hd, wo.cols, R.data.data(), hd,
+            0.f, cols.data.data(), hd);
+      for (int64_t i = 0; i < wo.rows; ++i) std::copy_n(cols.row(i), hd, wo.row(i) + int64_t(q) * hd);
+    }
   }
+  m.weights.set(layer_name(l, "self_attn.v_proj.weight"), std::move(wv));
+  m.weights.set(layer_name(l, "self_attn.o_proj.weight"), std::move(wo));
+  if (!bv.empty()) m.weights.set(bias_name, std::move(bv));
 }
 
 // One Hadamard per distinct expert intermediate size (DeepSeek: dense, routed and shared differ).
@@ -127,13 +138,16 @@ static std::map<int64_t, Hadamard> down_hadamards(const ModelConfig& c) {
 }
 
 void fold_r4(Model& m) {
-  const std::map<int64_t, Hadamard> h = down_hadamards(m.config);
-  for (int l = 0; l < m.config.num_layers; ++l)
-    for (const ExpertSpec& e : mlp_experts(m.config, l)) {
-      Matrix w = m.weights.get(e.down);
-      h.at(e.intermediate).apply(w);
-      m.weights.set(e.down, std::move(w));
-    }
+  for (int l = 0; l < m.config.num_layers; ++l) fold_r4_layer(m, l);
+}
+
+void fold_r4_layer(Model& m, int l) {
+  std::map<int64_t, Hadamard> h;
+  for (const ExpertSpec& e : mlp_experts(m.config, l)) {
+    Matrix w = m.weights.get(e.down);
+    h.try_emplace(e.intermediate, e.intermediate).first->second.apply(w);
+    m.weights.set(e.down, std::move(w));
+  }
 }
 
 OnlineHadamard::OnlineHadamard(const ModelConfig& c, bool r3, bool r4)

@@ -13,6 +13,8 @@ namespace dq {
 // Moves every RMSNorm gain into the linears that read the norm's output (q/k/v, gate/up, and
 // lm_head for the final norm), leaving weightless norms. Unties a tied classifier.
 void fuse_norms(Model& m);
+// Layer l's share of fuse_norms (its two norms), for pipelines that go one layer at a time.
+void fuse_layer_norms(Model& m, int l);
 
 struct Rotations {
   Matrix r1;                            // hidden x hidden
@@ -25,10 +27,13 @@ Rotations random_hadamard_rotations(const ModelConfig& c, uint64_t seed);
 // Folds R1 and R2 (any orthogonal matrices) into the weights; requires fused norms. The residual
 // stream becomes x·R1 and each value head v·R2.
 void apply_rotations(Model& m, const Rotations& r);
+// Layer l's share of apply_rotations (everything but the embedding and the classifier).
+void rotate_layer(Model& m, const Rotations& r, int l);
 
 // Folds R4ᵀ into every expert's down_proj (W ← W·H/√n, n its intermediate size) so the online R4
 // on its input cancels.
 void fold_r4(Model& m);
+void fold_r4_layer(Model& m, int l);
 
 // R3 (x ← x·H/√head_dim on every head of Q and K) and R4 (x ← x·H/√n on each expert's down_proj
 // input, n its intermediate size) as forward-pass hooks.

@@ -1,0 +1,263 @@
+#include "pipeline/quantize.h"
+
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+
+#include "io/file.h"
+#include "io/report.h"
+#include "model/layerwise.h"
+#include "tensor/kernels.h"
+
+namespace dq {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+constexpr DType kOutDType = DType::F32;  // dequantized weights are exact in f32
+constexpr int64_t kRowChunk = 4096;      // embedding / classifier rows converted at a time
+
+// OUT.partial/state.json and the files beside it. Until the first checkpoint is saved there is
+// nothing worth resuming, so a failure before it removes the directory.
+class Checkpoint {
+ public:
+  Checkpoint(const std::string& out, const json& fingerprint, bool resume) : dir_(out + ".partial") {
+    if (resume && file_exists(file("state.json"))) {
+      try {
+        state_ = json::parse(read_file(file("state.json")));
+      } catch (const json::exception&) {
+        throw Error(file("state.json") + ": unreadable checkpoint; rerun without --resume to start over");
+      }
+      if (state_.value("fingerprint", json()) != fingerprint)
+        throw Error(dir_ + ": checkpoint made with other options or inputs; rerun without --resume to start over");
+      keep_ = true;
+      return;
+    }
+    if (resume) std::fprintf(stderr, "note: no checkpoint in %s; starting from the beginning\n", dir_.c_str());
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+    if (!fs::create_directories(dir_, ec) || ec) throw Error(dir_ + ": cannot create (" + ec.message() + ")");
+    state_ = {{"fingerprint", fingerprint}, {"layers_done", 0}, {"model_tensors", 0}, {"code_tensors", 0},
+              {"gptq_layers", json::array()}, {"rtn_fallbacks", 0}};
+  }
+  ~Checkpoint() {
+    std::error_code ec;
+    if (!keep_) fs::remove_all(dir_, ec);
+  }
+  std::string file(const std::string& name) const { return dir_ + "/" + name; }
+  json& state() { return state_; }
+  void save() {
+    write_file_atomic(file("state.json"), [&](OutStream& s) { s.write(state_.dump() + "\n"); });
+    keep_ = true;
+  }
+  // The finished output: checkpoint files go, the directory becomes OUT.
+  void commit(const std::string& out, const std::vector<std::string>& scratch) {
+    std::error_code ec;
+    for (const std::string& f : scratch) fs::remove(file(f), ec);
+    fs::remove(file("state.json"), ec);
+    if (fs::exists(out)) fs::remove_all(out, ec);
+    if (ec) throw Error(out + ": cannot replace (" + ec.message() + ")");
+    fs::rename(dir_, out, ec);
+    if (ec) throw Error(out + ": rename failed (" + ec.message() + ")");
+    keep_ = true;
+  }
+  const std::string& dir() const { return dir_; }
+
+ private:
+  std::string dir_;
+  json state_;
+  bool keep_ = false;
+};
+
+std::string activations_file(int layers_done) { return "activations-" + std::to_string(layers_done) + ".bin"; }
+
+// Testing aid: DQ_KILL_AFTER_LAYER=K kills the process (SIGKILL, no cleanup) right after the
+// checkpoint of layer K, the harshest interruption a resume must survive.
+void maybe_kill(int layers_done) {
+  const char* k = std::getenv("DQ_KILL_AFTER_LAYER");
+  if (k && std::atoi(k) == layers_done) std::raise(SIGKILL);
+}
+
+Rotations make_rotations(const Model& m, const QuantizeJob& job, json& report, const JobProgress& progress) {
+  if (!job.rotations_file.empty()) return load_rotations(job.rotations_file, m.config);
+  if (job.rotation == "quarot") return random_hadamard_rotations(m.config, job.calib_options.seed);
+  CalibResult cr = calibrate(m, job.calib, job.windows, job.len, job.calib_options, progress);
+  report = std::move(cr.report);
+  return std::move(cr.rotations);
+}
+
+// Rows of `name` streamed into the writer, kRowChunk at a time, through `edit` (fusion, rotation).
+void write_rows(const Model& m, const std::string& name, const std::string& out_name, SafetensorsStreamWriter& w,
+                const std::function<void(Matrix&)>& edit) {
+  const std::vector<int64_t> shape = m.weights.shape(name);
+  for (int64_t r0 = 0; r0 < shape[0]; r0 += kRowChunk) {
+    Matrix rows = m.weights.get_rows(name, r0, std::min(kRowChunk, shape[0] - r0));
+    if (edit) edit(rows);
+    const TensorBlob b = blob_from_matrix(out_name, rows, kOutDType);
+    w.write_bytes(out_name, b.bytes.data(), b.bytes.size());
+  }
+  m.weights.release(name);
+}
+
+void write_tensor(const Model& m, const std::string& name, SafetensorsStreamWriter& w) {
+  w.write(blob_from_matrix(name, m.weights.get(name), kOutDType, m.weights.shape(name)));
+}
+
+}  // namespace
+
+json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progress) {
+  if (m.config.rope_interleaved)
+    throw Error(job.out + ": model uses llama2.c's interleaved RoPE; convert it to HF order first");
+  const ModelConfig& c = m.config;
+  const bool rotate = job.rotation != "none", gptq_mode = job.weights.method == "gptq" && job.weights.spec.enabled();
+  if (job.weights.spec.enabled()) check_weight_quant(job.weights);
+  json report;
+  json stages = json::object();
+  auto stage_done = [&](const char* name, Clock::time_point t) {
+    stages[name] = {{"seconds", since(t)}, {"peak_rss_mib", peak_rss_mib()}};
+  };
+
+  Checkpoint ck(job.out, job.fingerprint, job.resume);
+  json& state = ck.state();
+  const int resumed_at = state["layers_done"].get<int>();
+  if (job.resume && ck.state().contains("rotations")) report["resumed_at_layer"] = resumed_at;
+
+  // 1. Rotations, checkpointed as soon as they exist (DartQuant calibration is the costly part).
+  auto t = Clock::now();
+  Rotations rot;
+  if (rotate) {
+    if (state.value("rotations", false)) {
+      rot = load_rotations(ck.file("rotations.safetensors"), c);
+    } else {
+      json calib_report;
+      rot = make_rotations(m, job, calib_report, progress);
+      save_rotations(ck.file("rotations.safetensors"), rot);
+      state["rotations"] = true;
+      if (!calib_report.is_null()) state["calibration"] = calib_report;
+      ck.save();
+    }
+    stage_done("rotations", t);
+  }
+  if (state.contains("calibration")) report["calibration"] = state["calibration"];
+
+  // 2. The output's tensors, in the order they will be written: embedding, layers, final norm,
+  // classifier (its own tensor once norms are fused into it), then anything else the input had.
+  const std::string embed = "model.embed_tokens.weight", norm = "model.norm.weight";
+  const bool has_head = m.weights.has("lm_head.weight"), write_head = has_head || rotate;
+  const std::string head_source = has_head ? "lm_head.weight" : embed;
+  std::vector<std::string> order{embed};
+  for (int l = 0; l < c.num_layers; ++l)
+    for (const std::string& n : layer_tensor_names(m, l)) order.push_back(n);
+  order.push_back(norm);
+  if (write_head) order.push_back("lm_head.weight");
+  for (const std::string& n : m.weights.names())
+    if (std::find(order.begin(), order.end(), n) == order.end()) order.push_back(n);
+  std::vector<TensorLayout> model_layout, code_layouts;
+  for (const std::string& n : order) {
+    std::vector<int64_t> shape = m.weights.shape(n == "lm_head.weight" ? head_source : n);
+    int64_t count = 1;
+    for (int64_t d : shape) count *= d;
+    model_layout.push_back({n, kOutDType, shape, size_t(count) * dtype_size(kOutDType)});
+  }
+  if (job.weights.spec.enabled())
+    for (int l = 0; l < c.num_layers; ++l)
+      for (const std::string& n : quantized_linears(c, l))
+        for (TensorLayout& tl : code_layout(n, m.weights.shape(n), job.weights.spec)) code_layouts.push_back(tl);
+  SafetensorsStreamWriter model_out(ck.file("model.safetensors"), model_layout, {{"format", "pt"}},
+                                    state["model_tensors"].get<size_t>());
+  std::unique_ptr<SafetensorsStreamWriter> codes_out;
+  if (!code_layouts.empty())
+    codes_out = std::make_unique<SafetensorsStreamWriter>(ck.file("quantized.safetensors"), code_layouts,
+                                                         std::map<std::string, std::string>{},
+                                                         state["code_tensors"].get<size_t>());
+
+  // 3. Embedding, then layer after layer, a checkpoint after each.
+  t = Clock::now();
+  auto rotate_rows = [&](Matrix& rows) { rows = matmul(rows, rot.r1); };
+  if (model_out.written() == 0) {
+    write_rows(m, embed, embed, model_out, rotate ? std::function<void(Matrix&)>(rotate_rows) : nullptr);
+    model_out.sync();
+    state["model_tensors"] = model_out.written();
+    ck.save();
+  }
+  LayerActivations x;
+  if (gptq_mode) {
+    x = LayerActivations(m, job.calib, job.windows, job.len);
+    if (resumed_at > 0) x.load(ck.file(activations_file(resumed_at)));
+    else if (rotate) x.transform(rotate_rows);
+  }
+  OnlineHadamard online(c, job.r3, job.r4);
+  Hooks runtime;
+  if (job.r3 || job.r4) runtime.push_back(&online);
+  for (int l = resumed_at; l < c.num_layers; ++l) {
+    if (rotate) {
+      fuse_layer_norms(m, l);
+      rotate_layer(m, rot, l);
+      if (job.r4) fold_r4_layer(m, l);
+    }
+    LayerQuantResult q = quantize_layer(m, l, job.weights, gptq_mode ? &x : nullptr, runtime);
+    for (const std::string& n : layer_tensor_names(m, l)) write_tensor(m, n, model_out);
+    for (const TensorBlob& b : q.codes) codes_out->write(b);
+    release_layer(m, l);
+    for (const std::string& n : layer_tensor_names(m, l)) m.weights.erase(n);
+    model_out.sync();
+    if (codes_out) codes_out->sync();
+    if (gptq_mode) x.save(ck.file(activations_file(l + 1)));
+    state["layers_done"] = l + 1;
+    state["model_tensors"] = model_out.written();
+    state["code_tensors"] = codes_out ? codes_out->written() : 0;
+    if (gptq_mode) state["gptq_layers"].push_back(q.report);
+    state["rtn_fallbacks"] = state["rtn_fallbacks"].get<int>() + q.rtn_fallbacks;
+    ck.save();
+    std::error_code ec;
+    fs::remove(ck.file(activations_file(l)), ec);
+    if (progress) progress("layers", l + 1, c.num_layers);
+    maybe_kill(l + 1);
+  }
+  stage_done("layers", t);
+
+  // 4. Final norm, classifier, the rest; config and tokenizer; OUT appears.
+  t = Clock::now();
+  if (rotate) {
+    const Matrix gain = m.weights.get(norm);
+    model_out.write(blob_from_matrix(norm, Matrix(1, gain.cols, 1.f), kOutDType, {gain.cols}));
+    write_rows(m, head_source, "lm_head.weight", model_out, [&](Matrix& rows) {
+      for (int64_t r = 0; r < rows.rows; ++r)
+        for (int64_t k = 0; k < rows.cols; ++k) rows(r, k) *= gain.data[size_t(k)];
+      rotate_rows(rows);
+    });
+  } else {
+    write_tensor(m, norm, model_out);
+    if (write_head) write_rows(m, head_source, "lm_head.weight", model_out, nullptr);
+  }
+  for (size_t i = model_out.written(); i < order.size(); ++i) write_tensor(m, order[i], model_out);
+  model_out.finish();
+  if (codes_out) codes_out->finish();
+
+  ModelConfig out_config = c;
+  if (write_head) out_config.tie_embeddings = false;
+  json config = out_config.to_json();
+  config["dartquant_quantization"] = job.section;
+  write_file_atomic(ck.file("config.json"), [&](OutStream& s) { s.write(config.dump(2) + "\n"); });
+  if (!m.tokenizer_path.empty()) {
+    std::string name = fs::path(m.tokenizer_path).filename().string();
+    if (fs::path(m.tokenizer_path).extension() == ".bin") name = "tokenizer.bin";
+    std::error_code ec;
+    fs::copy_file(m.tokenizer_path, ck.file(name), fs::copy_options::overwrite_existing, ec);
+    if (ec) throw Error(m.tokenizer_path + ": cannot copy tokenizer (" + ec.message() + ")");
+  }
+  ck.commit(job.out, {"rotations.safetensors", activations_file(c.num_layers)});
+  stage_done("finish", t);
+
+  if (gptq_mode) report["gptq_layers"] = state["gptq_layers"];
+  if (state["rtn_fallbacks"].get<int>() > 0) report["expert_rtn_fallbacks"] = state["rtn_fallbacks"];
+  report["stages"] = stages;
+  return report;
+}
+
+}  // namespace dq
