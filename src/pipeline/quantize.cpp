@@ -77,7 +77,8 @@ class Checkpoint {
 std::string activations_file(int layers_done) { return "activations-" + std::to_string(layers_done) + ".bin"; }
 
 // Testing aid: DQ_KILL_AFTER_LAYER=K kills the process (SIGKILL, no cleanup) right after the
-// checkpoint of layer K, the harshest interruption a resume must survive.
+// checkpoint of layer K (0: of the rotations and embedding), the harshest interruption a resume
+// must survive.
 void maybe_kill(int layers_done) {
   const char* k = std::getenv("DQ_KILL_AFTER_LAYER");
   if (k && std::atoi(k) == layers_done) std::raise(SIGKILL);
@@ -184,6 +185,7 @@ json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progr
     model_out.sync();
     state["model_tensors"] = model_out.written();
     ck.save();
+    maybe_kill(0);
   }
   LayerActivations x;
   if (gptq_mode) {
