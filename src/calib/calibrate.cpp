@@ -1,9 +1,14 @@
 #include "calib/calibrate.h"
 
+#include "io/file.h"
 #include "io/report.h"
+#include "io/safetensors.h"
 #include "model/layerwise.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
@@ -59,6 +64,36 @@ class Sample {
     void* p = mmap(nullptr, map_bytes_, PROT_READ, MAP_PRIVATE, fileno(file_), 0);
     if (p == MAP_FAILED) throw Error("cannot map captured activations");
     map_ = p;
+  }
+
+  // Checkpoints: all rows as raw bf16 (after finish()), and a Sample that maps such a file.
+  void save(const std::string& path) const {
+    const size_t in_mem = mem_.size() * sizeof(uint16_t);
+    write_file_atomic(path, [&](OutStream& out) {
+      out.write(mem_.data(), in_mem);
+      if (map_) out.write(map_, map_bytes_);
+    });
+  }
+  static Sample mapped(const std::string& path, int64_t cols) {
+    Sample s(cols, nullptr);
+    const int fd = ::open(path.c_str(), O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0 || st.st_size % (cols * 2) != 0) {
+      if (fd >= 0) ::close(fd);
+      throw Error(path + ": missing or truncated captured activations");
+    }
+    s.file_rows_ = st.st_size / (cols * 2);
+    s.map_bytes_ = size_t(st.st_size);
+    if (s.map_bytes_ > 0) {
+      void* p = mmap(nullptr, s.map_bytes_, PROT_READ, MAP_PRIVATE, fd, 0);
+      if (p == MAP_FAILED) {
+        ::close(fd);
+        throw Error(path + ": cannot map captured activations");
+      }
+      s.map_ = p;
+    }
+    ::close(fd);
+    return s;
   }
 
   Matrix gather(const std::vector<int64_t>& idx, size_t from, size_t n) const {
@@ -133,18 +168,36 @@ nlohmann::json train(const Sample& s, int64_t batch_rows, int epochs, uint64_t s
   return curve;
 }
 
-}  // namespace
+// Checkpoint files: captured token vectors, and rotations as they are learnt.
+const std::string kR1Sample = "calib-r1-tokens.bin", kR1File = "calib-R1.safetensors";
+std::string r2_sample(int l) { return "calib-r2-tokens-" + std::to_string(l) + ".bin"; }
+std::string r2_file(int l) { return "calib-R2-" + std::to_string(l) + ".safetensors"; }
 
-CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int windows, int len,
-                      const CalibOptions& o, const CalibProgress& progress) {
+void save_rotation_part(const std::string& path, const std::string& name, const std::vector<Matrix>& rs) {
+  std::vector<TensorBlob> blobs;
+  for (size_t i = 0; i < rs.size(); ++i) blobs.push_back(blob_from_matrix(name + "." + std::to_string(i), rs[i], DType::F32));
+  write_safetensors(path, blobs);
+}
+
+std::vector<Matrix> load_rotation_part(const std::string& path, const std::string& name, int count) {
+  SafetensorsFile f(path);
+  std::vector<Matrix> rs;
+  for (int i = 0; i < count; ++i) {
+    const TensorInfo& t = f.at(name + "." + std::to_string(i));
+    if (t.shape.size() != 2 || t.dtype != DType::F32) throw Error(path + ": not a checkpointed rotation");
+    Matrix r(t.shape[0], t.shape[1]);
+    convert_to_f32(t.dtype, t.data, r.size(), r.data.data());
+    rs.push_back(std::move(r));
+  }
+  return rs;
+}
+
+// One layer-by-layer pass of the FP model with the capture hook: only one layer's fused weights
+// exist at a time (in `fused`, a cheap copy of m sharing the mapped tensors); fusing an already
+// fused layer changes nothing.
+void capture(const Model& m, const std::vector<int32_t>& calib, int windows, int len, CaptureHook& cap,
+             const CalibProgress& progress) {
   const ModelConfig& c = m.config;
-  if (o.token_ratio <= 0 || o.token_ratio > 1) throw Error("--token-ratio must be in (0, 1]");
-  if (o.epochs < 1 || o.batch < 1) throw Error("--epochs and --batch must be positive");
-  CalibResult res;
-  auto t0 = Clock::now();
-  CaptureHook cap(c, o.token_ratio, o.seed, int64_t(o.memory_mib) << 20);
-  // Layer by layer: only one layer's fused weights exist at a time (in `fused`, a cheap copy of m
-  // that shares the mapped tensors); fusing an already fused layer changes nothing.
   Model fused = m;
   LayerActivations x(m, calib, windows, len);
   for (int l = 0; l < c.num_layers; ++l) {
@@ -154,42 +207,97 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
     release_layer(m, l);
     if (progress) progress("capture", l + 1, c.num_layers);
   }
-  int64_t spilled = cap.r1_.spilled_rows();
   cap.r1_.finish();
-  for (Sample& s : cap.r2_) {
-    s.finish();
-    spilled += s.spilled_rows();
+  for (Sample& s : cap.r2_) s.finish();
+}
+
+nlohmann::json capture_report(const CaptureHook& cap) {
+  int64_t spilled = cap.r1_.spilled_rows();
+  for (const Sample& s : cap.r2_) spilled += s.spilled_rows();
+  return {{"spilled_rows", spilled},
+          {"capture_peak_rss_mib", peak_rss_mib()},
+          {"kept_tokens_r1", cap.r1_.rows()},
+          {"kept_tokens_r2_per_layer", cap.r2_.empty() ? 0 : cap.r2_[0].rows()}};
+}
+
+}  // namespace
+
+void drop_calibration_checkpoint(Checkpoint& ck, const ModelConfig& c) {
+  ck.remove(kR1Sample);
+  ck.remove(kR1File);
+  for (int l = 0; l < c.num_layers; ++l) {
+    ck.remove(r2_sample(l));
+    ck.remove(r2_file(l));
   }
-  res.report["capture_seconds"] = since(t0);
-  res.report["spilled_rows"] = spilled;
-  res.report["capture_peak_rss_mib"] = peak_rss_mib();
-  res.report["kept_tokens_r1"] = cap.r1_.rows();
-  res.report["kept_tokens_r2_per_layer"] = cap.r2_.empty() ? 0 : cap.r2_[0].rows();
+  ck.state().erase("calibration_progress");
+}
+
+CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int windows, int len,
+                      const CalibOptions& o, const CalibProgress& progress, Checkpoint* ck) {
+  const ModelConfig& c = m.config;
+  if (o.token_ratio <= 0 || o.token_ratio > 1) throw Error("--token-ratio must be in (0, 1]");
+  if (o.epochs < 1 || o.batch < 1) throw Error("--epochs and --batch must be positive");
+  CalibResult res;
+  CaptureHook cap(c, o.token_ratio, o.seed, int64_t(o.memory_mib) << 20);
+  nlohmann::json* saved = ck ? &ck->state()["calibration_progress"] : nullptr;
+  if (saved && saved->contains("report")) {
+    res.report = (*saved)["report"];
+    cap.r1_ = Sample::mapped(ck->file(kR1Sample), c.hidden_size);
+    for (int l = 0; l < c.num_layers; ++l) cap.r2_[size_t(l)] = Sample::mapped(ck->file(r2_sample(l)), c.q_dim());
+  } else {
+    auto t0 = Clock::now();
+    capture(m, calib, windows, len, cap, progress);
+    res.report = capture_report(cap);
+    res.report["capture_seconds"] = since(t0);
+    if (ck) {
+      cap.r1_.save(ck->file(kR1Sample));
+      for (int l = 0; l < c.num_layers; ++l) cap.r2_[size_t(l)].save(ck->file(r2_sample(l)));
+      (*saved)["report"] = res.report;
+      ck->save("capture");
+    }
+  }
   if (cap.r1_.rows() == 0) throw Error("no token vectors were kept; raise --token-ratio or --nsamples");
 
   const int64_t batch_rows = std::max<int64_t>(1, int64_t(double(o.batch) * len * o.token_ratio));
   res.report["batch_rows"] = batch_rows;
   Rotations init = random_hadamard_rotations(c, o.seed);  // DartQuant starts from a random Hadamard
-  auto t1 = Clock::now();
-  RotationOptimizer r1(init.r1, o.r1);
-  res.report["r1_curve"] = train(cap.r1_, batch_rows, o.epochs, o.seed + 1,
-                                 [&](const Matrix& x) { return r1.step(x); },
-                                 [&](int e, int n) { if (progress) progress("R1", e, n); });
-  res.rotations.r1 = r1.rotation();
-  res.report["r1_seconds"] = since(t1);
-  res.report["r1_peak_rss_mib"] = peak_rss_mib();
+  if (res.report.contains("r1_curve")) {
+    res.rotations.r1 = load_rotation_part(ck->file(kR1File), "R1", 1)[0];
+  } else {
+    auto t1 = Clock::now();
+    RotationOptimizer r1(init.r1, o.r1);
+    res.report["r1_curve"] = train(cap.r1_, batch_rows, o.epochs, o.seed + 1,
+                                   [&](const Matrix& x) { return r1.step(x); },
+                                   [&](int e, int n) { if (progress) progress("R1", e, n); });
+    res.rotations.r1 = r1.rotation();
+    res.report["r1_seconds"] = since(t1);
+    res.report["r1_peak_rss_mib"] = peak_rss_mib();
+    if (ck) {
+      save_rotation_part(ck->file(kR1File), "R1", {res.rotations.r1});
+      (*saved)["report"] = res.report;
+      ck->save("r1");
+    }
+  }
 
   auto t2 = Clock::now();
-  nlohmann::json r2_curves = nlohmann::json::array();
+  if (!res.report.contains("r2_curves")) res.report["r2_curves"] = nlohmann::json::array();
   res.rotations.r2.resize(size_t(c.num_layers));
   for (int l = 0; l < c.num_layers; ++l) {
+    if (size_t(l) < res.report["r2_curves"].size()) {
+      res.rotations.r2[size_t(l)] = load_rotation_part(ck->file(r2_file(l)), "R2", c.num_kv_heads);
+      continue;
+    }
     BatchedRotationOptimizer r2(init.r2[size_t(l)], c.num_heads, o.r2);
-    r2_curves.push_back(train(cap.r2_[size_t(l)], batch_rows, o.epochs, o.seed + 2 + uint64_t(l),
-                              [&](const Matrix& x) { return r2.step(x); }, nullptr));
+    res.report["r2_curves"].push_back(train(cap.r2_[size_t(l)], batch_rows, o.epochs, o.seed + 2 + uint64_t(l),
+                                            [&](const Matrix& x) { return r2.step(x); }, nullptr));
     res.rotations.r2[size_t(l)] = r2.rotations();
+    if (ck) {
+      save_rotation_part(ck->file(r2_file(l)), "R2", res.rotations.r2[size_t(l)]);
+      (*saved)["report"] = res.report;
+      ck->save("r2-" + std::to_string(l));
+    }
     if (progress) progress("R2", l + 1, c.num_layers);
   }
-  res.report["r2_curves"] = r2_curves;
   res.report["r2_seconds"] = since(t2);
   res.report["r2_peak_rss_mib"] = peak_rss_mib();
   return res;

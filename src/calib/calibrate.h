@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "calib/orth_optim.h"
+#include "io/checkpoint.h"
 #include "rotate/rotate.h"
 
 namespace dq {
@@ -30,7 +31,12 @@ using CalibProgress = std::function<void(const std::string& stage, int done, int
 
 // m must be unrotated (its norms fused or not: capture fuses each layer as it goes); calib holds
 // windows x len tokens.
+// With a checkpoint, progress is saved after the capture, R1 and each layer's R2 (files calib-* in
+// its directory, state under "calibration_progress"), and a resumed checkpoint continues from
+// there to the same rotations.
 CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int windows, int len,
-                      const CalibOptions& o, const CalibProgress& progress = nullptr);
+                      const CalibOptions& o, const CalibProgress& progress = nullptr, Checkpoint* ck = nullptr);
+// Removes calibrate's checkpoint files and state once its result is saved elsewhere.
+void drop_calibration_checkpoint(Checkpoint& ck, const ModelConfig& c);
 
 }  // namespace dq

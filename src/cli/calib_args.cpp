@@ -1,5 +1,9 @@
 #include "cli/calib_args.h"
 
+#include <filesystem>
+
+#include "tensor/kernels.h"
+
 namespace dq::cli {
 
 void CalibArgs::add_options(CLI::App& app) {
@@ -41,6 +45,19 @@ nlohmann::json CalibArgs::to_json(int effective_seqlen) const {
           {"lr_r1", lr_r1},     {"lr_r2", lr_r2},       {"epochs", epochs},
           {"batch", batch},     {"token_ratio", token_ratio}, {"nsamples", nsamples},
           {"calib_seqlen", effective_seqlen}, {"seed", seed}, {"calib_memory_mib", calib_memory}};
+}
+
+}  // namespace dq::cli
+
+namespace dq::cli {
+
+nlohmann::json CalibArgs::fingerprint(const std::string& model, const std::string& tokenizer,
+                                      const std::vector<int32_t>& tokens, int effective_seqlen) const {
+  uint64_t digest = 1469598103934665603ull;  // FNV-1a
+  for (int32_t t : tokens) digest = (digest ^ uint64_t(uint32_t(t))) * 1099511628211ull;
+  auto absolute = [](const std::string& p) { return p.empty() ? p : std::filesystem::absolute(p).string(); };
+  return {{"calibration", to_json(effective_seqlen)}, {"model", absolute(model)}, {"tokenizer", absolute(tokenizer)},
+          {"calib_tokens", std::to_string(digest)}, {"threads", num_threads()}};
 }
 
 }  // namespace dq::cli

@@ -17,6 +17,11 @@ struct CalibArgs {
   void add_options(CLI::App& app);  // --calib is added by the command (required or not)
   CalibOptions options() const;
   nlohmann::json to_json(int effective_seqlen) const;
+  // What a resumable job's checkpoint must share with the run that resumes it: these options, the
+  // model and tokenizer paths, the calibration tokens themselves (a digest) and the thread count
+  // (BLAS sums in another order on another count).
+  nlohmann::json fingerprint(const std::string& model, const std::string& tokenizer,
+                             const std::vector<int32_t>& tokens, int effective_seqlen) const;
 };
 
 }  // namespace dq::cli

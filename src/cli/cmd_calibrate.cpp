@@ -3,6 +3,7 @@
 
 #include "cli/calib_args.h"
 #include "cli/command.h"
+#include "io/file.h"
 #include "eval/html_report.h"
 #include "eval/perplexity.h"
 #include "io/report.h"
@@ -14,6 +15,7 @@ namespace {
 struct CalibrateArgs {
   std::string model, tokenizer, out, json, html;
   CalibArgs cal;
+  bool resume = false;
 };
 
 int run_calibrate(const CalibrateArgs& a) {
@@ -22,8 +24,17 @@ int run_calibrate(const CalibrateArgs& a) {
   std::vector<int32_t> ids = tokenize_file(m, a.cal.calib);
   const int len = std::min<int>(a.cal.calib_seqlen, int(ids.size()) - 1);
   std::vector<int32_t> calib = sample_windows(ids, a.cal.nsamples, len, a.cal.seed);
-  CalibResult r = calibrate(m, calib, a.cal.nsamples, len, a.cal.options(), progress_line);
-  save_rotations(a.out, r.rotations);
+  Checkpoint ck(a.out, a.cal.fingerprint(a.model, a.tokenizer, calib, len), a.resume);
+  CalibResult r;
+  try {
+    r = calibrate(m, calib, a.cal.nsamples, len, a.cal.options(), progress_line, &ck);
+  } catch (const Error& e) {
+    if (file_exists(ck.file("state.json")))
+      throw Error(std::string(e.what()) + " (progress kept in " + ck.dir() + "; rerun with --resume)");
+    throw;
+  }
+  save_rotations(ck.file("rotations.safetensors"), r.rotations);
+  ck.commit_file("rotations.safetensors", a.out);
   const auto& curve = r.report["r1_curve"];
   if (!curve.empty())
     std::printf("R1 loss %.5f -> %.5f over %zu steps (%.1f s); kept %lld token vectors\n",
@@ -52,6 +63,8 @@ RegisterCommand reg("calibrate", "learn DartQuant rotations R1/R2 from calibrati
   app.add_option("--calib", a->cal.calib, "calibration text")->required();
   app.add_option("--out", a->out, "rotations.safetensors to write")->required();
   a->cal.add_options(app);
+  app.add_flag("--resume", a->resume,
+               "continue an interrupted run from OUT.partial (same options and inputs), else start over");
   app.add_option("--json", a->json, "write a JSON report (loss curves, stage times) here");
   app.add_option("--html", a->html, "write a self-contained HTML report (loss curves) here");
   return [a] { return run_calibrate(*a); };

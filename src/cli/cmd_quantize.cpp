@@ -13,7 +13,6 @@
 #include "io/report.h"
 #include "eval/runtime.h"
 #include "pipeline/quantize.h"
-#include "tensor/kernels.h"
 
 namespace dq::cli {
 namespace {
@@ -31,13 +30,6 @@ struct QuantizeArgs {
   int experts_per_pass = 0;
   CalibArgs cal;
 };
-
-// A cheap digest of the calibration tokens, so a checkpoint notices an edited calibration text.
-uint64_t fnv1a(const std::vector<int32_t>& v) {
-  uint64_t h = 1469598103934665603ull;
-  for (int32_t x : v) h = (h ^ uint64_t(uint32_t(x))) * 1099511628211ull;
-  return h;
-}
 
 int run_quantize(const QuantizeArgs& a) {
   if (a.rotation != "none" && a.rotation != "quarot" && a.rotation != "dartquant")
@@ -85,17 +77,11 @@ int run_quantize(const QuantizeArgs& a) {
       {"kv_cache", {{"bits", a.kv_bits}, {"symmetric", false}, {"clip_ratio", a.kv_clip}}},
       {"rotation", {{"kind", a.rotation}, {"seed", a.cal.seed}}},
       {"online", {{"r3", job.r3}, {"r4", job.r4}}}};
-  // What a checkpoint must share with this run: the section, the calibration options, the inputs
-  // and the thread count (BLAS sums in a different order on another count).
-  job.fingerprint = {{"section", job.section},
-                     {"calibration", a.cal.to_json(job.len)},
-                     {"model", fs::absolute(a.model).string()},
-                     {"tokenizer", a.tokenizer.empty() ? "" : fs::absolute(a.tokenizer).string()},
-                     {"rotations", a.rotations_file.empty() ? "" : fs::absolute(a.rotations_file).string()},
-                     {"calib_tokens", std::to_string(fnv1a(job.calib))},
-                     {"min_expert_tokens", a.min_expert_tokens},
-                     {"experts_per_pass", a.experts_per_pass},
-                     {"threads", num_threads()}};
+  job.fingerprint = a.cal.fingerprint(a.model, a.tokenizer, job.calib, job.len);
+  job.fingerprint.update({{"section", job.section},
+                          {"rotations", a.rotations_file.empty() ? "" : fs::absolute(a.rotations_file).string()},
+                          {"min_expert_tokens", a.min_expert_tokens},
+                          {"experts_per_pass", a.experts_per_pass}});
   job.resume = a.resume;
 
   nlohmann::json report = {{"model", a.model}, {"out", a.out}};

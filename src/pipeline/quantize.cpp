@@ -1,11 +1,9 @@
 #include "pipeline/quantize.h"
 
 #include <chrono>
-#include <csignal>
-#include <cstdio>
-#include <cstdlib>
 #include <filesystem>
 
+#include "io/checkpoint.h"
 #include "io/file.h"
 #include "io/report.h"
 #include "model/layerwise.h"
@@ -22,72 +20,13 @@ double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::
 constexpr DType kOutDType = DType::F32;  // dequantized weights are exact in f32
 constexpr int64_t kRowChunk = 4096;      // embedding / classifier rows converted at a time
 
-// OUT.partial/state.json and the files beside it. Until the first checkpoint is saved there is
-// nothing worth resuming, so a failure before it removes the directory.
-class Checkpoint {
- public:
-  Checkpoint(const std::string& out, const json& fingerprint, bool resume) : dir_(out + ".partial") {
-    if (resume && file_exists(file("state.json"))) {
-      try {
-        state_ = json::parse(read_file(file("state.json")));
-      } catch (const json::exception&) {
-        throw Error(file("state.json") + ": unreadable checkpoint; rerun without --resume to start over");
-      }
-      if (state_.value("fingerprint", json()) != fingerprint)
-        throw Error(dir_ + ": checkpoint made with other options or inputs; rerun without --resume to start over");
-      keep_ = true;
-      return;
-    }
-    if (resume) std::fprintf(stderr, "note: no checkpoint in %s; starting from the beginning\n", dir_.c_str());
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-    if (!fs::create_directories(dir_, ec) || ec) throw Error(dir_ + ": cannot create (" + ec.message() + ")");
-    state_ = {{"fingerprint", fingerprint}, {"layers_done", 0}, {"model_tensors", 0}, {"code_tensors", 0},
-              {"gptq_layers", json::array()}, {"rtn_fallbacks", 0}};
-  }
-  ~Checkpoint() {
-    std::error_code ec;
-    if (!keep_) fs::remove_all(dir_, ec);
-  }
-  std::string file(const std::string& name) const { return dir_ + "/" + name; }
-  json& state() { return state_; }
-  void save() {
-    write_file_atomic(file("state.json"), [&](OutStream& s) { s.write(state_.dump() + "\n"); });
-    keep_ = true;
-  }
-  // The finished output: checkpoint files go, the directory becomes OUT.
-  void commit(const std::string& out, const std::vector<std::string>& scratch) {
-    std::error_code ec;
-    for (const std::string& f : scratch) fs::remove(file(f), ec);
-    fs::remove(file("state.json"), ec);
-    if (fs::exists(out)) fs::remove_all(out, ec);
-    if (ec) throw Error(out + ": cannot replace (" + ec.message() + ")");
-    fs::rename(dir_, out, ec);
-    if (ec) throw Error(out + ": rename failed (" + ec.message() + ")");
-    keep_ = true;
-  }
-  const std::string& dir() const { return dir_; }
-
- private:
-  std::string dir_;
-  json state_;
-  bool keep_ = false;
-};
-
 std::string activations_file(int layers_done) { return "activations-" + std::to_string(layers_done) + ".bin"; }
 
-// Testing aid: DQ_KILL_AFTER_LAYER=K kills the process (SIGKILL, no cleanup) right after the
-// checkpoint of layer K (0: of the rotations and embedding), the harshest interruption a resume
-// must survive.
-void maybe_kill(int layers_done) {
-  const char* k = std::getenv("DQ_KILL_AFTER_LAYER");
-  if (k && std::atoi(k) == layers_done) std::raise(SIGKILL);
-}
-
-Rotations make_rotations(const Model& m, const QuantizeJob& job, json& report, const JobProgress& progress) {
+Rotations make_rotations(const Model& m, const QuantizeJob& job, Checkpoint& ck, json& report,
+                         const JobProgress& progress) {
   if (!job.rotations_file.empty()) return load_rotations(job.rotations_file, m.config);
   if (job.rotation == "quarot") return random_hadamard_rotations(m.config, job.calib_options.seed);
-  CalibResult cr = calibrate(m, job.calib, job.windows, job.len, job.calib_options, progress);
+  CalibResult cr = calibrate(m, job.calib, job.windows, job.len, job.calib_options, progress, &ck);
   report = std::move(cr.report);
   return std::move(cr.rotations);
 }
@@ -125,8 +64,11 @@ json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progr
 
   Checkpoint ck(job.out, job.fingerprint, job.resume);
   json& state = ck.state();
+  for (const char* k : {"layers_done", "model_tensors", "code_tensors", "rtn_fallbacks"})
+    if (!state.contains(k)) state[k] = 0;
+  if (!state.contains("gptq_layers")) state["gptq_layers"] = json::array();
   const int resumed_at = state["layers_done"].get<int>();
-  if (job.resume && ck.state().contains("rotations")) report["resumed_at_layer"] = resumed_at;
+  if (ck.resumed()) report["resumed_at_layer"] = resumed_at;
 
   // 1. Rotations, checkpointed as soon as they exist (DartQuant calibration is the costly part).
   auto t = Clock::now();
@@ -136,11 +78,12 @@ json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progr
       rot = load_rotations(ck.file("rotations.safetensors"), c);
     } else {
       json calib_report;
-      rot = make_rotations(m, job, calib_report, progress);
+      rot = make_rotations(m, job, ck, calib_report, progress);
       save_rotations(ck.file("rotations.safetensors"), rot);
       state["rotations"] = true;
       if (!calib_report.is_null()) state["calibration"] = calib_report;
-      ck.save();
+      ck.save("rotations");
+      drop_calibration_checkpoint(ck, c);
     }
     stage_done("rotations", t);
   }
@@ -184,8 +127,7 @@ json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progr
     write_rows(m, embed, embed, model_out, rotate ? std::function<void(Matrix&)>(rotate_rows) : nullptr);
     model_out.sync();
     state["model_tensors"] = model_out.written();
-    ck.save();
-    maybe_kill(0);
+    ck.save("embedding");
   }
   LayerActivations x;
   if (gptq_mode) {
@@ -196,6 +138,7 @@ json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progr
   OnlineHadamard online(c, job.r3, job.r4);
   Hooks runtime;
   if (job.r3 || job.r4) runtime.push_back(&online);
+  if (resumed_at > 0) ck.remove(activations_file(resumed_at - 1));  // a kill may precede its removal
   for (int l = resumed_at; l < c.num_layers; ++l) {
     if (rotate) {
       fuse_layer_norms(m, l);
@@ -215,11 +158,9 @@ json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progr
     state["code_tensors"] = codes_out ? codes_out->written() : 0;
     if (gptq_mode) state["gptq_layers"].push_back(q.report);
     state["rtn_fallbacks"] = state["rtn_fallbacks"].get<int>() + q.rtn_fallbacks;
-    ck.save();
-    std::error_code ec;
-    fs::remove(ck.file(activations_file(l)), ec);
+    ck.save("layer-" + std::to_string(l));
+    ck.remove(activations_file(l));
     if (progress) progress("layers", l + 1, c.num_layers);
-    maybe_kill(l + 1);
   }
   stage_done("layers", t);
 
@@ -253,7 +194,7 @@ json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progr
     fs::copy_file(m.tokenizer_path, ck.file(name), fs::copy_options::overwrite_existing, ec);
     if (ec) throw Error(m.tokenizer_path + ": cannot copy tokenizer (" + ec.message() + ")");
   }
-  ck.commit(job.out, {"rotations.safetensors", activations_file(c.num_layers)});
+  ck.commit_dir(job.out, {"rotations.safetensors", activations_file(c.num_layers)});
   stage_done("finish", t);
 
   if (gptq_mode) report["gptq_layers"] = state["gptq_layers"];

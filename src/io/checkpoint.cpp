@@ -1,0 +1,69 @@
+#include "io/checkpoint.h"
+
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+
+#include "io/file.h"
+#include "tensor/tensor.h"
+
+namespace dq {
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+Checkpoint::Checkpoint(const std::string& out, const json& fingerprint, bool resume) : dir_(out + ".partial") {
+  if (resume && file_exists(file("state.json"))) {
+    try {
+      state_ = json::parse(read_file(file("state.json")));
+    } catch (const json::exception&) {
+      throw Error(file("state.json") + ": unreadable checkpoint; rerun without --resume to start over");
+    }
+    if (!state_.is_object() || state_.value("fingerprint", json()) != fingerprint)
+      throw Error(dir_ + ": checkpoint made with other options or inputs; rerun without --resume to start over");
+    keep_ = resumed_ = true;
+    return;
+  }
+  if (resume) std::fprintf(stderr, "note: no checkpoint in %s; starting from the beginning\n", dir_.c_str());
+  std::error_code ec;
+  fs::remove_all(dir_, ec);
+  if (!fs::create_directories(dir_, ec) || ec) throw Error(dir_ + ": cannot create (" + ec.message() + ")");
+  state_ = {{"fingerprint", fingerprint}};
+}
+
+Checkpoint::~Checkpoint() {
+  std::error_code ec;
+  if (!keep_) fs::remove_all(dir_, ec);
+}
+
+void Checkpoint::save(const std::string& label) {
+  write_file_atomic(file("state.json"), [&](OutStream& s) { s.write(state_.dump() + "\n"); });
+  keep_ = true;
+  const char* kill = std::getenv("DQ_KILL_AFTER");
+  if (kill && label == kill) std::raise(SIGKILL);
+}
+
+void Checkpoint::remove(const std::string& name) const {
+  std::error_code ec;
+  fs::remove(file(name), ec);
+}
+
+void Checkpoint::commit_dir(const std::string& out, const std::vector<std::string>& scratch) {
+  for (const std::string& f : scratch) remove(f);
+  remove("state.json");
+  std::error_code ec;
+  if (fs::exists(out)) fs::remove_all(out, ec);
+  if (ec) throw Error(out + ": cannot replace (" + ec.message() + ")");
+  fs::rename(dir_, out, ec);
+  if (ec) throw Error(out + ": rename failed (" + ec.message() + ")");
+  keep_ = true;
+}
+
+void Checkpoint::commit_file(const std::string& name, const std::string& out) {
+  std::error_code ec;
+  fs::rename(file(name), out, ec);
+  if (ec) throw Error(out + ": rename failed (" + ec.message() + ")");
+  keep_ = false;  // the rest of the directory goes with this object
+}
+
+}  // namespace dq
