@@ -1,5 +1,5 @@
-// The backend's GEMM entry points (dq::gemm into a reused output, dq::linear which allocates and
-// zero-fills its output) against raw cblas_sgemm on the same operands, at the linear-layer shapes of
+// The backend's GEMM entry points (dq::gemm into a reused output, dq::linear which allocates its
+// output, and dq::linear into a reused output as the forward pass now calls it) against raw cblas_sgemm on the same operands, at the linear-layer shapes of
 // the models we calibrate: `tokens` rows of activations times an out x in weight (Y = X Wᵀ), plus
 // the per-head attention products (QKᵀ and PV, head_dim 64) the forward pass issues.
 // Counter FLOP/s = 2 m n k per iteration. The fast Hadamard transform against the dense product is
@@ -56,7 +56,7 @@ void BM_Gemm(benchmark::State& state) {
   flops(state, double(m), double(n), double(k));
 }
 
-// dq::linear as the forward pass calls it: a fresh zero-filled output every call.
+// dq::linear with a fresh output every call.
 void BM_Linear(benchmark::State& state) {
   const int64_t m = state.range(0), n = state.range(1), k = state.range(2);
   const dq::Matrix X = random_matrix(m, k, 1), W = random_matrix(n, k, 2);
@@ -67,18 +67,19 @@ void BM_Linear(benchmark::State& state) {
   flops(state, double(m), double(n), double(k));
 }
 
-// The three side by side in every iteration (cblas_sgemm, dq::gemm, dq::linear on the same
-// operands, in rotating order), so their ratios hold on a shared machine whose load drifts between
-// benchmarks. Reported time is dq::linear's; counters give each rate and the ratios to raw sgemm.
+// The four side by side in every iteration (cblas_sgemm, dq::gemm, dq::linear with a fresh output,
+// dq::linear into a reused output, on the same operands, in rotating order), so their ratios hold on
+// a shared machine whose load drifts between benchmarks. Reported time is the fresh dq::linear's;
+// counters give each rate and the ratios to raw sgemm.
 void BM_GemmVsCblas(benchmark::State& state) {
   const int64_t m = state.range(0), n = state.range(1), k = state.range(2);
   const dq::Matrix X = random_matrix(m, k, 1), W = random_matrix(n, k, 2);
-  dq::Matrix C(m, n), G(m, n);
-  double t[3] = {0, 0, 0};
+  dq::Matrix C(m, n), G(m, n), R(m, n);
+  double t[4] = {0, 0, 0, 0};
   int64_t it = 0;
   for (auto _ : state) {
-    for (int j = 0; j < 3; ++j) {
-      const int which = int((it + j) % 3);
+    for (int j = 0; j < 4; ++j) {
+      const int which = int((it + j) % 4);
       auto a = std::chrono::steady_clock::now();
       if (which == 0) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.f, X.data.data(), int(k),
@@ -87,9 +88,12 @@ void BM_GemmVsCblas(benchmark::State& state) {
       } else if (which == 1) {
         dq::gemm(X, false, W, true, G);
         benchmark::DoNotOptimize(G.data.data());
-      } else {
+      } else if (which == 2) {
         dq::Matrix Y = dq::linear(X, W);
         benchmark::DoNotOptimize(Y.data.data());
+      } else {
+        dq::linear(X, W, R);
+        benchmark::DoNotOptimize(R.data.data());
       }
       benchmark::ClobberMemory();
       const double d = std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
@@ -102,6 +106,7 @@ void BM_GemmVsCblas(benchmark::State& state) {
   state.counters["sgemm_GFLOP/s"] = f / t[0] / 1e9;
   state.counters["gemm/sgemm"] = t[0] / t[1];
   state.counters["linear/sgemm"] = t[0] / t[2];
+  state.counters["linear_reuse/sgemm"] = t[0] / t[3];
 }
 
 // One head's attention products at sequence length `seq`: scores = Q Kᵀ (seq x seq x hd) and

@@ -42,24 +42,22 @@ static void check_finite(const Model& m, const std::string& name, const Matrix& 
 }
 
 LayerWeights load_layer(const Model& m, int layer) {
+  // Weights::get converts in parallel and checks finiteness while converting.
+  auto get = [&](const std::string& name) {
+    if (!m.weights.has(name)) throw Error(m.source + ": missing tensor '" + name + "'");
+    bool finite = true;
+    Matrix t = m.weights.get(name, &finite);
+    if (!finite) throw Error(m.source + ": tensor '" + name + "' contains NaN or Inf");
+    return t;
+  };
   LayerWeights w;
   Matrix* slots[] = {&w.attn_norm, &w.q, &w.k, &w.v, &w.o, &w.q_bias, &w.k_bias, &w.v_bias,
                      &w.mlp_norm};
   for (size_t i = 0; i < std::size(kLayerTensors); ++i) {
     std::string name = layer_name(layer, kLayerTensors[i]);
-    if (!m.weights.has(name)) {
-      if (std::strstr(kLayerTensors[i], "bias")) continue;
-      throw Error(m.source + ": missing tensor '" + name + "'");
-    }
-    *slots[i] = m.weights.get(name);
-    check_finite(m, name, *slots[i]);
+    if (!m.weights.has(name) && std::strstr(kLayerTensors[i], "bias")) continue;
+    *slots[i] = get(name);
   }
-  auto get = [&](const std::string& name) {
-    if (!m.weights.has(name)) throw Error(m.source + ": missing tensor '" + name + "'");
-    Matrix t = m.weights.get(name);
-    check_finite(m, name, t);
-    return t;
-  };
   const std::string router = router_name(m.config, layer);
   if (!router.empty()) w.router = get(router);
   for (const ExpertSpec& e : mlp_experts(m.config, layer)) w.experts.push_back({get(e.gate), get(e.up), get(e.down)});
@@ -145,13 +143,14 @@ static void add_bias(Matrix& x, const Matrix& b) {
 // and OpenMP thread pools spin against each other. Queries go in blocks of kAttnBlock rows, each
 // against only the keys it can see (up to its last row, from its first row's sliding-window start):
 // the masked upper triangle is neither multiplied nor exponentiated, and the scores stay cache-sized.
-static Matrix attention(const ModelConfig& c, const Matrix& q, const Matrix& k, const Matrix& v,
-                        int batch, int seq) {
+// `out` is reshaped to [tokens, q_dim], reusing its storage; every element is overwritten.
+static void attention(const ModelConfig& c, const Matrix& q, const Matrix& k, const Matrix& v,
+                      int batch, int seq, Matrix& out) {
   constexpr int kAttnBlock = 256;
   const int hd = c.head_dim, group = c.num_heads / c.num_kv_heads;
   const int64_t qd = c.q_dim(), kvd = c.kv_dim();
   const float scale = 1.f / std::sqrt(float(hd));
-  Matrix out(q.rows, qd);
+  out.reshape_for_overwrite(q.rows, qd);
   const int threads = num_threads();
   struct RestoreThreads {
     int n;
@@ -185,7 +184,6 @@ static Matrix attention(const ModelConfig& c, const Matrix& q, const Matrix& k, 
       }
     }
   }
-  return out;
 }
 
 static void add_into(Matrix& x, const Matrix& y) {
@@ -237,7 +235,11 @@ static void mlp_forward(const ModelConfig& c, const LayerWeights& w, int layer, 
       gains[size_t(r.expert[j])].push_back(r.weight[j]);
     }
   }
-  Matrix y(x.rows, x.cols);
+  // Routed experts' outputs are summed in y before x (the reference's order); a dense MLP adds its
+  // one output straight into x. gate/up/out are reused across experts.
+  Matrix y, gate, up, out;
+  if (routed > 0) y = Matrix(x.rows, x.cols);
+  Matrix& acc = routed > 0 ? y : x;
   for (int e = 0; e < int(w.experts.size()); ++e) {
     const bool always = e >= routed;
     if (!always && rows[size_t(e)].empty()) continue;
@@ -250,12 +252,13 @@ static void mlp_forward(const ModelConfig& c, const LayerWeights& w, int layer, 
     Matrix& in = always ? h : gathered;
     run_expert_hooks(hooks, Site::ExpertIn, layer, e, in);
     const ExpertWeights& ew = w.experts[size_t(e)];
-    Matrix gate = linear(in, ew.gate);
-    swiglu(gate, linear(in, ew.up));
+    linear(in, ew.gate, gate);
+    linear(in, ew.up, up);
+    swiglu(gate, up);
     run_expert_hooks(hooks, Site::DownIn, layer, e, gate);
-    const Matrix out = linear(gate, ew.down);
+    linear(gate, ew.down, out);
     if (always) {
-      add_into(y, out);
+      add_into(acc, out);
       continue;
     }
     const auto& rs = rows[size_t(e)];
@@ -267,7 +270,7 @@ static void mlp_forward(const ModelConfig& c, const LayerWeights& w, int layer, 
       for (int64_t j = 0; j < y.cols; ++j) dst[j] += gs[size_t(i)] * src[j];
     }
   }
-  add_into(x, y);
+  if (routed > 0) add_into(x, y);
 }
 
 void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matrix& x, int batch,
@@ -275,7 +278,10 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
   Matrix h = x;
   rmsnorm(h, w.attn_norm.data.data(), c.rms_eps);
   run_hooks(hooks, Site::AttnIn, layer, h);
-  Matrix q = linear(h, w.q), k = linear(h, w.k), v = linear(h, w.v);
+  Matrix q, k, v;
+  linear(h, w.q, q);
+  linear(h, w.k, k);
+  linear(h, w.v, v);
   add_bias(q, w.q_bias);
   add_bias(k, w.k_bias);
   add_bias(v, w.v_bias);
@@ -284,9 +290,11 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
   run_hooks(hooks, Site::Q, layer, q);
   run_hooks(hooks, Site::K, layer, k);
   run_hooks(hooks, Site::V, layer, v);
-  Matrix att = attention(c, q, k, v, batch, seq);
+  Matrix& att = h;  // h is spent once q, k, v exist: the attention output takes its storage
+  attention(c, q, k, v, batch, seq, att);
   run_hooks(hooks, Site::OprojIn, layer, att);
-  add_into(x, linear(att, w.o));
+  linear(att, w.o, q);  // so does q's for the o_proj output
+  add_into(x, q);
 
   h = x;
   rmsnorm(h, w.mlp_norm.data.data(), c.rms_eps);

@@ -14,18 +14,25 @@ const Weights::Entry& Weights::entry(const std::string& name) const {
   return it->second;
 }
 
-Matrix Weights::get(const std::string& name) const {
+Matrix Weights::get(const std::string& name, bool* all_finite) const {
   const Entry& e = entry(name);
-  if (e.owned) return *e.owned;
-  const TensorInfo& t = *e.info;
-  if (t.shape.empty() || t.shape.size() > 2)
-    throw Error(e.file->file().path() + ": tensor '" + name + "' is not 1-D or 2-D");
-  Matrix m(t.shape.size() == 1 ? 1 : t.shape[0], t.shape.back());
-  try {
-    convert_to_f32(t.dtype, t.data, m.size(), m.data.data());
-  } catch (const Error& err) {
-    throw Error(e.file->file().path() + ": tensor '" + name + "': " + err.what());
+  bool finite;
+  Matrix m;
+  if (e.owned) {
+    m = Matrix(e.owned->rows, e.owned->cols);
+    finite = convert_to_f32(DType::F32, e.owned->data.data(), m.size(), m.data.data());
+  } else {
+    const TensorInfo& t = *e.info;
+    if (t.shape.empty() || t.shape.size() > 2)
+      throw Error(e.file->file().path() + ": tensor '" + name + "' is not 1-D or 2-D");
+    m = Matrix(t.shape.size() == 1 ? 1 : t.shape[0], t.shape.back());
+    try {
+      finite = convert_to_f32(t.dtype, t.data, m.size(), m.data.data());
+    } catch (const Error& err) {
+      throw Error(e.file->file().path() + ": tensor '" + name + "': " + err.what());
+    }
   }
+  if (all_finite) *all_finite = finite;
   return m;
 }
 

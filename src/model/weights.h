@@ -17,7 +17,8 @@ class Weights {
   void add_file(std::shared_ptr<const SafetensorsFile> file);  // registers all of its tensors
   bool has(const std::string& name) const { return entries_.count(name) > 0; }
   // An f32 copy; a 1-D tensor becomes a 1 x n matrix. Throws Error naming a missing tensor.
-  Matrix get(const std::string& name) const;
+  // When all_finite is given, it is set to whether every value is finite (checked while copying).
+  Matrix get(const std::string& name, bool* all_finite = nullptr) const;
   // Rows [row0, row0 + n) of a 2-D tensor as f32, converting only those: embedding lookups and
   // classifier chunks need no f32 copy of a whole 128k-row table.
   Matrix get_rows(const std::string& name, int64_t row0, int64_t n) const;

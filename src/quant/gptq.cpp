@@ -29,14 +29,14 @@ void HessianAccumulator::add(const float* X, int64_t tokens) {
   // Bounded chunks keep the f32 partial sums short; the running total is f64.
   constexpr int64_t kChunk = 4096;
   const int64_t d = dim_;
-  chunk_.resize(size_t(d * d));
+  std::vector<float> chunk(size_t(d * d));  // one chunk's XᵀX; freed between calls
   for (int64_t t0 = 0; t0 < tokens; t0 += kChunk) {
     int64_t m = std::min(kChunk, tokens - t0);
     cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, int(d), int(m), 1.f, X + t0 * d, int(d), 0.f,
-                chunk_.data(), int(d));
+                chunk.data(), int(d));
 #pragma omp parallel for schedule(dynamic, 16)
     for (int64_t i = 0; i < d; ++i)
-      for (int64_t j = i; j < d; ++j) sum_[size_t(i * d + j)] += chunk_[size_t(i * d + j)];
+      for (int64_t j = i; j < d; ++j) sum_[size_t(i * d + j)] += chunk[size_t(i * d + j)];
   }
   tokens_ += tokens;
 }
@@ -91,12 +91,13 @@ bool all_finite(const Matrix& m) {
 }
 
 template <class T>
-GptqResult run(const Matrix& W0, const Matrix& H0, const QuantSpec& spec, const GptqOptions& opt) {
+GptqResult run(const Matrix& W0, Matrix H0, const QuantSpec& spec, const GptqOptions& opt) {
   const int64_t rows = W0.rows, n = W0.cols;
   const int maxq = spec.maxq();
   GptqResult res;
 
   std::vector<double> H(H0.data.begin(), H0.data.end());
+  H0 = Matrix();
   std::vector<T> W(W0.data.begin(), W0.data.end());
   for (int64_t j = 0; j < n; ++j) {
     if (H[size_t(j * n + j)] != 0.0) continue;
@@ -223,7 +224,7 @@ GptqResult run(const Matrix& W0, const Matrix& H0, const QuantSpec& spec, const 
 
 }  // namespace
 
-GptqResult gptq(const Matrix& W, const Matrix& H, const QuantSpec& spec, const GptqOptions& opt) {
+GptqResult gptq(const Matrix& W, Matrix H, const QuantSpec& spec, const GptqOptions& opt) {
   spec.validate();
   if (!spec.enabled()) throw Error("gptq: 16 bits means not quantized");
   if (spec.per_tensor) throw Error("gptq: per-tensor quantization is not supported");
@@ -237,7 +238,7 @@ GptqResult gptq(const Matrix& W, const Matrix& H, const QuantSpec& spec, const G
     throw Error("gptq: act_order with groups needs static_groups (stored groups are contiguous)");
   if (!all_finite(W)) throw Error("gptq: non-finite weight");
   if (!all_finite(H)) throw Error("gptq: non-finite Hessian");
-  return opt.f64 ? run<double>(W, H, spec, opt) : run<float>(W, H, spec, opt);
+  return opt.f64 ? run<double>(W, std::move(H), spec, opt) : run<float>(W, std::move(H), spec, opt);
 }
 
 }  // namespace dq

@@ -26,7 +26,6 @@ class HessianAccumulator {
  private:
   int64_t dim_ = 0, tokens_ = 0;
   std::vector<double> sum_;   // upper triangle of XᵀX, row-major dim x dim
-  std::vector<float> chunk_;  // scratch for one chunk's XᵀX
 };
 
 struct GptqOptions {
@@ -52,10 +51,10 @@ struct GptqResult {
   int64_t dead_columns = 0;  // columns with diag(H) == 0 (their weights are set to 0)
 };
 
-// W: out x in (f32), H: in x in, symmetric. Dead columns get H_jj = 1 and W[:, j] = 0 (no input
+// W: out x in (f32), H: in x in, symmetric; taken by value so a caller done with it can move it in
+// (an 8192-wide Hessian is 256 MiB, freed once converted to f64). Dead columns get H_jj = 1 and W[:, j] = 0 (no input
 // ever reaches them). Throws Error on shape mismatch, a non-finite H or W, !spec.enabled(),
 // per-tensor specs, or when the Cholesky factorisation still fails after max_retries.
-GptqResult gptq(const Matrix& W, const Matrix& H, const QuantSpec& spec,
-                const GptqOptions& opt = {});
+GptqResult gptq(const Matrix& W, Matrix H, const QuantSpec& spec, const GptqOptions& opt = {});
 
 }  // namespace dq

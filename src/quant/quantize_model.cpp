@@ -109,18 +109,24 @@ LayerQuantResult quantize_layer(Model& m, int l, const WeightQuantOptions& o, La
   const bool gptq_mode = o.method == "gptq";
   if (gptq_mode && (!x || x->empty())) throw Error("GPTQ needs calibration activations");
   const std::string prefix = layer_name(l, "");
-  // GPTQ with the Hessian of its input, or RTN without one (or with too few routed tokens).
-  auto quantize_linear = [&](const std::string& name, HessianAccumulator* h, bool expert) {
+  // A Hessian in f32, made from its (f64) accumulator once the layer's statistics pass is over.
+  struct Stats {
+    Matrix hessian;
+    int64_t tokens = 0;
+  };
+  // GPTQ with the Hessian of its input, or RTN without one (or with too few routed tokens). The
+  // Hessian's last user moves it into GPTQ, which frees it once converted.
+  auto quantize_linear = [&](const std::string& name, Stats* st, bool expert, bool last_use) {
     Matrix W = m.weights.get(name);
     nlohmann::json& entry = r.report[name.substr(prefix.size())];
-    if (h && expert) entry["tokens"] = h->tokens();
-    if (h && (!expert || h->tokens() >= o.min_expert_tokens)) {
-      GptqResult g = gptq(W, h->hessian(), o.spec, o.gptq);
+    if (st && expert) entry["tokens"] = st->tokens;
+    if (st && (!expert || st->tokens >= o.min_expert_tokens)) {
+      GptqResult g = gptq(W, last_use ? std::move(st->hessian) : st->hessian, o.spec, o.gptq);
       entry.update({{"error", g.error}, {"damp", g.damp}, {"retries", g.retries}, {"dead_columns", g.dead_columns}});
       store(r.codes, name, g.q);
       m.weights.set(name, std::move(g.weight));
     } else {
-      if (h) entry["method"] = "rtn";
+      if (st) entry["method"] = "rtn";
       QuantizedMatrix q = quantize(W, o.spec);
       store(r.codes, name, q);
       m.weights.set(name, q.dequantize());
@@ -132,25 +138,31 @@ LayerQuantResult quantize_layer(Model& m, int l, const WeightQuantOptions& o, La
   if (gptq_mode) w = load_layer(m, l);
   for (int e0 = 0; e0 < n; e0 += per_pass) {
     const int e1 = std::min(n, e0 + per_pass);
-    std::unique_ptr<HessianHook> hh;
+    std::map<std::pair<Site, int>, Stats> stats;
     if (gptq_mode) {
-      hh = std::make_unique<HessianHook>(c, l, e0 == 0, e0, e1);
+      HessianHook hh(c, l, e0 == 0, e0, e1);
       Hooks hooks = runtime;
-      hooks.push_back(hh.get());
+      hooks.push_back(&hh);
       x->run(c, w, l, hooks, false);
+      if (e1 == n) w = LayerWeights();  // the last statistics pass; the f64 accumulators go next
+      std::vector<std::pair<Site, int>> sites;
+      if (e0 == 0) sites = {{Site::AttnIn, 0}, {Site::OprojIn, 0}};
+      for (int e = e0; e < e1; ++e) sites.insert(sites.end(), {{Site::ExpertIn, e}, {Site::DownIn, e}});
+      for (const auto& [site, e] : sites) stats[{site, e}] = {hh.of(site, e)->hessian(), hh.of(site, e)->tokens()};
     }
-    auto hessian = [&](Site s, int e) { return hh ? hh->of(s, e) : nullptr; };
+    auto of = [&](Site s, int e) { return gptq_mode ? &stats.at({s, e}) : nullptr; };
     if (e0 == 0) {
-      for (const char* s : {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"})
-        quantize_linear(layer_name(l, s), hessian(Site::AttnIn, 0), false);
-      quantize_linear(layer_name(l, "self_attn.o_proj.weight"), hessian(Site::OprojIn, 0), false);
+      quantize_linear(layer_name(l, "self_attn.q_proj.weight"), of(Site::AttnIn, 0), false, false);
+      quantize_linear(layer_name(l, "self_attn.k_proj.weight"), of(Site::AttnIn, 0), false, false);
+      quantize_linear(layer_name(l, "self_attn.v_proj.weight"), of(Site::AttnIn, 0), false, true);
+      quantize_linear(layer_name(l, "self_attn.o_proj.weight"), of(Site::OprojIn, 0), false, true);
     }
     for (int e = e0; e < e1; ++e) {
       const ExpertSpec& ex = experts[size_t(e)];
-      quantize_linear(ex.gate, hessian(Site::ExpertIn, e), ex.routed);
-      quantize_linear(ex.up, hessian(Site::ExpertIn, e), ex.routed);
-      quantize_linear(ex.down, hessian(Site::DownIn, e), ex.routed);
-      if (gptq_mode && ex.routed && hessian(Site::DownIn, e)->tokens() < o.min_expert_tokens) ++r.rtn_fallbacks;
+      quantize_linear(ex.gate, of(Site::ExpertIn, e), ex.routed, false);
+      quantize_linear(ex.up, of(Site::ExpertIn, e), ex.routed, true);
+      quantize_linear(ex.down, of(Site::DownIn, e), ex.routed, true);
+      if (gptq_mode && ex.routed && of(Site::DownIn, e)->tokens < o.min_expert_tokens) ++r.rtn_fallbacks;
     }
   }
   // The next layer calibrates on what this quantized layer produces.

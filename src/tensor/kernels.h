@@ -7,11 +7,14 @@
 namespace dq {
 
 // C = alpha * op(A) * op(B) + beta * C with row-major operands; op = transpose when the flag is set.
-// Shapes are checked; C is resized when beta == 0.
+// Shapes are checked; when beta == 0, C is reshaped, reusing its storage if large enough.
 void gemm(const Matrix& A, bool transA, const Matrix& B, bool transB, Matrix& C,
           float alpha = 1.f, float beta = 0.f);
 // Y = X Wᵀ (a linear layer; W is out x in).
 Matrix linear(const Matrix& X, const Matrix& W);
+// The same into Y, reusing Y's storage when large enough: hot loops keep their output buffers
+// instead of allocating (and page-faulting in) a fresh one per call. Y must not be X or W.
+void linear(const Matrix& X, const Matrix& W, Matrix& Y);
 // Y = A B.
 Matrix matmul(const Matrix& A, const Matrix& B);
 

@@ -22,12 +22,13 @@ void gemm(const Matrix& A, bool transA, const Matrix& B, bool transB, Matrix& C,
   if (k != kb) throw Error("gemm: inner dimensions differ (" + std::to_string(k) + " vs " +
                            std::to_string(kb) + ")");
   if (beta == 0.f) {
-    if (C.rows != m || C.cols != n) C = Matrix(m, n);
+    if (C.rows != m || C.cols != n) C.reshape_for_overwrite(m, n);
   } else if (C.rows != m || C.cols != n) {
     throw Error("gemm: output shape mismatch");
   }
   if (k == 0) {
-    for (float& v : C.data) v *= beta;
+    // beta == 0 must not propagate NaN/Inf from reused storage.
+    for (float& v : C.data) v = beta == 0.f ? 0.f : v * beta;
     return;
   }
   sgemm(transA, transB, m, n, k, alpha, A.data.data(), A.cols, B.data.data(), B.cols, beta,
@@ -36,9 +37,11 @@ void gemm(const Matrix& A, bool transA, const Matrix& B, bool transB, Matrix& C,
 
 Matrix linear(const Matrix& X, const Matrix& W) {
   Matrix Y;
-  gemm(X, false, W, true, Y);
+  linear(X, W, Y);
   return Y;
 }
+
+void linear(const Matrix& X, const Matrix& W, Matrix& Y) { gemm(X, false, W, true, Y); }
 
 Matrix matmul(const Matrix& A, const Matrix& B) {
   Matrix Y;

@@ -1,7 +1,11 @@
 #include "tensor/tensor.h"
 
+#include <sys/mman.h>
+
 #include <cmath>
 #include <cstring>
+
+#include "tensor/kernels.h"
 
 namespace dq {
 
@@ -91,26 +95,80 @@ uint16_t f32_to_f16(float f) {
   return uint16_t(sign | r);
 }
 
-void convert_to_f32(DType src, const void* data, size_t n, float* out) {
+namespace {
+
+// Writes out[i] = conv(i) for i < n on the thread pool; returns false if any value is NaN or Inf.
+template <class Conv>
+bool convert_each(size_t n, float* out, Conv conv) {
+  int bad = 0;
+#pragma omp parallel for schedule(static) reduction(| : bad) if (n > size_t(kParallelMinWork))
+  for (int64_t i = 0; i < int64_t(n); ++i) {
+    out[i] = conv(size_t(i));
+    bad |= !std::isfinite(out[i]);
+  }
+  return !bad;
+}
+
+}  // namespace
+
+bool convert_to_f32(DType src, const void* data, size_t n, float* out) {
   switch (src) {
-    case DType::F32: std::memcpy(out, data, n * 4); return;
+    case DType::F32: {
+      const float* f = static_cast<const float*>(data);
+      return convert_each(n, out, [f](size_t i) { return f[i]; });
+    }
     case DType::F64: {
       const double* d = static_cast<const double*>(data);
-      for (size_t i = 0; i < n; ++i) out[i] = float(d[i]);
-      return;
+      return convert_each(n, out, [d](size_t i) { return float(d[i]); });
     }
     case DType::BF16: {
       const uint16_t* h = static_cast<const uint16_t*>(data);
-      for (size_t i = 0; i < n; ++i) out[i] = bf16_to_f32(h[i]);
-      return;
+      return convert_each(n, out, [h](size_t i) { return bf16_to_f32(h[i]); });
     }
     case DType::F16: {
       const uint16_t* h = static_cast<const uint16_t*>(data);
-      for (size_t i = 0; i < n; ++i) out[i] = f16_to_f32(h[i]);
-      return;
+      return convert_each(n, out, [h](size_t i) { return f16_to_f32(h[i]); });
     }
     default: throw Error(std::string("cannot convert ") + dtype_name(src) + " to f32");
   }
+}
+
+namespace {
+
+// Reserves n floats in an empty vector and, for large ones, asks the kernel for transparent huge
+// pages before anything touches them (pages are faulted in on first write, 512x fewer faults).
+void reserve_huge(std::vector<float>& v, size_t n) {
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  v.reserve(n);
+#ifdef MADV_HUGEPAGE
+  if (n * sizeof(float) < 2 * kHuge) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(v.data());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + n * sizeof(float)) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only: errors are harmless
+#endif
+}
+
+}  // namespace
+
+Matrix::Matrix(int64_t r, int64_t c, float fill) : rows(r), cols(c) {
+  reserve_huge(data, size_t(r * c));
+  data.assign(size_t(r * c), fill);
+}
+
+Matrix::Matrix(const Matrix& o) : rows(o.rows), cols(o.cols) {
+  reserve_huge(data, o.size());
+  data.assign(o.data.begin(), o.data.end());
+}
+
+void Matrix::reshape_for_overwrite(int64_t r, int64_t c) {
+  const size_t n = size_t(r * c);
+  if (data.capacity() < n) {
+    *this = Matrix(r, c);
+    return;
+  }
+  rows = r;
+  cols = c;
+  data.resize(n);
 }
 
 Matrix Matrix::identity(int64_t n) {

@@ -23,17 +23,29 @@ uint16_t f32_to_bf16(float f);  // round to nearest even
 float f16_to_f32(uint16_t h);
 uint16_t f32_to_f16(float f);   // round to nearest even
 
-// Converts n elements of a stored dtype (F32/F16/BF16/F64) to f32.
-void convert_to_f32(DType src, const void* data, size_t n, float* out);
+// Converts n elements of a stored dtype (F32/F16/BF16/F64) to f32, in parallel for large n.
+// Returns false when a converted value is NaN or Inf (checked while converting: no second pass).
+bool convert_to_f32(DType src, const void* data, size_t n, float* out);
 
 // A row-major f32 matrix (a vector is a 1 x n matrix). Owns its data.
+// Large storage is backed by transparent huge pages where the kernel allows: a fresh 64 MB
+// activation or weight otherwise costs 16k page faults, which under this project's hypervisor took
+// longer than the bf16 conversion or the zero fill itself.
 struct Matrix {
   int64_t rows = 0, cols = 0;
   std::vector<float> data;
 
   Matrix() = default;
-  Matrix(int64_t r, int64_t c, float fill = 0.f) : rows(r), cols(c), data(size_t(r * c), fill) {}
+  Matrix(int64_t r, int64_t c, float fill = 0.f);
+  Matrix(const Matrix& o);
+  Matrix(Matrix&&) = default;
+  Matrix& operator=(const Matrix&) = default;  // reuses this matrix's storage when large enough
+  Matrix& operator=(Matrix&&) = default;
   static Matrix identity(int64_t n);
+
+  // Makes this an r x c matrix whose contents the caller overwrites: keeps the storage when its
+  // capacity suffices (no allocation; only elements past the old size are zeroed).
+  void reshape_for_overwrite(int64_t r, int64_t c);
 
   float* row(int64_t i) { return data.data() + i * cols; }
   const float* row(int64_t i) const { return data.data() + i * cols; }

@@ -1,0 +1,117 @@
+// Weights::get's finite check and owned/mapped paths, and load_layer/forward on top of them.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <nlohmann/json.hpp>
+
+#include "io/safetensors.h"
+#include "model/forward.h"
+#include "model/synth.h"
+#include "test_helpers.h"
+
+using namespace dq;
+using namespace dq::test;
+using json = nlohmann::json;
+
+namespace {
+
+// A 2-layer model with Qwen2.5-0.5B's structure (biases, GQA) at small sizes.
+Model small_model(const ScratchDir& dir, DType dtype) {
+  json j = json::parse(slurp(kData + "/hf/qwen2.5-0.5b/config.json"));
+  j["hidden_size"] = 128;
+  j["intermediate_size"] = 320;
+  j["num_attention_heads"] = 8;
+  j["num_key_value_heads"] = 2;
+  j["num_hidden_layers"] = 2;
+  j["vocab_size"] = 512;
+  spit(dir / "config.json", j.dump());
+  SynthOptions o;
+  o.dtype = dtype;
+  o.seed = 5;
+  synth_model(dir / "config.json", dir / "model", o);
+  return load_model(dir / "model");
+}
+
+std::vector<int32_t> tokens(int n) {
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) t[size_t(i)] = (i * 37 + 11) % 512;
+  return t;
+}
+
+}  // namespace
+
+TEST(Weights, GetReportsNonFiniteValuesOfMappedAndOwnedTensors) {
+  ScratchDir dir;
+  const int64_t rows = 300, cols = 301;  // above the parallel-conversion threshold
+  Matrix clean(rows, cols, 0.75f), dirty = clean;
+  dirty(rows - 1, cols - 1) = std::numeric_limits<float>::quiet_NaN();
+  write_safetensors(dir / "w.safetensors", {blob_from_matrix("clean", clean, DType::BF16),
+                                            blob_from_matrix("dirty", dirty, DType::BF16),
+                                            blob_from_matrix("dirty16", dirty, DType::F16)});
+  Weights w;
+  w.add_file(std::make_shared<const SafetensorsFile>(dir / "w.safetensors"));
+  w.set("owned_dirty", dirty);
+  bool finite = false;
+  EXPECT_EQ(w.get("clean", &finite).data, clean.data);
+  EXPECT_TRUE(finite);
+  for (const char* name : {"dirty", "dirty16", "owned_dirty"}) {
+    finite = true;
+    const Matrix m = w.get(name, &finite);
+    EXPECT_FALSE(finite) << name;
+    EXPECT_TRUE(std::isnan(m(rows - 1, cols - 1))) << name;
+  }
+  EXPECT_EQ(w.get("dirty").rows, rows);  // the flag is optional
+}
+
+TEST(Forward, LoadLayerRejectsNaNWithTheTensorName) {
+  ScratchDir dir;
+  Model m = small_model(dir, DType::BF16);
+  const std::string name = layer_name(1, "mlp.up_proj.weight");
+  Matrix up = m.weights.get(name);
+  up(3, 4) = std::numeric_limits<float>::infinity();
+  m.weights.set(name, up);
+  EXPECT_NO_THROW(load_layer(m, 0));
+  try {
+    load_layer(m, 1);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'" + name + "' contains NaN or Inf"), std::string::npos) << e.what();
+  }
+}
+
+// Owned f32 copies of the mapped bf16 weights go through the other conversion path: same output bits.
+TEST(Forward, OwnedAndMappedWeightsGiveIdenticalOutput) {
+  ScratchDir dir;
+  const Model mapped = small_model(dir, DType::BF16);
+  Model owned = mapped;
+  for (const std::string& n : owned.weights.names()) owned.weights.set(n, mapped.weights.get(n));
+  const std::vector<int32_t> t = tokens(2 * 40);
+  const Matrix a = forward(mapped, t, 2, 40), b = forward(owned, t, 2, 40);
+  ASSERT_EQ(a.rows, 80);
+  EXPECT_EQ(a.data, b.data);
+  EXPECT_EQ(forward(mapped, t, 2, 40).data, a.data);  // reused buffers leave no state behind
+}
+
+// The output buffers layer_forward reuses must not change what the hooks see or the output: one
+// layer at a time equals forward() and every site keeps its documented shape.
+TEST(Forward, LayerByLayerMatchesForwardAndSiteShapes) {
+  ScratchDir dir;
+  const Model m = small_model(dir, DType::F32);
+  const ModelConfig& c = m.config;
+  struct Shapes : Hook {
+    std::vector<std::pair<Site, std::pair<int64_t, int64_t>>> seen;
+    void at(Site s, int, Matrix& x) override { seen.push_back({s, {x.rows, x.cols}}); }
+  } hook;
+  const std::vector<int32_t> t = tokens(48);
+  Matrix x = embed(m, t);
+  for (int l = 0; l < c.num_layers; ++l) layer_forward(c, load_layer(m, l), l, x, 1, 48, {&hook});
+  final_norm(m, x, {});
+  EXPECT_EQ(x.data, forward(m, t, 1, 48).data);
+  const int64_t D = c.hidden_size, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate_size;
+  const std::map<Site, std::pair<int64_t, int64_t>> want = {
+      {Site::AttnIn, {48, D}}, {Site::Q, {48, Q}},       {Site::K, {48, KV}},      {Site::V, {48, KV}},
+      {Site::OprojIn, {48, Q}}, {Site::MlpIn, {48, D}}, {Site::ExpertIn, {48, D}}, {Site::DownIn, {48, I}}};
+  ASSERT_EQ(hook.seen.size(), 2 * want.size());
+  for (const auto& [s, shape] : hook.seen) EXPECT_EQ(shape, want.at(s)) << site_name(s);
+}

@@ -1,0 +1,118 @@
+// Matrix storage, output-reusing linear/gemm, and the parallel dtype conversion with its finite check.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+
+#include "tensor/kernels.h"
+
+using namespace dq;
+
+namespace {
+
+Matrix random_matrix(int64_t rows, int64_t cols, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  Matrix m(rows, cols);
+  for (float& v : m.data) v = nd(rng);
+  return m;
+}
+
+uint32_t bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// Large enough that conversion runs on the thread pool (and Matrix storage gets huge-page advice).
+constexpr size_t kBig = size_t(kParallelMinWork) * 3 + 17;
+
+}  // namespace
+
+TEST(Matrix, LargeStorageIsFilledAndCopied) {
+  Matrix z(1000, 1500), f(1000, 1500, 2.5f);
+  for (size_t i = 0; i < z.size(); ++i) ASSERT_EQ(bits(z.data[i]), 0u) << i;
+  for (float v : f.data) ASSERT_EQ(v, 2.5f);
+  const Matrix r = random_matrix(1000, 1500, 3);
+  const Matrix c = r;
+  EXPECT_EQ(c.rows, r.rows);
+  EXPECT_EQ(c.cols, r.cols);
+  EXPECT_EQ(c.data, r.data);
+}
+
+TEST(Matrix, ReshapeForOverwriteKeepsLargeEnoughStorage) {
+  Matrix m(64, 64);
+  const float* p = m.data.data();
+  m.reshape_for_overwrite(32, 100);
+  EXPECT_EQ(m.rows, 32);
+  EXPECT_EQ(m.cols, 100);
+  EXPECT_EQ(m.size(), 3200u);
+  EXPECT_EQ(m.data.data(), p);
+  m.reshape_for_overwrite(64, 64);  // back within capacity
+  EXPECT_EQ(m.data.data(), p);
+  m.reshape_for_overwrite(100, 100);  // grows: new storage of the new size
+  EXPECT_EQ(m.size(), 10000u);
+}
+
+TEST(Linear, IntoReusedOutputMatchesFreshOutputBitForBit) {
+  const Matrix W1 = random_matrix(96, 80, 1), W2 = random_matrix(40, 80, 2), W3 = random_matrix(200, 80, 4);
+  const Matrix X = random_matrix(50, 80, 3);
+  Matrix Y(50, 200, std::numeric_limits<float>::quiet_NaN());  // stale contents must not leak through
+  for (const Matrix* W : {&W1, &W2, &W3, &W1}) {  // shrink, grow past capacity, shrink again
+    linear(X, *W, Y);
+    const Matrix ref = linear(X, *W);
+    EXPECT_EQ(Y.rows, X.rows);
+    EXPECT_EQ(Y.cols, W->rows);
+    EXPECT_EQ(Y.data, ref.data);
+  }
+}
+
+TEST(Linear, InnerDimensionZeroGivesZerosInReusedOutput) {
+  Matrix X(4, 0), W(3, 0), Y(4, 3, std::numeric_limits<float>::infinity());
+  linear(X, W, Y);
+  for (float v : Y.data) EXPECT_EQ(v, 0.f);
+}
+
+TEST(Linear, RejectsMismatchedInnerDimension) {
+  Matrix Y;
+  EXPECT_THROW(linear(Matrix(2, 3), Matrix(4, 5), Y), Error);
+}
+
+TEST(ConvertToF32, HalfFormatsMatchScalarConversionInParallel) {
+  std::vector<uint16_t> h(kBig);
+  for (size_t i = 0; i < h.size(); ++i) h[i] = uint16_t(i * 2654435761u >> 7);  // every bit pattern mix
+  for (DType t : {DType::BF16, DType::F16}) {
+    for (uint16_t& v : h)  // keep finite: clear exponent-all-ones patterns
+      if ((t == DType::BF16 ? (v & 0x7F80) == 0x7F80 : (v & 0x7C00) == 0x7C00)) v &= 0xBFFF;
+    std::vector<float> out(h.size());
+    EXPECT_TRUE(convert_to_f32(t, h.data(), h.size(), out.data())) << dtype_name(t);
+    for (size_t i = 0; i < h.size(); ++i) {
+      const float ref = t == DType::BF16 ? bf16_to_f32(h[i]) : f16_to_f32(h[i]);
+      ASSERT_EQ(bits(out[i]), bits(ref)) << dtype_name(t) << " element " << i;
+    }
+  }
+}
+
+TEST(ConvertToF32, ReportsNaNOrInfAnywhere) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  for (size_t at : {size_t(0), kBig / 2, kBig - 1}) {
+    for (float bad : {nan, inf, -inf}) {
+      std::vector<float> f(kBig, 1.5f), out(kBig);
+      f[at] = bad;
+      EXPECT_FALSE(convert_to_f32(DType::F32, f.data(), f.size(), out.data())) << at;
+      EXPECT_EQ(bits(out[at]), bits(bad));
+      std::vector<uint16_t> b(kBig, f32_to_bf16(1.5f)), h(kBig, f32_to_f16(1.5f));
+      b[at] = f32_to_bf16(bad);
+      h[at] = f32_to_f16(bad);
+      EXPECT_FALSE(convert_to_f32(DType::BF16, b.data(), b.size(), out.data())) << at;
+      EXPECT_FALSE(convert_to_f32(DType::F16, h.data(), h.size(), out.data())) << at;
+    }
+  }
+  std::vector<double> d(kBig, 0.25);
+  std::vector<float> out(kBig);
+  EXPECT_TRUE(convert_to_f32(DType::F64, d.data(), d.size(), out.data()));
+  d[7] = 1e300;  // finite in f64, Inf once narrowed to f32
+  EXPECT_FALSE(convert_to_f32(DType::F64, d.data(), d.size(), out.data()));
+}
