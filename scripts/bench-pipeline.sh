@@ -12,8 +12,8 @@
 #   TOKENIZER [SmolLM2's tokenizer.json, for configs that have none]
 #   THREADS [nproc]  OUTLIERS [4]  SEED [0]  DQ_DATA_DIR [../shared/data]  WORK [/tmp/dq-bench-pipeline]
 # Synthetic checkpoints (bf16, seeded) are kept in $WORK between runs; quantized outputs are removed.
-# Time on the shared 2-core box (load ~10): SmolLM2 ~1 min per run; Llama-3.2-1B ~36 min per run, two
-# thirds of it GPTQ, whose cost does not shrink with NSAMPLES. Peak RSS of the 1B run: ~12 GiB.
+# Time on the shared 2-core box: SmolLM2 ~1 min per run; Llama-3.2-1B ~30 min per run, most of it
+# GPTQ, whose cost does not shrink with NSAMPLES.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-1}
@@ -84,7 +84,8 @@ def flops_per_token(cfg, seq, lm_head):
 models = sorted({re.sub(r"\.\d+\.json$", "", os.path.basename(p)) for p in glob.glob(f"{res}/*.[0-9]*.json")
                  if not p.endswith(".forward.json")},
                 key=lambda m: json.load(open(f"{data}/hf/{m}/config.json"))["hidden_size"])
-stage_names = [("rotate", "capture + calibrate + rotate"), ("weights", "weights (GPTQ)"), ("save", "save"), ("eval", "eval (PPL)")]
+stage_names = [("rotations", "rotations: capture + R1/R2 calibration"), ("layers", "embedding + layers: fuse, rotate, GPTQ, write"),
+               ("finish", "classifier, config, rename"), ("eval", "eval (PPL, of the written model)")]
 rows = {}
 for m in models:
     cfg = json.load(open(f"{data}/hf/{m}/config.json"))
