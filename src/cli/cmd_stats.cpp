@@ -99,8 +99,8 @@ int run_stats(const StatsArgs& a) {
                                 (a.rotations.empty() ? std::string()
                                                      : "; learned = " + a.rotations + " + online Hadamard R4")}};
     in.stats = j;
-    for (const auto& f : a.calib_json) in.calibrations.push_back(nlohmann::json::parse(read_file(f)));
-    for (const auto& f : a.eval_json) in.evaluations.push_back(nlohmann::json::parse(read_file(f)));
+    for (const auto& f : a.calib_json) in.calibrations.push_back(read_json(f));
+    for (const auto& f : a.eval_json) in.evaluations.push_back(read_json(f));
     write_html_report(a.html, in);
     std::printf("wrote %s\n", a.html.c_str());
   }

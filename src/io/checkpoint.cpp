@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "io/file.h"
+#include "io/report.h"
 #include "tensor/tensor.h"
 
 namespace dq {
@@ -14,11 +15,7 @@ using json = nlohmann::json;
 
 Checkpoint::Checkpoint(const std::string& out, const json& fingerprint, bool resume) : dir_(out + ".partial") {
   if (resume && file_exists(file("state.json"))) {
-    try {
-      state_ = json::parse(read_file(file("state.json")));
-    } catch (const json::exception&) {
-      throw Error(file("state.json") + ": unreadable checkpoint; rerun without --resume to start over");
-    }
+    state_ = read_json(file("state.json"));
     if (!state_.is_object() || state_.value("fingerprint", json()) != fingerprint)
       throw Error(dir_ + ": checkpoint made with other options or inputs; rerun without --resume to start over");
     keep_ = resumed_ = true;

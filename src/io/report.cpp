@@ -1,5 +1,7 @@
 #include "io/report.h"
 
+#include "io/json_limits.h"
+
 #include <fstream>
 
 #include "io/file.h"
@@ -8,6 +10,16 @@ namespace dq {
 
 void write_json(const std::string& path, const nlohmann::json& j) {
   write_file_atomic(path, [&](OutStream& out) { out.write(j.dump(2) + "\n"); });
+}
+
+nlohmann::json read_json(const std::string& path) {
+  const std::string text = read_file(path);
+  check_json_depth(text, path);
+  try {
+    return nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception&) {
+    throw Error(path + ": invalid JSON");
+  }
 }
 
 double peak_rss_mib() {

@@ -1,4 +1,4 @@
-// Machine-readable reports: JSON written atomically.
+// Machine-readable reports: JSON written atomically, and JSON files read with errors naming them.
 #pragma once
 #include <nlohmann/json.hpp>
 #include <string>
@@ -6,6 +6,8 @@
 namespace dq {
 
 void write_json(const std::string& path, const nlohmann::json& j);
+// Parses a JSON file; Error("PATH: invalid JSON") (or nested too deep, or unreadable) otherwise.
+nlohmann::json read_json(const std::string& path);
 
 // Peak resident memory of this process so far, in MiB (from /proc/self/status VmHWM).
 double peak_rss_mib();

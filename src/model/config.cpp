@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "io/file.h"
+#include "io/report.h"
 #include "io/json_limits.h"
 #include "model/weights.h"
 #include "tensor/tensor.h"
@@ -146,17 +147,7 @@ std::string router_name(const ModelConfig& c, int l) {
   return layer_name(l, c.architecture == "MixtralForCausalLM" ? "block_sparse_moe.gate.weight" : "mlp.gate.weight");
 }
 
-ModelConfig load_config(const std::string& path) {
-  json j;
-  try {
-    const std::string text = read_file(path);
-    check_json_depth(text, path);
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    throw Error(path + ": invalid JSON");
-  }
-  return parse_config(j, path);
-}
+ModelConfig load_config(const std::string& path) { return parse_config(read_json(path), path); }
 
 json ModelConfig::to_json() const {
   json j = extra.is_object() ? extra : json::object();

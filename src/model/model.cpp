@@ -4,6 +4,7 @@
 #include <filesystem>
 
 #include "io/file.h"
+#include "io/report.h"
 #include "io/llama2c.h"
 
 namespace dq {
@@ -50,12 +51,7 @@ static Model load_hf_model(const fs::path& dir) {
   if (fs::exists(single)) {
     m.weights.add_file(std::make_shared<SafetensorsFile>(single.string()));
   } else if (fs::exists(index)) {
-    json j;
-    try {
-      j = json::parse(read_file(index.string()));
-    } catch (const json::exception&) {
-      throw Error(index.string() + ": invalid JSON");
-    }
+    const json j = read_json(index.string());
     if (!j.contains("weight_map") || !j["weight_map"].is_object())
       throw Error(index.string() + ": missing 'weight_map'");
     std::map<std::string, bool> shards;

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "io/file.h"
+#include "io/report.h"
 #include "model/config.h"
 #include "model/weights.h"
 #include "tensor/kernels.h"
@@ -123,12 +124,7 @@ std::vector<int> synth_outlier_channels(uint64_t seed, int outliers, int hidden_
 void synth_model(const std::string& config_path, const std::string& out_dir, const SynthOptions& o) {
   if (o.dtype != DType::F32 && o.dtype != DType::F16 && o.dtype != DType::BF16)
     throw Error(out_dir + ": synth writes f32, f16 or bf16 only");
-  json j;
-  try {
-    j = json::parse(read_file(config_path));
-  } catch (const json::exception&) {
-    throw Error(config_path + ": invalid JSON");
-  }
+  json j = read_json(config_path);
   if (o.layers > 0 && j.is_object()) j["num_hidden_layers"] = o.layers;
   const ModelConfig c = parse_config(j, config_path);
   if (o.outliers < 0 || o.outliers > c.hidden_size)

@@ -221,3 +221,14 @@ TEST(CliErrors, SynthOfABadConfigLeavesNoOutputDirectory) {
   expect_one_line_error(r, dir / "none.json", "cannot open");
   EXPECT_FALSE(fs::exists(dir / "out"));
 }
+
+TEST(CliErrors, StatsNamesAnInvalidReportFile) {
+  ScratchDir dir;
+  const std::string bad = dir / "report.json";
+  spit(bad, "{\"r1_curve\": [1, 2,");
+  CliResult r = run_cli("stats --model " + kStories + " --calib " + kValid + " --nsamples 2 --calib-seqlen 64 --calib-json " +
+                            bad + " --html " + (dir / "out.html"),
+                        dir);
+  expect_one_line_error(r, bad, "invalid JSON");
+  EXPECT_FALSE(fs::exists(dir / "out.html"));
+}
