@@ -9,7 +9,10 @@
 #include <fstream>
 #include <sstream>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <string>
+
+#include "tensor/tensor.h"
 
 namespace dq::test {
 
@@ -68,6 +71,30 @@ inline CliResult run_cli(const std::string& args, const ScratchDir& scratch) {
   r.out = slurp(out);
   r.err = slurp(err);
   return r;
+}
+
+// A rows x cols matrix of seeded N(0, scale²) entries.
+inline Matrix gaussian_matrix(int64_t rows, int64_t cols, uint64_t seed, float scale = 1.f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.f, scale);
+  Matrix m(rows, cols);
+  for (float& v : m.data) v = nd(rng);
+  return m;
+}
+
+// Qwen2.5-0.5B's config with its sizes cut down (biases, GQA and rope_theta kept) and the llama2.c
+// 512-token vocabulary, so a synthetic model of it runs in milliseconds; written into dir.
+inline std::string small_qwen_config(const ScratchDir& dir) {
+  nlohmann::json j = nlohmann::json::parse(slurp(kData + "/hf/qwen2.5-0.5b/config.json"));
+  j["hidden_size"] = 128;
+  j["intermediate_size"] = 320;
+  j["num_attention_heads"] = 8;
+  j["num_key_value_heads"] = 2;
+  j["num_hidden_layers"] = 2;
+  j["vocab_size"] = 512;
+  const std::string path = dir / "qwen_small.json";
+  spit(path, j.dump());
+  return path;
 }
 
 // `dartquant eval ... --json` of a model on a text; the parsed report.

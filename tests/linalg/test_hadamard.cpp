@@ -6,7 +6,10 @@
 #include "linalg/hadamard.h"
 #include "tensor/kernels.h"
 
+#include "test_helpers.h"
+
 using namespace dq;
+using dq::test::gaussian_matrix;
 
 namespace {
 
@@ -31,14 +34,6 @@ void expect_hadamard(int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) bad += G(i, j) != (i == j ? float(n) : 0.f);
   EXPECT_EQ(bad, 0) << "n = " << n;
-}
-
-Matrix random_matrix(int64_t r, int64_t c, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd;
-  Matrix X(r, c);
-  for (float& v : X.data) v = nd(rng);
-  return X;
 }
 
 float max_abs_diff(const Matrix& a, const Matrix& b) {
@@ -94,7 +89,7 @@ TEST(Hadamard, FastTransformEqualsDenseProduct) {
     } else {
       H = had.matrix();  // fallback: check orthogonality and transpose consistency only
     }
-    Matrix X = random_matrix(5, n, uint64_t(n)), Y = X, Yt = X, ref, reft, back;
+    Matrix X = gaussian_matrix(5, n, uint64_t(n)), Y = X, Yt = X, ref, reft, back;
     had.apply(Y);
     had.apply(Yt, /*transpose=*/true);
     gemm(X, false, H, false, ref);
@@ -127,7 +122,7 @@ TEST(Hadamard, RandomHadamardIsOrthogonalAndMatchesSignedTransform) {
     gemm(R, false, R, true, G);
     EXPECT_LT(max_abs_diff(G, Matrix::identity(n)), 1e-5f) << n;
     EXPECT_GT(max_abs_diff(R, Hadamard(n).matrix()), 0.f);  // the signs do something
-    Matrix X = random_matrix(4, n, 9), ref, Y = X;
+    Matrix X = gaussian_matrix(4, n, 9), ref, Y = X;
     gemm(X, false, R, false, ref);
     const auto s = random_signs(n, 3);
     for (int64_t i = 0; i < Y.rows; ++i)

@@ -17,21 +17,6 @@ using json = nlohmann::json;
 
 namespace {
 
-// Qwen2.5-0.5B's config with its sizes cut down (biases, GQA and rope_theta kept) and the llama2.c
-// 512-token vocabulary, so it runs in milliseconds.
-std::string small_qwen_config(const ScratchDir& dir) {
-  json j = json::parse(slurp(kData + "/hf/qwen2.5-0.5b/config.json"));
-  j["hidden_size"] = 128;
-  j["intermediate_size"] = 320;
-  j["num_attention_heads"] = 8;
-  j["num_key_value_heads"] = 2;
-  j["num_hidden_layers"] = 2;
-  j["vocab_size"] = 512;
-  const std::string path = dir / "qwen_small.json";
-  spit(path, j.dump());
-  return path;
-}
-
 // PPL of the first window of valid.txt (the eval command itself is exercised through the CLI).
 double first_window_ppl(const Model& m, int seqlen) {
   std::vector<int32_t> ids = m.tokenizer->encode(read_file(kValid), true);

@@ -18,18 +18,10 @@ namespace {
 
 // A 2-layer model with Qwen2.5-0.5B's structure (biases, GQA) at small sizes.
 Model small_model(const ScratchDir& dir, DType dtype) {
-  json j = json::parse(slurp(kData + "/hf/qwen2.5-0.5b/config.json"));
-  j["hidden_size"] = 128;
-  j["intermediate_size"] = 320;
-  j["num_attention_heads"] = 8;
-  j["num_key_value_heads"] = 2;
-  j["num_hidden_layers"] = 2;
-  j["vocab_size"] = 512;
-  spit(dir / "config.json", j.dump());
   SynthOptions o;
   o.dtype = dtype;
   o.seed = 5;
-  synth_model(dir / "config.json", dir / "model", o);
+  synth_model(small_qwen_config(dir), dir / "model", o);
   return load_model(dir / "model");
 }
 

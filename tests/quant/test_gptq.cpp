@@ -8,22 +8,17 @@
 #include "quant/gptq.h"
 #include "tensor/kernels.h"
 
+#include "test_helpers.h"
+
 using namespace dq;
+using dq::test::gaussian_matrix;
 
 namespace {
 
-Matrix random_matrix(int64_t rows, int64_t cols, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  Matrix m(rows, cols);
-  for (float& v : m.data) v = nd(rng);
-  return m;
-}
-
 // Correlated layer inputs X = G L (tokens x in) with a random mixing L and uneven channel scales.
 Matrix correlated_inputs(int64_t tokens, int64_t in, uint32_t seed) {
-  Matrix G = random_matrix(tokens, in, seed);
-  Matrix L = random_matrix(in, in, seed + 1);
+  Matrix G = gaussian_matrix(tokens, in, seed);
+  Matrix L = gaussian_matrix(in, in, seed + 1);
   for (int64_t i = 0; i < in; ++i)
     for (int64_t j = 0; j < in; ++j)
       L(i, j) *= (1.f + 3.f * float(i % 7 == 0)) / std::sqrt(float(in));
@@ -172,7 +167,7 @@ std::vector<Case> reference_cases() {
 }  // namespace
 
 TEST(Hessian, BatchingDoesNotMatter) {
-  Matrix X = random_matrix(1000, 24, 11);
+  Matrix X = gaussian_matrix(1000, 24, 11);
   HessianAccumulator all(24), parts(24);
   all.add(X);
   for (int64_t t0 = 0; t0 < X.rows; t0 += 300) {
@@ -194,7 +189,7 @@ TEST(Hessian, BatchingDoesNotMatter) {
 TEST(Gptq, MatchesNaiveReferenceInDouble) {
   Matrix X = correlated_inputs(600, 160, 21);
   Matrix H = hessian_of(X);
-  Matrix W = random_matrix(24, 160, 22);
+  Matrix W = gaussian_matrix(24, 160, 22);
   for (Case c : reference_cases()) {
     SCOPED_TRACE(c.name);
     Reference ref = naive_gptq(W, H, c.spec, c.opt);
@@ -214,7 +209,7 @@ TEST(Gptq, F32AgreesWithReference) {
   // the f32 path is held to near-identity, not equality.
   Matrix X = correlated_inputs(600, 160, 23);
   Matrix H = hessian_of(X);
-  Matrix W = random_matrix(24, 160, 24);
+  Matrix W = gaussian_matrix(24, 160, 24);
   for (const Case& c : reference_cases()) {
     SCOPED_TRACE(c.name);
     Reference ref = naive_gptq(W, H, c.spec, c.opt);
@@ -234,7 +229,7 @@ TEST(Gptq, ProxyErrorIsTheDampedQuadraticForm) {
   // ½ Σ_rows (w - ŵ)ᵀ (H + λI) (w - ŵ).
   Matrix X = correlated_inputs(400, 96, 31);
   Matrix H = hessian_of(X);
-  Matrix W = random_matrix(16, 96, 32);
+  Matrix W = gaussian_matrix(16, 96, 32);
   GptqOptions opt;
   opt.f64 = true;
   opt.act_order = true;
@@ -257,7 +252,7 @@ TEST(Gptq, BeatsRtnOnCorrelatedInputs) {
   HessianAccumulator acc(256);
   for (int64_t t0 = 0; t0 < X.rows; t0 += 512) acc.add(X.row(t0), 512);
   Matrix H = acc.hessian();
-  Matrix W = random_matrix(128, 256, 42);
+  Matrix W = gaussian_matrix(128, 256, 42);
   struct Setting {
     QuantSpec spec;
     bool act_order;
@@ -279,7 +274,7 @@ TEST(Gptq, DeadColumns) {
   Matrix X = correlated_inputs(512, 64, 51);
   for (int64_t t = 0; t < X.rows; ++t) X(t, 5) = X(t, 17) = 0.f;  // inputs never reach 5, 17
   Matrix H = hessian_of(X);
-  Matrix W = random_matrix(32, 64, 52);
+  Matrix W = gaussian_matrix(32, 64, 52);
   for (bool act : {false, true}) {
     GptqOptions opt;
     opt.act_order = act;
@@ -304,7 +299,7 @@ TEST(Gptq, CholeskyFailureRetriesWithMoreDamping) {
   mean /= double(n);
   for (int64_t a = 0; a < n; ++a)
     for (int64_t b = 0; b < n; ++b) H(a, b) -= float(3.0 * mean / double(n));
-  Matrix W = random_matrix(8, n, 62);
+  Matrix W = gaussian_matrix(8, n, 62);
   GptqResult res = gptq(W, H, spec_of(4, true));
   EXPECT_GE(res.retries, 1);
   EXPECT_NEAR(res.damp, 0.01 * std::pow(10.0, res.retries), 1e-12);
@@ -315,7 +310,7 @@ TEST(Gptq, CholeskyFailureRetriesWithMoreDamping) {
 }
 
 TEST(Gptq, RejectsBadInput) {
-  Matrix W = random_matrix(4, 8, 71), H = Matrix::identity(8);
+  Matrix W = gaussian_matrix(4, 8, 71), H = Matrix::identity(8);
   EXPECT_THROW(gptq(W, Matrix::identity(7), spec_of(4, true)), Error);
   EXPECT_THROW(gptq(W, H, QuantSpec{}), Error);
   GptqOptions act;

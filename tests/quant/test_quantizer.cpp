@@ -6,21 +6,16 @@
 
 #include "quant/quantizer.h"
 
+#include "test_helpers.h"
+
 using namespace dq;
+using dq::test::gaussian_matrix;
 
 namespace {
 
-Matrix random_matrix(int64_t rows, int64_t cols, uint32_t seed, float scale = 1.f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd(0.f, scale);
-  Matrix m(rows, cols);
-  for (float& v : m.data) v = nd(rng);
-  return m;
-}
-
 // Heavy-tailed rows: Gaussian plus a few large outliers, like LLM activations.
 Matrix outlier_matrix(int64_t rows, int64_t cols, uint32_t seed) {
-  Matrix m = random_matrix(rows, cols, seed);
+  Matrix m = gaussian_matrix(rows, cols, seed);
   std::mt19937 rng(seed + 1);
   std::uniform_int_distribution<int64_t> col(0, cols - 1);
   for (int64_t r = 0; r < rows; ++r)
@@ -91,7 +86,7 @@ TEST(Quantizer, AsymmetricConventionMatchesGptq) {
 }
 
 TEST(Quantizer, SymmetricPerChannelBound) {
-  Matrix w = random_matrix(32, 200, 1);
+  Matrix w = gaussian_matrix(32, 200, 1);
   for (int bits : {2, 3, 4, 8}) check_bounds(w, spec_of(bits, true));
 }
 
@@ -114,7 +109,7 @@ TEST(Quantizer, AsymmetricPerTokenWithClip) {
 }
 
 TEST(Quantizer, PartialLastGroup) {
-  Matrix w = random_matrix(8, 172, 3);
+  Matrix w = gaussian_matrix(8, 172, 3);
   QuantSpec s = spec_of(4, true, 64);
   EXPECT_EQ(s.num_groups(172), 3);
   check_bounds(w, s);
@@ -128,7 +123,7 @@ TEST(Quantizer, PartialLastGroup) {
 }
 
 TEST(Quantizer, PerTensor) {
-  Matrix x = random_matrix(16, 48, 4);
+  Matrix x = gaussian_matrix(16, 48, 4);
   QuantSpec s = spec_of(8, true);
   s.per_tensor = true;
   check_bounds(x, s);
@@ -216,7 +211,7 @@ TEST(Quantizer, MseClipLowersError) {
 }
 
 TEST(Quantizer, SixteenBitsIsOff) {
-  Matrix x = random_matrix(4, 8, 7);
+  Matrix x = gaussian_matrix(4, 8, 7);
   Matrix y = x;
   fake_quantize(y, QuantSpec{});
   EXPECT_EQ(y.data, x.data);
@@ -224,7 +219,7 @@ TEST(Quantizer, SixteenBitsIsOff) {
 }
 
 TEST(Quantizer, RejectsNonFiniteAndBadSpecs) {
-  Matrix x = random_matrix(4, 8, 8);
+  Matrix x = gaussian_matrix(4, 8, 8);
   x(2, 3) = std::numeric_limits<float>::quiet_NaN();
   EXPECT_THROW(fake_quantize(x, spec_of(4, true)), Error);
   EXPECT_THROW(quantize(x, spec_of(4, false, 4)), Error);
@@ -232,7 +227,7 @@ TEST(Quantizer, RejectsNonFiniteAndBadSpecs) {
   QuantSpec t = spec_of(4, true);
   t.per_tensor = true;
   EXPECT_THROW(fake_quantize(x, t), Error);
-  Matrix ok = random_matrix(4, 8, 9);
+  Matrix ok = gaussian_matrix(4, 8, 9);
   EXPECT_THROW(fake_quantize(ok, spec_of(1, true)), Error);
   EXPECT_THROW(fake_quantize(ok, spec_of(9, true)), Error);
   EXPECT_THROW(fake_quantize(ok, spec_of(4, true, -1)), Error);

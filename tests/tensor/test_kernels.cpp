@@ -8,17 +8,12 @@
 
 #include "tensor/kernels.h"
 
+#include "test_helpers.h"
+
 using namespace dq;
+using dq::test::gaussian_matrix;
 
 namespace {
-
-Matrix random_matrix(int64_t rows, int64_t cols, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  Matrix m(rows, cols);
-  for (float& v : m.data) v = nd(rng);
-  return m;
-}
 
 uint32_t bits(float f) {
   uint32_t u;
@@ -35,7 +30,7 @@ TEST(Matrix, LargeStorageIsFilledAndCopied) {
   Matrix z(1000, 1500), f(1000, 1500, 2.5f);
   for (size_t i = 0; i < z.size(); ++i) ASSERT_EQ(bits(z.data[i]), 0u) << i;
   for (float v : f.data) ASSERT_EQ(v, 2.5f);
-  const Matrix r = random_matrix(1000, 1500, 3);
+  const Matrix r = gaussian_matrix(1000, 1500, 3);
   const Matrix c = r;
   EXPECT_EQ(c.rows, r.rows);
   EXPECT_EQ(c.cols, r.cols);
@@ -57,8 +52,8 @@ TEST(Matrix, ReshapeForOverwriteKeepsLargeEnoughStorage) {
 }
 
 TEST(Linear, IntoReusedOutputMatchesFreshOutputBitForBit) {
-  const Matrix W1 = random_matrix(96, 80, 1), W2 = random_matrix(40, 80, 2), W3 = random_matrix(200, 80, 4);
-  const Matrix X = random_matrix(50, 80, 3);
+  const Matrix W1 = gaussian_matrix(96, 80, 1), W2 = gaussian_matrix(40, 80, 2), W3 = gaussian_matrix(200, 80, 4);
+  const Matrix X = gaussian_matrix(50, 80, 3);
   Matrix Y(50, 200, std::numeric_limits<float>::quiet_NaN());  // stale contents must not leak through
   for (const Matrix* W : {&W1, &W2, &W3, &W1}) {  // shrink, grow past capacity, shrink again
     linear(X, *W, Y);
