@@ -48,18 +48,12 @@ void Checkpoint::remove(const std::string& name) const {
 void Checkpoint::commit_dir(const std::string& out, const std::vector<std::string>& scratch) {
   for (const std::string& f : scratch) remove(f);
   remove("state.json");
-  std::error_code ec;
-  if (fs::exists(out)) fs::remove_all(out, ec);
-  if (ec) throw Error(out + ": cannot replace (" + ec.message() + ")");
-  fs::rename(dir_, out, ec);
-  if (ec) throw Error(out + ": rename failed (" + ec.message() + ")");
+  move_into_place(dir_, out);
   keep_ = true;
 }
 
 void Checkpoint::commit_file(const std::string& name, const std::string& out) {
-  std::error_code ec;
-  fs::rename(file(name), out, ec);
-  if (ec) throw Error(out + ": rename failed (" + ec.message() + ")");
+  move_into_place(file(name), out);
   keep_ = false;  // the rest of the directory goes with this object
 }
 

@@ -145,12 +145,16 @@ AtomicDir::~AtomicDir() {
 }
 
 void AtomicDir::commit() {
-  std::error_code ec;
-  if (fs::exists(final_)) fs::remove_all(final_, ec);
-  if (ec) throw Error(final_ + ": cannot replace (" + ec.message() + ")");
-  fs::rename(tmp_, final_, ec);
-  if (ec) throw Error(final_ + ": rename failed (" + ec.message() + ")");
+  move_into_place(tmp_, final_);
   committed_ = true;
+}
+
+void move_into_place(const std::string& from, const std::string& to) {
+  std::error_code ec;
+  if (fs::exists(to)) fs::remove_all(to, ec);
+  if (ec) throw Error(to + ": cannot replace (" + ec.message() + ")");
+  fs::rename(from, to, ec);
+  if (ec) throw Error(to + ": rename failed (" + ec.message() + ")");
 }
 
 }  // namespace dq

@@ -69,6 +69,9 @@ class ResumableFile {
   OutStream out_;
 };
 
+// Renames a finished file or directory onto `to`, replacing what was there.
+void move_into_place(const std::string& from, const std::string& to);
+
 // A directory built under a temporary name and renamed into place by commit(). Destroyed without
 // commit(), it removes itself, so a failure never leaves a directory that looks complete.
 class AtomicDir {
