@@ -91,17 +91,18 @@ bool all_finite(const Matrix& m) {
 }
 
 template <class T>
-GptqResult run(const Matrix& W0, Matrix H0, const QuantSpec& spec, const GptqOptions& opt) {
+GptqResult run(const Matrix& W0, Matrix Hm, const QuantSpec& spec, const GptqOptions& opt) {
   const int64_t rows = W0.rows, n = W0.cols;
   const int maxq = spec.maxq();
   GptqResult res;
 
-  std::vector<double> H(H0.data.begin(), H0.data.end());
-  H0 = Matrix();
+  // H stays f32 (its values are f32 already); only the factorisation's copy is f64, which halves
+  // the peak for the widest layers.
+  std::vector<float>& H = Hm.data;
   std::vector<T> W(W0.data.begin(), W0.data.end());
   for (int64_t j = 0; j < n; ++j) {
-    if (H[size_t(j * n + j)] != 0.0) continue;
-    H[size_t(j * n + j)] = 1.0;
+    if (H[size_t(j * n + j)] != 0.f) continue;
+    H[size_t(j * n + j)] = 1.f;
     for (int64_t r = 0; r < rows; ++r) W[size_t(r * n + j)] = 0;
     ++res.dead_columns;
   }
@@ -135,7 +136,7 @@ GptqResult run(const Matrix& W0, Matrix H0, const QuantSpec& spec, const GptqOpt
     std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) {
       return H[size_t(a * n + a)] > H[size_t(b * n + b)];
     });
-    std::vector<double> Hp(H.size());
+    std::vector<float> Hp(H.size());
     std::vector<T> Wp(W.size());
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < n; ++j) Hp[size_t(i * n + j)] = H[size_t(perm[i] * n + perm[j])];
@@ -152,7 +153,7 @@ GptqResult run(const Matrix& W0, Matrix H0, const QuantSpec& spec, const GptqOpt
   double frac = opt.damp;
   std::vector<double> A;
   for (;;) {
-    A = H;
+    A.assign(H.begin(), H.end());
     for (int64_t j = 0; j < n; ++j) A[size_t(j * n + j)] += frac * mean_diag;
     if (inverse_upper_cholesky(A, n)) break;
     if (res.retries == opt.max_retries)
@@ -162,9 +163,9 @@ GptqResult run(const Matrix& W0, Matrix H0, const QuantSpec& spec, const GptqOpt
     frac *= 10;
   }
   res.damp = frac;
+  H = {};
   std::vector<T> U(A.begin(), A.end());
   A = {};
-  H = {};
 
   // Blocks of `block` columns: inside a block each row is quantized column by column with its error
   // pushed onto the block's later columns; the rest of W gets the block's errors in one GEMM.
