@@ -1,5 +1,6 @@
 #include "pipeline/quantize.h"
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 
