@@ -15,7 +15,11 @@ using json = nlohmann::json;
 
 Checkpoint::Checkpoint(const std::string& out, const json& fingerprint, bool resume) : dir_(out + ".partial") {
   if (resume && file_exists(file("state.json"))) {
-    state_ = read_json(file("state.json"));
+    try {
+      state_ = read_json(file("state.json"));
+    } catch (const Error& e) {
+      throw Error(std::string(e.what()) + "; rerun without --resume to start over");
+    }
     if (!state_.is_object() || state_.value("fingerprint", json()) != fingerprint)
       throw Error(dir_ + ": checkpoint made with other options or inputs; rerun without --resume to start over");
     keep_ = resumed_ = true;

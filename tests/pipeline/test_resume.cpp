@@ -115,3 +115,18 @@ TEST(ResumeCalibrate, KilledCalibrationResumesToIdenticalRotations) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(ResumeRefusal, CorruptCheckpointIsAnErrorNamingIt) {
+  ScratchDir dir;
+  const std::string args = kArgs + "--rotation quarot --w-method rtn";
+  run_killed(args, "layer-1", dir / "q");
+  spit(dir / "q.partial/state.json", "{\"fingerprint\": ");
+  CliResult r = run_cli(args + " --out " + (dir / "q") + " --resume", dir);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("q.partial/state.json: invalid JSON"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(dir / "q"));
+}
+
+}  // namespace
