@@ -22,6 +22,7 @@ inline const std::string kData = DQ_DATA_DIR;
 inline const std::string kStories = kData + "/stories260K/stories260K.bin";
 inline const std::string kTok512 = kData + "/stories260K/tok512.bin";
 inline const std::string kValid = kData + "/tinystories/valid.txt";
+inline const std::string kCalib = kData + "/tinystories/calib.txt";
 
 // A fresh directory per test, removed afterwards.
 class ScratchDir {
@@ -61,9 +62,10 @@ struct CliResult {
   std::string out, err;
 };
 
-// Runs `dartquant ARGS` (one thread: the test machines are shared) through the shell.
-inline CliResult run_cli(const std::string& args, const ScratchDir& scratch) {
-  const std::string out = scratch / "cli.stdout", err = scratch / "cli.stderr";
+// Runs `dartquant ARGS` (one thread: the test machines are shared) through the shell; its stdout
+// and stderr go to OUTPUT_PREFIX.stdout / .stderr.
+inline CliResult run_cli_logged(const std::string& args, const std::string& output_prefix) {
+  const std::string out = output_prefix + ".stdout", err = output_prefix + ".stderr";
   const std::string cmd = std::string(DQ_BINARY) + " --threads 1 " + args + " >" + out + " 2>" + err;
   const int status = std::system(cmd.c_str());
   CliResult r;
@@ -71,6 +73,10 @@ inline CliResult run_cli(const std::string& args, const ScratchDir& scratch) {
   r.out = slurp(out);
   r.err = slurp(err);
   return r;
+}
+
+inline CliResult run_cli(const std::string& args, const ScratchDir& scratch) {
+  return run_cli_logged(args, scratch / "cli");
 }
 
 // A rows x cols matrix of seeded N(0, scale²) entries.

@@ -12,7 +12,6 @@ using namespace dq::test;
 
 namespace {
 
-const std::string kCalib = kData + "/tinystories/calib.txt";
 const std::string kArgs = "quantize --model " + kStories + " --calib " + kCalib +
                           " --nsamples 8 --calib-seqlen 128 --epochs 2 --a-bits 4 --kv-bits 4 ";
 

@@ -17,11 +17,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <random>
-#include <sstream>
 
 #include "model/export.h"
 #include "model/synth.h"
@@ -36,20 +34,13 @@ using json = nlohmann::json;
 
 namespace {
 
-const std::string kData = DQ_DATA_DIR;
+using test::kData;
+using test::kValid;
+using test::slurp;
 const std::string kMixtral = kData + "/hf/mixtral-8x7b-v0.1";
-const std::string kValid = kData + "/tinystories/valid.txt";
 
 using Scratch = test::ScratchDir;
 
-std::string slurp(const std::string& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-void write(const std::string& p, const std::string& s) { std::ofstream(p) << s; }
 
 // Mixtral-8x7B's config cut down (8 experts, top-2 kept), with its tokenizer beside it.
 std::string small_mixtral(const Scratch& s) {
@@ -60,7 +51,7 @@ std::string small_mixtral(const Scratch& s) {
   j["num_key_value_heads"] = 2;
   j["num_hidden_layers"] = 2;
   fs::create_directories(s.path() / "cfg_mixtral");
-  write(s / "cfg_mixtral/config.json", j.dump(2));
+  test::spit(s / "cfg_mixtral/config.json", j.dump(2));
   fs::copy_file(kMixtral + "/tokenizer.json", s / "cfg_mixtral/tokenizer.json");
   return s / "cfg_mixtral/config.json";
 }
@@ -89,7 +80,7 @@ std::string small_deepseek(const Scratch& s, bool norm_topk = false) {
             {"rope_theta", 10000.0},
             {"tie_word_embeddings", false}};
   fs::create_directories(s.path() / "cfg_deepseek");
-  write(s / "cfg_deepseek/config.json", j.dump(2));
+  test::spit(s / "cfg_deepseek/config.json", j.dump(2));
   fs::copy_file(kMixtral + "/tokenizer.json", s / "cfg_deepseek/tokenizer.json");
   return s / "cfg_deepseek/config.json";
 }
@@ -344,12 +335,13 @@ TEST(Moe, QuantizePipelineRunsOnBothKinds) {
     SynthOptions o;
     o.outliers = 2;
     synth_model(cfg, model, o);
-    const std::string cmd = std::string(DQ_BINARY) + " --threads 1 quantize --model " + model + " --out " + out +
-                            " --rotation dartquant --w-method gptq --w-bits 4 --a-bits 4 --calib " + kValid +
-                            " --nsamples 4 --calib-seqlen 64 --epochs 1 --batch 2 --experts-per-pass 3"
-                            " --ppl " + kValid + " --seqlen 64 --max-windows 2 --json " + report +
-                            " >" + (s / "out.txt") + " 2>" + (s / "err.txt");
-    ASSERT_EQ(std::system(cmd.c_str()), 0) << slurp(s / "err.txt");
+    const test::CliResult q = test::run_cli(
+        "quantize --model " + model + " --out " + out +
+            " --rotation dartquant --w-method gptq --w-bits 4 --a-bits 4 --calib " + kValid +
+            " --nsamples 4 --calib-seqlen 64 --epochs 1 --batch 2 --experts-per-pass 3"
+            " --ppl " + kValid + " --seqlen 64 --max-windows 2 --json " + report,
+        s);
+    ASSERT_EQ(q.exit_code, 0) << q.err;
     json r = json::parse(slurp(report));
     EXPECT_TRUE(std::isfinite(r["ppl"]["ppl"].get<double>()));
     const json& layer = r["gptq_layers"][1];

@@ -3,42 +3,30 @@
 // codes vs stored weights, a clean failure), and the activation-quantization hook against an
 // independent computation of the documented spec.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <random>
-#include <sstream>
 
 #include "io/safetensors.h"
 #include "quant/quantize_model.h"
+#include "test_helpers.h"
 
 using namespace dq;
+using namespace dq::test;
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
 
-const std::string kData = DQ_DATA_DIR;
-const std::string kStories = kData + "/stories260K/stories260K.bin";
-const std::string kCalib = kData + "/tinystories/calib.txt";
-const std::string kValid = kData + "/tinystories/valid.txt";
 // Evaluation shared by every run: 20 windows of 256 tokens of valid.txt.
 const std::string kPplArgs = " --ppl " + kValid + " --seqlen 256 --max-windows 20";
 const std::string kCalibArgs = " --calib " + kCalib + " --nsamples 16 --calib-seqlen 128";
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 // One scratch directory for the whole program (CLI outputs are shared between tests), removed at exit.
 struct Scratch {
@@ -58,23 +46,14 @@ const Scratch& scratch() {
   return s;
 }
 
-struct CliRun {
-  int exit_code = -1;
-  std::string out, err;
+struct CliRun : CliResult {
   json report;  // the --json report, when one was written
 };
 
 // `dartquant --threads 1 ARGS`, named so its stdout/stderr/json land in the scratch directory.
 CliRun cli(const std::string& name, const std::string& args, bool with_json = true) {
-  const Scratch& s = scratch();
-  const std::string o = s / (name + ".stdout"), e = s / (name + ".stderr"), j = s / (name + ".json");
-  const std::string cmd = std::string(DQ_BINARY) + " --threads 1 " + args + (with_json ? " --json " + j : "") +
-                          " >" + o + " 2>" + e;
-  const int status = std::system(cmd.c_str());
-  CliRun r;
-  if (status != -1 && WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
-  r.out = slurp(o);
-  r.err = slurp(e);
+  const std::string prefix = scratch() / name, j = prefix + ".json";
+  CliRun r{run_cli_logged(args + (with_json ? " --json " + j : ""), prefix), json()};
   if (with_json && fs::exists(j)) r.report = json::parse(slurp(j));
   return r;
 }
@@ -162,7 +141,7 @@ TEST(PipelineCli, StoredW4A4Kv4QuarotModelReevaluatesToTheIdenticalPerplexity) {
   fs::create_directories(plain);
   json stripped = cfg;
   stripped.erase("dartquant_quantization");
-  std::ofstream(plain + "/config.json") << stripped.dump();
+  spit(plain + "/config.json", stripped.dump());
   for (const char* f : {"model.safetensors", "tokenizer.bin", "tokenizer.json"})
     if (fs::exists(dir + "/" + f)) fs::copy_file(dir + "/" + f, plain + "/" + f);
   const CliRun bare = cli("quarot_w4a4kv4_plain_eval", "eval --model " + plain + kPplArgs);

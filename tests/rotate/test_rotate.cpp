@@ -29,9 +29,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const std::string kData = DQ_DATA_DIR;
-const std::string kStories = kData + "/stories260K/stories260K.bin";
-const std::string kValid = kData + "/tinystories/valid.txt";
+using test::kStories;
+using test::kValid;
 
 using Scratch = test::ScratchDir;
 
