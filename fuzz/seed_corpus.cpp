@@ -15,6 +15,7 @@
 #include "model/export.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
+#include "../tests/fixtures/tokenizer/variant.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -185,21 +186,7 @@ static void tokenizer_seeds(const std::string& data, const std::string& src) {
     for (const json& v : variants["variants"]) {
       std::string base = v.value("base", "");
       if (!bases.count(base)) continue;
-      json t = bases[base];
-      if (v.contains("set"))
-        for (auto& [k, x] : v["set"].items()) t[k] = x;
-      if (v.contains("model"))
-        for (auto& [k, x] : v["model"].items()) t["model"][k] = x;
-      if (v.contains("add_tokens"))
-        for (const json& a : v["add_tokens"]) t["added_tokens"].push_back(a);
-      if (v.value("merges_as_pairs", false))
-        for (json& m : t["model"]["merges"])
-          if (m.is_string()) {
-            std::string s = m.get<std::string>();
-            size_t sp = s.find(' ');
-            m = json::array({s.substr(0, sp), s.substr(sp + 1)});
-          }
-      seed("hf_tokenizer", "variant_" + v.value("name", "x"), t.dump(1));
+      seed("hf_tokenizer", "variant_" + v.value("name", "x"), dq::test::apply_tokenizer_variant(bases[base], v).dump(1));
     }
   // Hand-made: every decoder and normalizer kind, Bert post-processing, empty strings.
   seed("hf_tokenizer", "handmade_all_components", R"({"version":"1.0","truncation":null,"padding":null,

@@ -14,6 +14,7 @@
 
 #include "tensor/tensor.h"
 #include "tokenizer/tokenizer.h"
+#include "fixtures/tokenizer/variant.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -82,20 +83,7 @@ const json& variants() {
 
 // The tokenizer.json a variant describes, as generate.js builds it.
 json variant_json(const json& v) {
-  json j = load_json(kData + "/hf/" + v["base"].get<std::string>() + "/tokenizer.json");
-  if (v.contains("set"))
-    for (auto& [k, val] : v["set"].items()) j[k] = val;
-  if (v.contains("model"))
-    for (auto& [k, val] : v["model"].items()) j["model"][k] = val;
-  if (v.contains("add_tokens"))
-    for (const json& t : v["add_tokens"]) j["added_tokens"].push_back(t);
-  if (v.value("merges_as_pairs", false))
-    for (json& m : j["model"]["merges"]) {
-      std::string s = m.get<std::string>();
-      size_t sp = s.find(' ');
-      m = json::array({s.substr(0, sp), s.substr(sp + 1)});
-    }
-  return j;
+  return dq::test::apply_tokenizer_variant(load_json(kData + "/hf/" + v["base"].get<std::string>() + "/tokenizer.json"), v);
 }
 
 bool is_real(const json& v) { return !v.contains("set") && !v.contains("model") && !v.contains("add_tokens"); }
