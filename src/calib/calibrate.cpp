@@ -2,16 +2,13 @@
 
 #include "io/file.h"
 #include "io/report.h"
-#include "io/safetensors.h"
 #include "model/layerwise.h"
 
-#include <fcntl.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
+#include <memory>
 #include <cstdio>
 #include <numeric>
 #include <random>
@@ -23,7 +20,8 @@ using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 // Token vectors kept from one site, stored as bf16 rows: in memory while the shared budget lasts,
-// then appended to an unlinked temporary file that is memory-mapped for training.
+// then appended to an unlinked temporary file that is memory-mapped for training. A sample resumed
+// from a checkpoint maps the checkpoint's file instead.
 class Sample {
  public:
   Sample(int64_t cols, int64_t* budget_left) : cols_(cols), budget_left_(budget_left) {}
@@ -31,7 +29,7 @@ class Sample {
   Sample& operator=(Sample&& o) noexcept {
     std::swap(cols_, o.cols_); std::swap(budget_left_, o.budget_left_); std::swap(mem_, o.mem_);
     std::swap(file_, o.file_); std::swap(file_rows_, o.file_rows_); std::swap(map_, o.map_);
-    std::swap(map_bytes_, o.map_bytes_);
+    std::swap(map_bytes_, o.map_bytes_); std::swap(loaded_, o.loaded_);
     return *this;
   }
   ~Sample() {
@@ -68,31 +66,16 @@ class Sample {
 
   // Checkpoints: all rows as raw bf16 (after finish()), and a Sample that maps such a file.
   void save(const std::string& path) const {
-    const size_t in_mem = mem_.size() * sizeof(uint16_t);
     write_file_atomic(path, [&](OutStream& out) {
-      out.write(mem_.data(), in_mem);
-      if (map_) out.write(map_, map_bytes_);
+      out.write(mem_.data(), mem_.size() * sizeof(uint16_t));
+      out.write(spilled(), size_t(file_rows_ * cols_) * sizeof(uint16_t));
     });
   }
   static Sample mapped(const std::string& path, int64_t cols) {
     Sample s(cols, nullptr);
-    const int fd = ::open(path.c_str(), O_RDONLY);
-    struct stat st;
-    if (fd < 0 || fstat(fd, &st) != 0 || st.st_size % (cols * 2) != 0) {
-      if (fd >= 0) ::close(fd);
-      throw Error(path + ": missing or truncated captured activations");
-    }
-    s.file_rows_ = st.st_size / (cols * 2);
-    s.map_bytes_ = size_t(st.st_size);
-    if (s.map_bytes_ > 0) {
-      void* p = mmap(nullptr, s.map_bytes_, PROT_READ, MAP_PRIVATE, fd, 0);
-      if (p == MAP_FAILED) {
-        ::close(fd);
-        throw Error(path + ": cannot map captured activations");
-      }
-      s.map_ = p;
-    }
-    ::close(fd);
+    s.loaded_ = std::make_unique<MappedFile>(path);
+    if (s.loaded_->size() % size_t(cols * 2) != 0) throw Error(path + ": truncated captured activations");
+    s.file_rows_ = int64_t(s.loaded_->size()) / (cols * 2);
     return s;
   }
 
@@ -101,14 +84,16 @@ class Sample {
     const int64_t in_mem = int64_t(mem_.size()) / cols_;
     for (size_t i = 0; i < n; ++i) {
       int64_t r = idx[from + i];
-      const uint16_t* src = r < in_mem ? mem_.data() + r * cols_
-                                       : static_cast<const uint16_t*>(map_) + (r - in_mem) * cols_;
+      const uint16_t* src = r < in_mem ? mem_.data() + r * cols_ : spilled() + (r - in_mem) * cols_;
       for (int64_t j = 0; j < cols_; ++j) x(int64_t(i), j) = bf16_to_f32(src[j]);
     }
     return x;
   }
 
  private:
+  const uint16_t* spilled() const {
+    return loaded_ ? reinterpret_cast<const uint16_t*>(loaded_->data()) : static_cast<const uint16_t*>(map_);
+  }
   int64_t cols_ = 0;
   int64_t* budget_left_ = nullptr;
   std::vector<uint16_t> mem_;
@@ -116,6 +101,7 @@ class Sample {
   int64_t file_rows_ = 0;
   void* map_ = nullptr;
   size_t map_bytes_ = 0;
+  std::unique_ptr<MappedFile> loaded_;
 };
 
 // Keeps each token row with probability `ratio`, seeded, at the R1 sites (pooled) and per layer
@@ -168,29 +154,10 @@ nlohmann::json train(const Sample& s, int64_t batch_rows, int epochs, uint64_t s
   return curve;
 }
 
-// Checkpoint files: captured token vectors, and rotations as they are learnt.
-const std::string kR1Sample = "calib-r1-tokens.bin", kR1File = "calib-R1.safetensors";
+// Checkpoint files: captured token vectors, and the rotations learnt so far (R1, then the R2 of
+// the layers done), rewritten after each.
+const std::string kR1Sample = "calib-r1-tokens.bin", kRotations = "calib-rotations.safetensors";
 std::string r2_sample(int l) { return "calib-r2-tokens-" + std::to_string(l) + ".bin"; }
-std::string r2_file(int l) { return "calib-R2-" + std::to_string(l) + ".safetensors"; }
-
-void save_rotation_part(const std::string& path, const std::string& name, const std::vector<Matrix>& rs) {
-  std::vector<TensorBlob> blobs;
-  for (size_t i = 0; i < rs.size(); ++i) blobs.push_back(blob_from_matrix(name + "." + std::to_string(i), rs[i], DType::F32));
-  write_safetensors(path, blobs);
-}
-
-std::vector<Matrix> load_rotation_part(const std::string& path, const std::string& name, int count) {
-  SafetensorsFile f(path);
-  std::vector<Matrix> rs;
-  for (int i = 0; i < count; ++i) {
-    const TensorInfo& t = f.at(name + "." + std::to_string(i));
-    if (t.shape.size() != 2 || t.dtype != DType::F32) throw Error(path + ": not a checkpointed rotation");
-    Matrix r(t.shape[0], t.shape[1]);
-    convert_to_f32(t.dtype, t.data, r.size(), r.data.data());
-    rs.push_back(std::move(r));
-  }
-  return rs;
-}
 
 // One layer-by-layer pass of the FP model with the capture hook: only one layer's fused weights
 // exist at a time (in `fused`, a cheap copy of m sharing the mapped tensors); fusing an already
@@ -224,11 +191,8 @@ nlohmann::json capture_report(const CaptureHook& cap) {
 
 void drop_calibration_checkpoint(Checkpoint& ck, const ModelConfig& c) {
   ck.remove(kR1Sample);
-  ck.remove(kR1File);
-  for (int l = 0; l < c.num_layers; ++l) {
-    ck.remove(r2_sample(l));
-    ck.remove(r2_file(l));
-  }
+  ck.remove(kRotations);
+  for (int l = 0; l < c.num_layers; ++l) ck.remove(r2_sample(l));
   ck.state().erase("calibration_progress");
 }
 
@@ -262,7 +226,8 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
   res.report["batch_rows"] = batch_rows;
   Rotations init = random_hadamard_rotations(c, o.seed);  // DartQuant starts from a random Hadamard
   if (res.report.contains("r1_curve")) {
-    res.rotations.r1 = load_rotation_part(ck->file(kR1File), "R1", 1)[0];
+    const int r2_done = int(res.report.value("r2_curves", nlohmann::json::array()).size());
+    res.rotations = load_rotations(ck->file(kRotations), c, r2_done);
   } else {
     auto t1 = Clock::now();
     RotationOptimizer r1(init.r1, o.r1);
@@ -273,7 +238,7 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
     res.report["r1_seconds"] = since(t1);
     res.report["r1_peak_rss_mib"] = peak_rss_mib();
     if (ck) {
-      save_rotation_part(ck->file(kR1File), "R1", {res.rotations.r1});
+      save_rotations(ck->file(kRotations), res.rotations);
       (*saved)["report"] = res.report;
       ck->save("r1");
     }
@@ -281,18 +246,13 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
 
   auto t2 = Clock::now();
   if (!res.report.contains("r2_curves")) res.report["r2_curves"] = nlohmann::json::array();
-  res.rotations.r2.resize(size_t(c.num_layers));
-  for (int l = 0; l < c.num_layers; ++l) {
-    if (size_t(l) < res.report["r2_curves"].size()) {
-      res.rotations.r2[size_t(l)] = load_rotation_part(ck->file(r2_file(l)), "R2", c.num_kv_heads);
-      continue;
-    }
+  for (int l = int(res.rotations.r2.size()); l < c.num_layers; ++l) {
     BatchedRotationOptimizer r2(init.r2[size_t(l)], c.num_heads, o.r2);
     res.report["r2_curves"].push_back(train(cap.r2_[size_t(l)], batch_rows, o.epochs, o.seed + 2 + uint64_t(l),
                                             [&](const Matrix& x) { return r2.step(x); }, nullptr));
-    res.rotations.r2[size_t(l)] = r2.rotations();
+    res.rotations.r2.push_back(r2.rotations());
     if (ck) {
-      save_rotation_part(ck->file(r2_file(l)), "R2", res.rotations.r2[size_t(l)]);
+      save_rotations(ck->file(kRotations), res.rotations);
       (*saved)["report"] = res.report;
       ck->save("r2-" + std::to_string(l));
     }

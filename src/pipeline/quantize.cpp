@@ -171,8 +171,7 @@ json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progr
     const Matrix gain = m.weights.get(norm);
     model_out.write(blob_from_matrix(norm, Matrix(1, gain.cols, 1.f), kOutDType, {gain.cols}));
     write_rows(m, head_source, "lm_head.weight", model_out, [&](Matrix& rows) {
-      for (int64_t r = 0; r < rows.rows; ++r)
-        for (int64_t k = 0; k < rows.cols; ++k) rows(r, k) *= gain.data[size_t(k)];
+      scale_columns(rows, gain);
       rotate_rows(rows);
     });
   } else {

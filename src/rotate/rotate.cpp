@@ -4,7 +4,7 @@
 
 namespace dq {
 
-static void scale_columns(Matrix& w, const Matrix& gain) {
+void scale_columns(Matrix& w, const Matrix& gain) {
   for (int64_t r = 0; r < w.rows; ++r)
     for (int64_t c = 0; c < w.cols; ++c) w(r, c) *= gain.data[size_t(c)];
 }
@@ -184,7 +184,7 @@ void save_rotations(const std::string& path, const Rotations& r) {
   write_safetensors(path, blobs, {{"format", "dartquant-rotations"}});
 }
 
-Rotations load_rotations(const std::string& path, const ModelConfig& c) {
+Rotations load_rotations(const std::string& path, const ModelConfig& c, int r2_layers) {
   SafetensorsFile f(path);
   auto get = [&](const std::string& name, int64_t n) {
     const TensorInfo& t = f.at(name);
@@ -196,9 +196,9 @@ Rotations load_rotations(const std::string& path, const ModelConfig& c) {
   };
   Rotations r;
   r.r1 = get("R1", c.hidden_size);
-  r.r2.resize(size_t(c.num_layers));
-  for (int l = 0; l < c.num_layers; ++l)
-    for (int h = 0; h < c.num_kv_heads; ++h) r.r2[size_t(l)].push_back(get(r2_name(l, h), c.head_dim));
+  r.r2.resize(size_t(r2_layers < 0 ? c.num_layers : r2_layers));
+  for (size_t l = 0; l < r.r2.size(); ++l)
+    for (int h = 0; h < c.num_kv_heads; ++h) r.r2[l].push_back(get(r2_name(int(l), h), c.head_dim));
   return r;
 }
 

@@ -13,6 +13,8 @@ namespace dq {
 // Moves every RMSNorm gain into the linears that read the norm's output (q/k/v, gate/up, and
 // lm_head for the final norm), leaving weightless norms. Unties a tied classifier.
 void fuse_norms(Model& m);
+// w ← w·diag(gain): a norm gain moved into the linear reading its output.
+void scale_columns(Matrix& w, const Matrix& gain);
 // Layer l's share of fuse_norms (its two norms), for pipelines that go one layer at a time.
 void fuse_layer_norms(Model& m, int l);
 
@@ -55,6 +57,8 @@ namespace dq {
 
 // Rotations as safetensors: "R1" and "R2.<layer>.<kv_head>" (f32).
 void save_rotations(const std::string& path, const Rotations& r);
-Rotations load_rotations(const std::string& path, const ModelConfig& c);
+// r2_layers: how many layers' R2 the file holds (the first ones; -1 = all), for files written
+// while R2 is still being learnt (checkpoints).
+Rotations load_rotations(const std::string& path, const ModelConfig& c, int r2_layers = -1);
 
 }  // namespace dq
