@@ -3,7 +3,6 @@
 
 #include "cli/calib_args.h"
 #include "cli/command.h"
-#include "io/file.h"
 #include "eval/html_report.h"
 #include "eval/perplexity.h"
 #include "io/report.h"
@@ -29,9 +28,7 @@ int run_calibrate(const CalibrateArgs& a) {
   try {
     r = calibrate(m, calib, a.cal.nsamples, len, a.cal.options(), progress_line, &ck);
   } catch (const Error& e) {
-    if (file_exists(ck.file("state.json")))
-      throw Error(std::string(e.what()) + " (progress kept in " + ck.dir() + "; rerun with --resume)");
-    throw;
+    throw Error(e.what() + resume_hint(a.out));
   }
   save_rotations(ck.file("rotations.safetensors"), r.rotations);
   ck.commit_file("rotations.safetensors", a.out);

@@ -88,9 +88,7 @@ int run_quantize(const QuantizeArgs& a) {
   try {
     report.update(run_quantize_job(m, job, progress_line));
   } catch (const Error& e) {
-    if (file_exists(a.out + ".partial/state.json"))
-      throw Error(std::string(e.what()) + " (progress kept in " + a.out + ".partial; rerun with --resume)");
-    throw;
+    throw Error(e.what() + resume_hint(a.out));
   }
   report["quantization"] = job.section;
 

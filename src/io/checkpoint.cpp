@@ -13,6 +13,10 @@ namespace dq {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
+std::string resume_hint(const std::string& out) {
+  return file_exists(out + ".partial/state.json") ? " (progress kept in " + out + ".partial; rerun with --resume)" : "";
+}
+
 Checkpoint::Checkpoint(const std::string& out, const json& fingerprint, bool resume) : dir_(out + ".partial") {
   if (resume && file_exists(file("state.json"))) {
     try {

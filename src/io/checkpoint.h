@@ -9,6 +9,10 @@
 
 namespace dq {
 
+// " (progress kept in OUT.partial; rerun with --resume)" when OUT.partial holds a checkpoint, else
+// "": appended to the error that stopped a job.
+std::string resume_hint(const std::string& out);
+
 class Checkpoint {
  public:
   // resume: continue from OUT.partial when it holds a checkpoint (Error when its fingerprint
@@ -19,7 +23,6 @@ class Checkpoint {
   Checkpoint& operator=(const Checkpoint&) = delete;
 
   std::string file(const std::string& name) const { return dir_ + "/" + name; }
-  const std::string& dir() const { return dir_; }
   bool resumed() const { return resumed_; }
   nlohmann::json& state() { return state_; }
   // Makes state() durable (after the files it describes are). `label` names the point for the

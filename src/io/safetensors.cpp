@@ -119,13 +119,14 @@ static size_t resume_offset(const std::string& prefix, const std::vector<TensorL
 }
 
 SafetensorsStreamWriter::SafetensorsStreamWriter(const std::string& path, std::vector<TensorLayout> layout,
-                                                 const std::map<std::string, std::string>& metadata,
-                                                 size_t resume_after)
+                                                 size_t resume_after,
+                                                 const std::map<std::string, std::string>& metadata)
     : path_(path),
       layout_(std::move(layout)),
+      prefix_(safetensors_prefix(layout_, metadata)),
       next_(resume_after),
-      file_(path, resume_offset(safetensors_prefix(layout_, metadata), layout_, resume_after)) {
-  if (resume_after == 0) file_.out().write(safetensors_prefix(layout_, metadata));
+      file_(path, resume_offset(prefix_, layout_, resume_after)) {
+  if (resume_after == 0) file_.out().write(prefix_);
 }
 
 void SafetensorsStreamWriter::write(const TensorBlob& t) {

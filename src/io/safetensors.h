@@ -62,7 +62,8 @@ std::string safetensors_prefix(const std::vector<TensorLayout>& tensors,
 class SafetensorsStreamWriter {
  public:
   SafetensorsStreamWriter(const std::string& path, std::vector<TensorLayout> layout,
-                          const std::map<std::string, std::string>& metadata, size_t resume_after = 0);
+                          const std::map<std::string, std::string>& metadata, size_t resume_after = 0)
+      : SafetensorsStreamWriter(path, std::move(layout), resume_after, metadata) {}
   // The next tensor in layout order: its name, dtype and byte count must match the layout.
   void write(const TensorBlob& t);
   // Part of the next tensor (for tensors too large to hold whole): parts must add up to its size.
@@ -72,8 +73,11 @@ class SafetensorsStreamWriter {
   void finish();                 // every tensor written; synced
 
  private:
+  SafetensorsStreamWriter(const std::string& path, std::vector<TensorLayout> layout, size_t resume_after,
+                          const std::map<std::string, std::string>& metadata);  // builds prefix_ first
   std::string path_;
   std::vector<TensorLayout> layout_;
+  std::string prefix_;  // length + JSON header
   size_t next_;
   size_t partial_ = 0;  // bytes of tensor next_ written so far
   ResumableFile file_;

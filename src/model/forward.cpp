@@ -65,11 +65,20 @@ LayerWeights load_layer(const Model& m, int layer) {
 }
 
 void release_layer(const Model& m, int layer) {
-  for (const char* t : kLayerTensors) m.weights.release(layer_name(layer, t));
+  for (const std::string& name : layer_tensor_names(m, layer)) m.weights.release(name);
+}
+
+std::vector<std::string> layer_tensor_names(const Model& m, int layer) {
+  std::vector<std::string> names;
+  for (const char* s : {"input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+                        "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
+                        "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.o_proj.weight"})
+    if (m.weights.has(layer_name(layer, s))) names.push_back(layer_name(layer, s));
   const std::string router = router_name(m.config, layer);
-  if (!router.empty()) m.weights.release(router);
+  if (!router.empty()) names.push_back(router);
   for (const ExpertSpec& e : mlp_experts(m.config, layer))
-    for (const std::string* n : {&e.gate, &e.up, &e.down}) m.weights.release(*n);
+    for (const std::string* n : {&e.gate, &e.up, &e.down}) names.push_back(*n);
+  return names;
 }
 
 Matrix embed(const Model& m, const std::vector<int32_t>& tokens) {

@@ -53,6 +53,9 @@ struct Routing {
 Routing route(const ModelConfig& c, const Matrix& router, const Matrix& h);
 LayerWeights load_layer(const Model& m, int layer);
 void release_layer(const Model& m, int layer);  // hands the mapped pages back
+// The names of decoder layer `layer`'s tensors that m has, in a fixed order: norms, attention
+// (biases where present), router, then each expert's gate, up and down.
+std::vector<std::string> layer_tensor_names(const Model& m, int layer);
 
 Matrix embed(const Model& m, const std::vector<int32_t>& tokens);
 // Runs one decoder layer in place on x (batch sequences of seq tokens).

@@ -12,10 +12,6 @@
 
 namespace dq {
 
-// The names of decoder layer `layer`'s tensors that m has, in a fixed order: norms, attention
-// (biases where present), router, then each expert's gate, up and down.
-std::vector<std::string> layer_tensor_names(const Model& m, int layer);
-
 class LayerActivations {
  public:
   LayerActivations() = default;
