@@ -1,11 +1,13 @@
 // config.json and model.safetensors.index.json. The input is CONFIG '\0' INDEX: CONFIG goes through
-// parse_config directly, then both files (with a small valid shard beside them) through
+// parse_config directly (what it accepts must be in the domain the forward pass implements), then both files (with a small valid shard beside them) through
 // load_model, which parses the index, opens the shards it names and validates the weight shapes
 // against the config.
+#include <cmath>
 #include <cstring>
 #include <nlohmann/json.hpp>
 
 #include "fuzz_common.h"
+#include "io/json_limits.h"
 #include "io/safetensors.h"
 #include "model/config.h"
 #include "model/model.h"
@@ -23,6 +25,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       if (c.vocab_size <= 0 || c.hidden_size <= 0 || c.num_heads <= 0 || c.num_kv_heads <= 0 ||
           c.head_dim <= 0 || c.num_layers <= 0)
         dqfuzz::finding("parse_config accepted a non-positive dimension");
+      if (!(c.rms_eps > 0) || !std::isfinite(c.rms_eps) || !(c.rope_theta > 0) || !std::isfinite(c.rope_theta))
+        dqfuzz::finding("parse_config accepted rms_norm_eps or rope_theta out of their domain");
+      if (c.rope_factor != 0 && !(c.rope_factor > 0 && c.rope_low_freq > 0 && c.rope_high_freq > c.rope_low_freq))
+        dqfuzz::finding("parse_config accepted llama3 rope scaling out of its domain");
+      if (j.contains("hidden_act") && j["hidden_act"] != "silu" && j["hidden_act"] != "swish" && !j["hidden_act"].is_null())
+        dqfuzz::finding("parse_config accepted a hidden_act other than silu");
       (void)c.to_json().dump();
     } catch (const dq::Error&) {
     }
@@ -41,8 +49,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   dqfuzz::write_input("model/config.json", config);
   std::filesystem::remove(dir + "/model.safetensors.index.json");
   if (sep) dqfuzz::write_input("model/model.safetensors.index.json", index);
+  bool strict_ok = true;  // what load_model reads config.json with: duplicate keys refused
+  try {
+    (void)dq::parse_json_strict(config, "config.json");
+  } catch (const dq::Error&) {
+    strict_ok = false;
+  }
   try {
     dq::Model m = dq::load_model(dir);
+    if (!strict_ok) dqfuzz::finding("load_model accepted a config.json the strict parser refuses");
   } catch (const dq::Error&) {
   }
   return 0;

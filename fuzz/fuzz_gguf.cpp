@@ -1,5 +1,6 @@
 // GGUF: header, metadata, tensor infos, every tensor decoded to f32, the typed getters, and the
-// model loader (config from llama.* keys, weights, tokenizer rebuilt from metadata).
+// model loader (config from llama.* keys, weights, tokenizer rebuilt from metadata; no tensor left
+// unused, values in their domain).
 #include "fuzz_common.h"
 #include "io/gguf.h"
 #include "model/model.h"
@@ -28,6 +29,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
     dq::Model m = dq::load_gguf_model(path);
     dq::validate_weights(m);
+    // Every tensor of the file is one the model uses (rope_freqs.weight: the Llama-3 factors).
+    dq::GgufFile g(path);
+    const size_t rope = g.find_tensor("rope_freqs.weight") ? 1 : 0;
+    if (m.weights.names().size() + rope != g.tensors().size()) dqfuzz::finding("a GGUF tensor was dropped");
+    if (!(m.config.rms_eps > 0) || !(m.config.rope_theta > 0)) dqfuzz::finding("GGUF norm eps or rope base <= 0");
     if (m.tokenizer) {
       std::vector<int32_t> ids = m.tokenizer->encode("Hello world, once upon a time", true);
       for (int32_t id : ids)

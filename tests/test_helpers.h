@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -77,6 +78,29 @@ inline CliResult run_cli_logged(const std::string& args, const std::string& outp
 
 inline CliResult run_cli(const std::string& args, const ScratchDir& scratch) {
   return run_cli_logged(args, scratch / "cli");
+}
+
+// A failed command: exit code 1 (not a signal) and one line on stderr, "dartquant: error: ...",
+// naming the file and saying the problem.
+inline void expect_one_line_error(const CliResult& r, const std::string& file, const std::string& problem) {
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  ASSERT_FALSE(r.err.empty());
+  EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << "more than one line:\n" << r.err;
+  EXPECT_EQ(r.err.rfind("dartquant: error: ", 0), 0u) << r.err;
+  EXPECT_NE(r.err.find(file), std::string::npos) << "does not name " << file << ": " << r.err;
+  EXPECT_NE(r.err.find(problem), std::string::npos) << "does not say '" << problem << "': " << r.err;
+}
+
+// Every file under dir (relative path -> bytes), the run_cli logs (cli.*) left out: equal
+// snapshots before and after a command mean it created, changed and removed nothing there.
+inline std::map<std::string, std::string> tree_snapshot(const fs::path& dir) {
+  std::map<std::string, std::string> files;
+  for (const auto& e : fs::recursive_directory_iterator(dir)) {
+    const std::string rel = fs::relative(e.path(), dir).string();
+    if (rel.rfind("cli.", 0) == 0) continue;
+    files[rel] = e.is_regular_file() ? slurp(e.path().string()) : "<dir>";
+  }
+  return files;
 }
 
 // A rows x cols matrix of seeded N(0, scale²) entries.

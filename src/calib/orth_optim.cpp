@@ -53,6 +53,9 @@ float RotationOptimizer::step(const Matrix& X, float weight) {
   Matrix O, dO, G;
   gemm(X, false, rotation(), false, O);
   const float loss = loss_and_grad(opt_.loss, O, &dO);
+  if (!std::isfinite(loss))
+    throw Error("rotation calibration diverged: the loss is not finite at step " + std::to_string(t_) +
+                " (lower the learning rate)");
   gemm(X, true, dO, false, G, weight);  // dL/dR = Xᵀ·dL/dO
   const float lr = lr_at(t_);
   if (opt_.method == OrthMethod::QR)
@@ -81,6 +84,10 @@ void RotationOptimizer::step_qr(const Matrix& G, float lr) {
       Z_.data[i] -= lr * (m_.data[i] / c1) / (std::sqrt(v_.data[i] / c2) + opt_.adam_eps);
     }
   }
+  for (float z : Z_.data)  // LAPACK would only answer "geqrf failed (info -4)"
+    if (!std::isfinite(z))
+      throw Error("rotation calibration diverged: the parameters are not finite after step " + std::to_string(t_) +
+                  " (lower the learning rate)");
   qr_ = qr_positive(Z_);
 }
 

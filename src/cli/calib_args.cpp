@@ -2,25 +2,31 @@
 
 #include <filesystem>
 
+#include "cli/validators.h"
 #include "tensor/kernels.h"
 
 namespace dq::cli {
 
 void CalibArgs::add_options(CLI::App& app) {
-  app.add_option("--nsamples", nsamples, "calibration windows")->capture_default_str();
-  app.add_option("--calib-seqlen", calib_seqlen, "calibration window length")->capture_default_str();
+  app.add_option("--nsamples", nsamples, "calibration windows")->capture_default_str()->check(int_in(1, 1 << 20));
+  app.add_option("--calib-seqlen", calib_seqlen, "calibration window length")->capture_default_str()
+      ->check(int_in(2, 1 << 20));
   app.add_option("--seed", seed, "seed for windows, rotations and sampling")->capture_default_str();
-  app.add_option("--token-ratio", token_ratio, "DartQuant: fraction of token vectors kept")->capture_default_str();
-  app.add_option("--loss", loss, "DartQuant loss: whip, variance, kurtosis, quant")->capture_default_str();
-  app.add_option("--orth", orth, "DartQuant optimizer: qr (QR-Orth) or cayley")->capture_default_str();
-  app.add_option("--optimizer", optimizer, "sgd (momentum 0.9) or adam")->capture_default_str();
-  app.add_option("--lr-r1", lr_r1, "R1 learning rate")->capture_default_str();
-  app.add_option("--lr-r2", lr_r2, "R2 learning rate")->capture_default_str();
-  app.add_option("--epochs", epochs, "calibration epochs")->capture_default_str();
-  app.add_option("--batch", batch, "calibration sequences per step")->capture_default_str();
+  app.add_option("--token-ratio", token_ratio, "DartQuant: fraction of token vectors kept")->capture_default_str()
+      ->check(real_in(0, 1, true));
+  app.add_option("--loss", loss, "DartQuant loss: whip, variance, kurtosis, quant")->capture_default_str()
+      ->check(CLI::IsMember({"whip", "variance", "kurtosis", "quant"}));
+  app.add_option("--orth", orth, "DartQuant optimizer: qr (QR-Orth) or cayley")->capture_default_str()
+      ->check(CLI::IsMember({"qr", "cayley"}));
+  app.add_option("--optimizer", optimizer, "sgd (momentum 0.9) or adam")->capture_default_str()->check(CLI::IsMember({"sgd", "adam"}));
+  app.add_option("--lr-r1", lr_r1, "R1 learning rate")->capture_default_str()->check(real_in(0, 100, true));
+  app.add_option("--lr-r2", lr_r2, "R2 learning rate")->capture_default_str()->check(real_in(0, 100, true));
+  app.add_option("--epochs", epochs, "calibration epochs")->capture_default_str()->check(int_in(1, 1 << 20));
+  app.add_option("--batch", batch, "calibration sequences per step")->capture_default_str()
+      ->check(int_in(1, 1 << 20));
   app.add_option("--calib-memory", calib_memory,
                  "MiB of captured activations kept in RAM; the rest spills to a memory-mapped temp file")
-      ->capture_default_str();
+      ->capture_default_str()->check(int_in(0, int64_t(1) << 40));
   app.add_flag("--cosine", cosine, "cosine learning-rate schedule");
 }
 

@@ -20,9 +20,8 @@ struct CalibrateArgs {
 int run_calibrate(const CalibrateArgs& a) {
   Model m = load_model(a.model, a.tokenizer);
   rope_to_halves(m);
-  std::vector<int32_t> ids = tokenize_file(m, a.cal.calib);
-  const int len = std::min<int>(a.cal.calib_seqlen, int(ids.size()) - 1);
-  std::vector<int32_t> calib = sample_windows(ids, a.cal.nsamples, len, a.cal.seed);
+  const int len = a.cal.calib_seqlen;
+  std::vector<int32_t> calib = calibration_windows(m, a.cal.calib, a.cal.nsamples, len, a.cal.seed);
   Checkpoint ck(a.out, a.cal.fingerprint(a.model, a.tokenizer, calib, len), a.resume);
   CalibResult r;
   try {

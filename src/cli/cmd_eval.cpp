@@ -2,6 +2,7 @@
 #include <cstdio>
 
 #include "cli/command.h"
+#include "cli/validators.h"
 #include "eval/perplexity.h"
 #include "io/report.h"
 #include "eval/runtime.h"
@@ -66,9 +67,11 @@ RegisterCommand reg("eval", "perplexity of a model (llama2.c .bin, HF directory,
   app.add_option("--tasks", a->tasks, "zero-shot tasks: comma list of names in --tasks-dir, or 'all'");
   app.add_option("--tasks-dir", a->tasks_dir, "directory of NAME.jsonl task files")->capture_default_str();
   app.add_option("--limit", a->limit, "evaluate only the first N examples of each task")
-      ->check(CLI::NonNegativeNumber);
-  app.add_option("--seqlen", a->seqlen, "window length in tokens (default: min(2048, max_position_embeddings))");
-  app.add_option("--max-windows", a->max_windows, "evaluate only the first K windows");
+      ->check(int_in(0, INT32_MAX));
+  app.add_option("--seqlen", a->seqlen, "window length in tokens (default: min(2048, max_position_embeddings))")
+      ->check(int_in(2, 1 << 24));
+  app.add_option("--max-windows", a->max_windows, "evaluate only the first K windows (0 = all)")
+      ->check(int_in(0, INT32_MAX));
   app.add_option("--json", a->json, "write a JSON report here");
   return [a] { return run_eval(*a); };
 });

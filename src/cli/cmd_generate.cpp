@@ -3,6 +3,8 @@
 #include <random>
 
 #include "cli/command.h"
+#include "cli/validators.h"
+#include "eval/perplexity.h"
 #include "eval/runtime.h"
 #include "model/forward.h"
 
@@ -22,6 +24,9 @@ int run_generate(const GenerateArgs& a) {
   RuntimeHooks runtime(m);
   std::vector<int32_t> ids = m.tokenizer->encode(a.prompt, true);
   if (ids.empty()) throw Error("the prompt is empty and the tokenizer adds no BOS token");
+  if (int64_t(ids.size()) >= m.config.max_seq)
+    throw Error(a.model + ": the prompt has " + std::to_string(ids.size()) + " tokens, no room left in the model's " +
+                std::to_string(m.config.max_seq) + "-token context");
   std::mt19937_64 rng(a.seed);
   Matrix head = m.weights.get(lm_head_name(m));
   std::string printed;
@@ -29,13 +34,18 @@ int run_generate(const GenerateArgs& a) {
     // Recomputes the whole sequence each step: simple, and fast enough for the models we sample.
     Matrix x = forward(m, ids, 1, int(ids.size()), runtime.hooks());
     Matrix lp = log_probs(m, head, x, x.rows - 1, 1);
+    for (float v : lp.data)
+      if (!std::isfinite(v))
+        fail_non_finite(m, "the next-token distribution", runtime.hooks(),
+                        [&](const Hooks& h) { forward(m, ids, 1, int(ids.size()), h); });
     int32_t next = 0;
-    if (a.temperature <= 0) {
-      for (int64_t j = 1; j < lp.cols; ++j)
-        if (lp(0, j) > lp(0, next)) next = int32_t(j);
-    } else {
+    for (int64_t j = 1; j < lp.cols; ++j)
+      if (lp(0, j) > lp(0, next)) next = int32_t(j);
+    if (a.temperature > 0) {
+      // Relative to the most likely token, so a small temperature cannot underflow every weight to 0.
+      const double top = lp(0, next);
       std::vector<double> p(size_t(lp.cols));
-      for (int64_t j = 0; j < lp.cols; ++j) p[size_t(j)] = std::exp(double(lp(0, j)) / a.temperature);
+      for (int64_t j = 0; j < lp.cols; ++j) p[size_t(j)] = std::exp((double(lp(0, j)) - top) / a.temperature);
       next = int32_t(std::discrete_distribution<int64_t>(p.begin(), p.end())(rng));
     }
     if (next == m.tokenizer->eos_id()) break;
@@ -55,8 +65,8 @@ RegisterCommand reg("generate", "generate text from a prompt", [](CLI::App& app)
   app.add_option("--model", a->model, "model path")->required();
   app.add_option("--tokenizer", a->tokenizer, "tokenizer file (default: beside the model)");
   app.add_option("--prompt", a->prompt, "prompt text (default: empty, start from BOS)");
-  app.add_option("-n", a->n, "tokens to generate")->check(CLI::PositiveNumber);
-  app.add_option("--temperature", a->temperature, "0 = greedy");
+  app.add_option("-n", a->n, "tokens to generate")->check(int_in(1, 1 << 24));
+  app.add_option("--temperature", a->temperature, "0 = greedy")->check(real_in(0, 1000));
   app.add_option("--seed", a->seed, "sampling seed");
   return [a] { return run_generate(*a); };
 });

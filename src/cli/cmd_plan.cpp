@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "cli/command.h"
+#include "cli/validators.h"
 #include "io/report.h"
 #include "quant/plan.h"
 
@@ -40,15 +41,18 @@ RegisterCommand reg("plan", "dry run of quantize: planned peak memory per stage 
                     [](CLI::App& app) {
   auto a = std::make_shared<PlanArgs>();
   app.add_option("--model", a->model, "a model directory or its config.json (no weights needed)")->required();
-  app.add_option("--nsamples", a->opts.nsamples, "calibration windows")->capture_default_str();
-  app.add_option("--calib-seqlen", a->opts.seqlen, "calibration window length")->capture_default_str();
-  app.add_option("--token-ratio", a->opts.token_ratio, "DartQuant: fraction of token vectors kept")->capture_default_str();
-  app.add_option("--batch", a->opts.batch, "DartQuant: sequences per step")->capture_default_str();
+  app.add_option("--nsamples", a->opts.nsamples, "calibration windows")->capture_default_str()->check(int_in(1, 1 << 20));
+  app.add_option("--calib-seqlen", a->opts.seqlen, "calibration window length")->capture_default_str()
+      ->check(int_in(2, 1 << 20));
+  app.add_option("--token-ratio", a->opts.token_ratio, "DartQuant: fraction of token vectors kept")->capture_default_str()
+      ->check(real_in(0, 1, true));
+  app.add_option("--batch", a->opts.batch, "DartQuant: sequences per step")->capture_default_str()
+      ->check(int_in(1, 1 << 20));
   app.add_option("--calib-memory", a->opts.calib_memory_mib, "MiB of captured activations kept in RAM")
-      ->capture_default_str();
+      ->capture_default_str()->check(int_in(0, int64_t(1) << 40));
   app.add_option("--experts-per-pass", a->opts.experts_per_pass, "GPTQ Hessians per layer pass (0 = most that fit)")
-      ->capture_default_str();
-  app.add_option("--budget-gib", a->opts.budget_gib, "memory budget")->capture_default_str();
+      ->capture_default_str()->check(int_in(0, 4096));
+  app.add_option("--budget-gib", a->opts.budget_gib, "memory budget")->capture_default_str()->check(real_in(0, 1 << 30, true));
   app.add_option("--json", a->json, "write the plan as JSON here");
   return [a] { return run_plan(*a); };
 });

@@ -8,6 +8,7 @@
 #include "calib/calibrate.h"
 #include "cli/calib_args.h"
 #include "cli/command.h"
+#include "cli/validators.h"
 #include "eval/html_report.h"
 #include "eval/perplexity.h"
 #include "io/report.h"
@@ -32,8 +33,8 @@ struct QuantizeArgs {
 };
 
 int run_quantize(const QuantizeArgs& a) {
-  if (a.rotation != "none" && a.rotation != "quarot" && a.rotation != "dartquant")
-    throw Error("--rotation must be none, quarot or dartquant");
+  if (!a.rotations_file.empty() && a.rotation == "none")
+    throw Error(a.rotations_file + ": --rotations needs --rotation quarot or dartquant (not none)");
   Model m = load_model(a.model, a.tokenizer);
   rope_to_halves(m);
 
@@ -46,10 +47,8 @@ int run_quantize(const QuantizeArgs& a) {
   job.len = a.cal.calib_seqlen;
   if (need_calib) {
     if (a.cal.calib.empty()) throw Error("--calib is required for GPTQ and DartQuant calibration");
-    std::vector<int32_t> ids = tokenize_file(m, a.cal.calib);
-    job.len = std::min<int>(job.len, int(ids.size()) - 1);
     job.windows = a.cal.nsamples;
-    job.calib = sample_windows(ids, a.cal.nsamples, job.len, a.cal.seed);
+    job.calib = calibration_windows(m, a.cal.calib, a.cal.nsamples, job.len, a.cal.seed);
   }
   const bool rotate = a.rotation != "none";
   job.r4 = rotate && !a.no_online;
@@ -123,35 +122,37 @@ RegisterCommand reg("quantize", "rotate and quantize a model into a self-describ
   app.add_option("--tokenizer", a->tokenizer, "tokenizer file (default: beside the model)");
   app.add_option("--out", a->out, "output directory")->required();
   app.add_option("--rotation", a->rotation, "none, quarot (random Hadamard) or dartquant (learned)")
-      ->capture_default_str();
+      ->capture_default_str()->check(CLI::IsMember({"none", "quarot", "dartquant"}));
   app.add_option("--rotations", a->rotations_file, "use these rotations (from `calibrate`) instead");
   app.add_flag("--no-online-hadamard", a->no_online, "leave out R3/R4: the output is a plain LLaMA checkpoint");
-  app.add_option("--w-bits", a->w_bits, "weight bits (16 = not quantized)")->capture_default_str();
+  app.add_option("--w-bits", a->w_bits, "weight bits (16 = not quantized)")->capture_default_str()->check(quant_bits());
   app.add_option("--w-method", a->w_method, "rtn or gptq")->capture_default_str()
       ->check(CLI::IsMember({"rtn", "gptq"}));
   app.add_option("--w-group", a->w_group, "group size along the input dimension (0 = per channel)")
-      ->capture_default_str();
+      ->capture_default_str()->check(int_in(0, 1 << 24));
   app.add_flag("--w-asym", a->w_asym, "asymmetric weights (default symmetric)");
   app.add_flag("--w-clip", a->w_clip, "MSE clip search for weights");
   app.add_flag("--w-f16-scales", a->w_f16_scales,
                "round weight scales to f16 (GGUF q4_0/q8_0 export then carries the exact values)");
-  app.add_option("--damp", a->damp, "GPTQ damping, fraction of mean(diag H)")->capture_default_str();
+  app.add_option("--damp", a->damp, "GPTQ damping, fraction of mean(diag H)")->capture_default_str()
+      ->check(real_in(0, 1, true));
   app.add_flag("--act-order", a->act_order, "GPTQ act-order");
   app.add_option("--min-expert-tokens", a->min_expert_tokens,
                  "MoE: experts routed fewer calibration tokens than this get RTN instead of GPTQ")
-      ->capture_default_str();
+      ->capture_default_str()->check(int_in(0, INT64_MAX));
   app.add_option("--experts-per-pass", a->experts_per_pass,
                  "MoE: expert Hessians collected per calibration pass over a layer (0 = all; see `plan`)")
-      ->capture_default_str();
-  app.add_option("--a-bits", a->a_bits, "activation bits (16 = not quantized)")->capture_default_str();
-  app.add_option("--a-clip", a->a_clip, "activation clip ratio")->capture_default_str();
-  app.add_option("--kv-bits", a->kv_bits, "KV-cache bits (16 = not quantized)")->capture_default_str();
-  app.add_option("--kv-clip", a->kv_clip, "KV-cache clip ratio")->capture_default_str();
+      ->capture_default_str()->check(int_in(0, 4096));
+  app.add_option("--a-bits", a->a_bits, "activation bits (16 = not quantized)")->capture_default_str()->check(quant_bits());
+  app.add_option("--a-clip", a->a_clip, "activation clip ratio")->capture_default_str()->check(clip_ratio());
+  app.add_option("--kv-bits", a->kv_bits, "KV-cache bits (16 = not quantized)")->capture_default_str()->check(quant_bits());
+  app.add_option("--kv-clip", a->kv_clip, "KV-cache clip ratio")->capture_default_str()->check(clip_ratio());
   app.add_option("--calib", a->cal.calib, "calibration text (GPTQ, DartQuant)");
   a->cal.add_options(app);
   app.add_option("--ppl", a->ppl, "evaluate the quantized model's perplexity on this text");
-  app.add_option("--seqlen", a->seqlen, "evaluation window length");
-  app.add_option("--max-windows", a->max_windows, "evaluate only the first K windows");
+  app.add_option("--seqlen", a->seqlen, "evaluation window length")->check(int_in(2, 1 << 24));
+  app.add_option("--max-windows", a->max_windows, "evaluate only the first K windows (0 = all)")
+      ->check(int_in(0, INT32_MAX));
   app.add_flag("--resume", a->resume,
                "continue an interrupted run from OUT.partial (same options and inputs), else start over");
   app.add_option("--json", a->json, "write a JSON report here");

@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "cli/command.h"
+#include "cli/validators.h"
 #include "eval/html_report.h"
 #include "eval/perplexity.h"
 #include "io/report.h"
@@ -50,9 +51,8 @@ int run_stats(const StatsArgs& a) {
   {
     Model m = load_model(a.model, a.tokenizer);
     layers = m.config.num_layers;
-    std::vector<int32_t> ids = tokenize_file(m, a.calib);
-    len = std::min<int>(a.calib_seqlen, int(ids.size()) - 1);
-    calib = sample_windows(ids, a.nsamples, len, a.seed);
+    len = a.calib_seqlen;
+    calib = calibration_windows(m, a.calib, a.nsamples, len, a.seed);
   }
   StatsOptions so;
   so.hist_layers = a.layers;
@@ -113,12 +113,13 @@ RegisterCommand reg("stats", "activation statistics and histograms: unrotated vs
   app.add_option("--model", a->model, "model path")->required();
   app.add_option("--tokenizer", a->tokenizer, "tokenizer file (default: beside the model)");
   app.add_option("--calib", a->calib, "text whose windows are run through the models")->required();
-  app.add_option("--nsamples", a->nsamples, "windows")->capture_default_str();
-  app.add_option("--calib-seqlen", a->calib_seqlen, "window length")->capture_default_str();
+  app.add_option("--nsamples", a->nsamples, "windows")->capture_default_str()->check(int_in(1, 1 << 20));
+  app.add_option("--calib-seqlen", a->calib_seqlen, "window length")->capture_default_str()
+      ->check(int_in(2, 1 << 20));
   app.add_option("--rotations", a->rotations, "learned rotations (from `calibrate`): adds the learned variant");
   app.add_option("--seed", a->seed, "seed for windows and the random Hadamard")->capture_default_str();
   app.add_option("--layers", a->layers, "layers whose histograms are kept (default: first, middle, last)")
-      ->delimiter(',');
+      ->delimiter(',')->check(int_in(0, 1 << 24));
   app.add_option("--calib-json", a->calib_json, "calibrate --json reports whose loss curves the HTML shows");
   app.add_option("--eval-json", a->eval_json, "quantize --json reports for the HTML evaluation table");
   app.add_option("--json", a->json, "write the statistics as JSON here");

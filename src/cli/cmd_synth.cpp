@@ -2,6 +2,7 @@
 #include <cstdio>
 
 #include "cli/command.h"
+#include "cli/validators.h"
 #include "model/synth.h"
 
 namespace dq::cli {
@@ -27,9 +28,9 @@ RegisterCommand reg("synth", "write an HF directory with seeded random weights o
   app.add_option("--seed", a->opts.seed, "random seed (same seed, same bytes)");
   app.add_option("--dtype", a->dtype, "bf16 (default), f16 or f32")->check(CLI::IsMember({"f32", "f16", "bf16"}));
   app.add_option("--outliers", a->opts.outliers, "residual channels with massive activations (default 0)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(int_in(0, 1 << 24));
   app.add_option("--layers", a->opts.layers, "override num_hidden_layers (smaller models for quick tests)")
-      ->check(CLI::PositiveNumber);
+      ->check(int_in(1, 1 << 24));
   return [a] { return run_synth(*a); };
 });
 

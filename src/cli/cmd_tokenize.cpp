@@ -1,4 +1,5 @@
 // dartquant tokenize: text -> token ids (one JSON array per input line) or, with --decode, back.
+#include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -29,8 +30,10 @@ int run(const Options& o) {
         throw dq::Error(o.text_file + ":" + std::to_string(lineno) + ": not a JSON array of ids");
       std::vector<int32_t> ids;
       for (const auto& v : j) {
-        if (!v.is_number_integer())
-          throw dq::Error(o.text_file + ":" + std::to_string(lineno) + ": not a JSON array of ids");
+        // get<int32_t>() would wrap 4294967296 to 0 and decode a token that was never asked for.
+        if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT32_MAX)) ||
+            (!v.is_number_unsigned() && (v.get<int64_t>() < INT32_MIN || v.get<int64_t>() > INT32_MAX)))
+          throw dq::Error(o.text_file + ":" + std::to_string(lineno) + ": not a JSON array of 32-bit ids");
         ids.push_back(v.get<int32_t>());
       }
       out = tok->decode(ids);

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include "cli/command.h"
+#include "cli/validators.h"
 #include "tensor/kernels.h"
 #include "tensor/tensor.h"
 
@@ -39,7 +40,8 @@ int main(int argc, char** argv) {
   CLI::App app{"dartquant: learn rotations (DartQuant), quantize and evaluate LLaMA-family models"};
   app.require_subcommand(1);
   int threads = 0;
-  app.add_option("--threads", threads, "threads for BLAS and our own loops (default: all cores)");
+  app.add_option("--threads", threads, "threads for BLAS and our own loops (default: all cores)")
+      ->check(int_in(1, 1024));
   std::map<CLI::App*, std::function<int()>> runs;
   for (auto& [name, entry] : registry()) {
     CLI::App* sub = app.add_subcommand(name, entry.help);

@@ -4,12 +4,56 @@
 #include <cmath>
 
 #include "io/file.h"
+#include "quant/quantize_model.h"
 
 namespace dq {
 
 std::vector<int32_t> tokenize_file(const Model& m, const std::string& path) {
   if (!m.tokenizer) throw Error(m.source + ": no tokenizer found; pass --tokenizer");
   return m.tokenizer->encode(read_file(path), true);
+}
+
+std::vector<int32_t> calibration_windows(const Model& m, const std::string& path, int n, int len, uint64_t seed) {
+  const std::vector<int32_t> ids = tokenize_file(m, path);
+  if (ids.size() <= size_t(len))
+    throw Error(path + ": " + std::to_string(ids.size()) + " tokens, too short for a calibration window of " +
+                std::to_string(len) + " (it needs " + std::to_string(len + 1) + "; pass a smaller --calib-seqlen)");
+  return sample_windows(ids, n, len, seed);
+}
+
+namespace {
+
+// Remembers the first site (in forward order) whose activations hold a NaN or an Inf.
+struct FiniteCheck : Hook {
+  bool found = false;
+  Site site = Site::AttnIn;
+  int layer = 0;
+  void at(Site s, int l, Matrix& x) override {
+    if (found) return;
+    for (float v : x.data)
+      if (!std::isfinite(v)) {
+        found = true;
+        site = s;
+        layer = l;
+        return;
+      }
+  }
+};
+
+}  // namespace
+
+void fail_non_finite(const Model& m, const std::string& what, const Hooks& hooks,
+                     const std::function<void(const Hooks&)>& rerun) {
+  FiniteCheck check;
+  Hooks with_check = hooks;
+  with_check.push_back(&check);  // last: it sees what the other hooks made of each activation
+  rerun(with_check);
+  std::string where = "every activation is finite, the classifier's output is not";
+  if (check.found)
+    where = "activations stop being finite at " +
+            (check.layer < 0 ? std::string("the final norm") : "layer " + std::to_string(check.layer)) + ", " +
+            site_name(check.site);
+  throw Error(m.source + ": " + what + " is not finite: " + where);
 }
 
 PplResult perplexity(const Model& m, const std::vector<int32_t>& ids, int seqlen, int max_windows,
@@ -29,6 +73,9 @@ PplResult perplexity(const Model& m, const std::vector<int32_t>& ids, int seqlen
     int b = std::min(per_batch, windows - w0);
     std::vector<int32_t> tokens(ids.begin() + int64_t(w0) * seqlen, ids.begin() + int64_t(w0 + b) * seqlen);
     for (double v : next_token_nll(m, tokens, b, seqlen, hooks)) {
+      if (!std::isfinite(v))
+        fail_non_finite(m, "the NLL of window " + std::to_string(w0 + 1), hooks,
+                        [&](const Hooks& h) { next_token_nll(m, tokens, b, seqlen, h); });
       sum += v;
       ++count;
     }

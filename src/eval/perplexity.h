@@ -18,6 +18,15 @@ struct PplResult {
 
 // The text of a file as token ids (with BOS first when the tokenizer adds one).
 std::vector<int32_t> tokenize_file(const Model& m, const std::string& path);
+// n calibration windows of len tokens drawn from the text of a file (sample_windows). A text too
+// short for one window is an error naming the file: windows are never shortened to fit.
+std::vector<int32_t> calibration_windows(const Model& m, const std::string& path, int n, int len, uint64_t seed);
+
+// A result that is not finite is an error, never a figure. Reruns the forward pass that produced it
+// (rerun, given the hooks to run with) with a finiteness check after the given hooks, and throws
+// Error("MODEL: WHAT is not finite: activations stop being finite at layer L, SITE").
+[[noreturn]] void fail_non_finite(const Model& m, const std::string& what, const Hooks& hooks,
+                                  const std::function<void(const Hooks&)>& rerun);
 
 using Progress = std::function<void(int done, int total)>;
 PplResult perplexity(const Model& m, const std::vector<int32_t>& ids, int seqlen, int max_windows,

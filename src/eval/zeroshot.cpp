@@ -104,6 +104,11 @@ std::vector<Loglikelihood> loglikelihoods(const Model& m, const std::vector<Requ
           }
         }
       }
+    for (int b = 0; b < batch; ++b)
+      for (size_t i : riders[seqs[s0 + size_t(b)]])
+        if (!std::isfinite(out[i].logprob))
+          fail_non_finite(m, "the log-likelihood of a zero-shot request", hooks,
+                          [&](const Hooks& h) { forward(m, tokens, batch, len, h); });
     ++st.forwards;
     st.tokens += int64_t(tokens.size());
     s0 = s1;

@@ -7,6 +7,8 @@
 #include <optional>
 
 #include "io/file.h"
+#include "io/half.h"
+#include "io/printable.h"
 
 namespace dq {
 
@@ -77,14 +79,6 @@ std::optional<int64_t> int_at(GgufType t, const uint8_t* p) {
 
 double float_at(GgufType t, const uint8_t* p) {
   return t == GgufType::F32 ? double(load<float>(p)) : load<double>(p);
-}
-
-// Names from a corrupt file may hold anything; keep error messages on one printable line.
-std::string printable(const std::string& s) {
-  std::string r;
-  for (char c : s.substr(0, 80)) r += (c >= 0x20 && c < 0x7f) ? c : '?';
-  if (s.size() > 80) r += "...";
-  return r;
 }
 
 bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) { return __builtin_mul_overflow(a, b, out); }
@@ -227,6 +221,13 @@ size_t GgufValue::array_size() const {
 
 // ---- ggml blocks ----
 
+// A block's scale, stored as f16: one too large for it is an error (the whole block would decode to Inf).
+static uint16_t f16_scale(float d) {
+  uint16_t h;
+  encode_16bit(DType::F16, &d, 1, &h);
+  return h;
+}
+
 BlockQ8_0 quantize_q8_0(const float* x) {
   float amax = 0.f;
   for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
@@ -234,7 +235,7 @@ BlockQ8_0 quantize_q8_0(const float* x) {
   const float d = amax / 127.f;
   const float id = d != 0.f ? 1.f / d : 0.f;
   BlockQ8_0 b;
-  b.d = f32_to_f16(d);
+  b.d = f16_scale(d);
   for (int j = 0; j < 32; ++j) b.qs[j] = int8_t(std::round(x[j] * id));
   return b;
 }
@@ -251,7 +252,7 @@ BlockQ4_0 quantize_q4_0(const float* x) {
   const float d = max / -8.f;
   const float id = d != 0.f ? 1.f / d : 0.f;
   BlockQ4_0 b;
-  b.d = f32_to_f16(d);
+  b.d = f16_scale(d);
   auto code = [&](float v) {  // truncation toward zero, as llama.cpp's (int8_t) cast
     return uint8_t(std::min(15, int(int8_t(v * id + 8.5f))));
   };
@@ -261,7 +262,7 @@ BlockQ4_0 quantize_q4_0(const float* x) {
 
 BlockQ8_0 q8_0_from_codes(const int8_t* q, float scale) {
   BlockQ8_0 b;
-  b.d = f32_to_f16(scale);
+  b.d = f16_scale(scale);
   std::memcpy(b.qs, q, 32);
   return b;
 }
@@ -271,7 +272,7 @@ BlockQ4_0 q4_0_from_codes(const int8_t* q, float scale) {
     if (q[j] < -8 || q[j] > 7)
       throw Error("q4_0 code " + std::to_string(q[j]) + " outside [-8, 7]");
   BlockQ4_0 b;
-  b.d = f32_to_f16(scale);
+  b.d = f16_scale(scale);
   for (int j = 0; j < 16; ++j) b.qs[j] = uint8_t((q[j] + 8) | ((q[j + 16] + 8) << 4));
   return b;
 }
@@ -297,12 +298,12 @@ std::vector<uint8_t> ggml_encode(GgmlType t, const float* x, size_t n) {
       if (n) std::memcpy(p, x, n * 4);
       break;
     case GgmlType::F16:
-    case GgmlType::BF16:
-      for (size_t i = 0; i < n; ++i) {
-        uint16_t h = t == GgmlType::F16 ? f32_to_f16(x[i]) : f32_to_bf16(x[i]);
-        std::memcpy(p + 2 * i, &h, 2);
-      }
+    case GgmlType::BF16: {
+      std::vector<uint16_t> h(n);
+      encode_16bit(t == GgmlType::F16 ? DType::F16 : DType::BF16, x, n, h.data());
+      if (n) std::memcpy(p, h.data(), n * 2);
       break;
+    }
     case GgmlType::Q8_0:
     case GgmlType::Q4_0:
       for (size_t i = 0; i < n; ++i)  // the codes' float-to-int conversions need finite input

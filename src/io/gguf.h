@@ -86,7 +86,8 @@ BlockQ4_0 q4_0_from_codes(const int8_t* q, float scale);
 void dequantize_q8_0(const BlockQ8_0& b, float* out);  // 32 values
 void dequantize_q4_0(const BlockQ4_0& b, float* out);  // 32 values
 
-// n f32 values encoded as t (quantized types: n % 32 == 0; non-finite input is an Error for them).
+// n f32 values encoded as t (quantized types: n % 32 == 0). A non-finite value, or one the type (or
+// a block scale) cannot hold, is an Error.
 std::vector<uint8_t> ggml_encode(GgmlType t, const float* x, size_t n);
 // n values of type t at data (ggml_nbytes(t, n) bytes) decoded to f32.
 void ggml_decode(GgmlType t, const uint8_t* data, size_t n, float* out);

@@ -13,13 +13,7 @@ void write_json(const std::string& path, const nlohmann::json& j) {
 }
 
 nlohmann::json read_json(const std::string& path) {
-  const std::string text = read_file(path);
-  check_json_depth(text, path);
-  try {
-    return nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception&) {
-    throw Error(path + ": invalid JSON");
-  }
+  return parse_json_strict(read_file(path), path);
 }
 
 double peak_rss_mib() {

@@ -1,7 +1,12 @@
 #include "io/safetensors.h"
 
+#include <algorithm>
 #include <cstring>
 #include <nlohmann/json.hpp>
+
+#include "io/half.h"
+#include "io/json_limits.h"
+#include "io/printable.h"
 
 namespace dq {
 
@@ -20,19 +25,19 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {
   std::memcpy(&header_len, file_.data(), 8);
   if (header_len > size - 8) throw Error(path + ": header length " + std::to_string(header_len) + " exceeds file size");
   if (header_len > (100u << 20)) throw Error(path + ": header larger than 100 MB");
-  json header;
-  try {
-    header = json::parse(file_.data() + 8, file_.data() + 8 + header_len);
-  } catch (const json::exception& e) {
-    throw Error(path + ": invalid safetensors header JSON");
-  }
+  const std::string_view text(reinterpret_cast<const char*>(file_.data()) + 8, header_len);
+  if (text.empty() || text[0] != '{') throw Error(path + ": not a safetensors file (header is not a JSON object)");
+  const json header = parse_json_strict(text, path + ": safetensors header");
   if (!header.is_object()) throw Error(path + ": safetensors header is not a JSON object");
   const size_t data_start = 8 + header_len, data_len = size - data_start;
-  for (auto& [name, v] : header.items()) {
-    if (name == "__metadata__") {
-      if (v.is_object())
-        for (auto& [k, s] : v.items())
-          if (s.is_string()) metadata_[k] = s.get<std::string>();
+  for (auto& [key, v] : header.items()) {
+    const std::string name = printable(key);
+    if (key == "__metadata__") {
+      if (!v.is_object()) throw Error(path + ": __metadata__ is not a JSON object");
+      for (auto& [k, s] : v.items()) {
+        if (!s.is_string()) throw Error(path + ": __metadata__ value of '" + printable(k) + "' is not a string");
+        metadata_[k] = s.get<std::string>();
+      }
       continue;
     }
     if (!v.is_object() || !v.contains("dtype") || !v.contains("shape") || !v.contains("data_offsets") ||
@@ -67,8 +72,27 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {
     t.offset = data_start + begin;
     t.nbytes = end - begin;
     t.data = file_.data() + t.offset;
-    tensors_[name] = std::move(t);
+    // Readers convert in place from the map: each tensor must start on a multiple of its element size.
+    if (t.offset % dtype_size(t.dtype) != 0)
+      throw Error(path + ": tensor '" + name + "' data is not aligned to its " + dtype_name(t.dtype) + " elements");
+    tensors_[key] = std::move(t);
   }
+  // safetensors' own rule: the data ranges tile the byte buffer, no gaps, no overlaps (a gap could
+  // hide other content; an overlap makes two tensors share bytes).
+  std::vector<std::pair<size_t, const std::string*>> by_offset;
+  for (const auto& [name, t] : tensors_) by_offset.push_back({t.offset, &name});
+  std::sort(by_offset.begin(), by_offset.end(), [&](const auto& a, const auto& b) {
+    return a.first != b.first ? a.first < b.first : tensors_.at(*a.second).nbytes < tensors_.at(*b.second).nbytes;
+  });
+  size_t next = data_start;
+  for (const auto& [offset, name] : by_offset) {
+    if (offset != next)
+      throw Error(path + ": tensor '" + printable(*name) + "' data " + (offset < next ? "overlaps the tensor before it" :
+                  "leaves a gap after the tensor before it") + " (safetensors data ranges must tile the buffer)");
+    next = offset + tensors_.at(*name).nbytes;
+  }
+  if (next != size)
+    throw Error(path + ": " + std::to_string(size - next) + " bytes after the last tensor's data");
 }
 
 const TensorInfo& SafetensorsFile::at(const std::string& name) const {
@@ -84,12 +108,13 @@ TensorBlob blob_from_matrix(const std::string& name, const Matrix& m, DType dtyp
   switch (dtype) {
     case DType::F32: std::memcpy(b.bytes.data(), m.data.data(), b.bytes.size()); break;
     case DType::BF16:
-    case DType::F16: {
-      auto* h = reinterpret_cast<uint16_t*>(b.bytes.data());
-      for (size_t i = 0; i < m.size(); ++i)
-        h[i] = dtype == DType::BF16 ? f32_to_bf16(m.data[i]) : f32_to_f16(m.data[i]);
+    case DType::F16:
+      try {
+        encode_16bit(dtype, m.data.data(), m.size(), reinterpret_cast<uint16_t*>(b.bytes.data()));
+      } catch (const Error& e) {
+        throw Error("tensor '" + name + "': " + e.what());
+      }
       break;
-    }
     default: throw Error(std::string("cannot store a matrix as ") + dtype_name(dtype));
   }
   return b;

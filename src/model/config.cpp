@@ -12,15 +12,25 @@ namespace dq {
 
 using json = nlohmann::json;
 
-static int get_int(const json& j, const char* key, const std::string& src, int fallback = -1) {
+// An integer in [lo, 2^24] (sizes and counts); fallback < 0 makes the key required.
+static int get_int(const json& j, const char* key, const std::string& src, int fallback = -1, int lo = 1) {
   if (!j.contains(key) || j[key].is_null()) {
     if (fallback >= 0) return fallback;
     throw Error(src + ": missing '" + key + "'");
   }
   if (!j[key].is_number_integer()) throw Error(src + ": '" + key + "' is not an integer");
-  int64_t v = j[key].get<int64_t>();
-  if (v <= 0 || v > (int64_t(1) << 24)) throw Error(src + ": '" + key + "' out of range (" + std::to_string(v) + ")");
+  const bool big = j[key].is_number_unsigned() && j[key].get<uint64_t>() > uint64_t(INT64_MAX);
+  const int64_t v = big ? INT64_MAX : j[key].get<int64_t>();
+  if (v < lo || v > (int64_t(1) << 24))
+    throw Error(src + ": '" + key + "' out of range (must be " + std::to_string(lo) + ".." +
+                std::to_string(1 << 24) + ")");
   return int(v);
+}
+
+static bool get_bool(const json& j, const char* key, const std::string& src, bool fallback) {
+  if (!j.contains(key) || j[key].is_null()) return fallback;
+  if (!j[key].is_boolean()) throw Error(src + ": '" + key + "' is not true/false");
+  return j[key].get<bool>();
 }
 
 static float get_float(const json& j, const char* key, const std::string& src, float fallback) {
@@ -31,13 +41,46 @@ static float get_float(const json& j, const char* key, const std::string& src, f
   return v;
 }
 
+static float get_positive_float(const json& j, const char* key, const std::string& src, float fallback) {
+  const float v = get_float(j, key, src, fallback);
+  if (!(v > 0)) throw Error(src + ": '" + key + "' must be > 0");
+  return v;
+}
+
+static std::string get_string(const json& j, const char* key, const std::string& src, const std::string& fallback) {
+  if (!j.contains(key) || j[key].is_null()) return fallback;
+  if (!j[key].is_string()) throw Error(src + ": '" + key + "' is not a string");
+  return j[key].get<std::string>();
+}
+
+// What the forward pass does not implement is refused rather than ignored: a model whose config asks
+// for another activation, biases or a different attention would load and compute something else.
+static void refuse_unimplemented(const json& j, const std::string& src) {
+  const std::string act = get_string(j, "hidden_act", src, "silu");
+  if (act != "silu" && act != "swish")
+    throw Error(src + ": unsupported hidden_act '" + act + "' (only silu)");
+  if (get_bool(j, "mlp_bias", src, false)) throw Error(src + ": unsupported mlp_bias true (MLP biases)");
+  for (const char* key : {"attn_logit_softcapping", "final_logit_softcapping", "qk_layernorm", "use_qk_norm"})
+    if (j.contains(key) && !j[key].is_null() && j[key] != false)
+      throw Error(src + ": unsupported '" + key + "' " + j[key].dump());
+  if (j.contains("partial_rotary_factor") && !j["partial_rotary_factor"].is_null() &&
+      j["partial_rotary_factor"] != 1 && j["partial_rotary_factor"] != 1.0)
+    throw Error(src + ": unsupported partial_rotary_factor (only 1: RoPE on the whole head)");
+}
+
 static ModelConfig parse_config_fields(const json& j, const std::string& src);
+
+static void check_llama3_rope(const ModelConfig& c, const std::string& src) {
+  // The smoothing between the two wavelength bounds divides by high_freq_factor - low_freq_factor.
+  if (!(c.rope_factor > 0) || !(c.rope_low_freq > 0) || !(c.rope_high_freq > c.rope_low_freq))
+    throw Error(src + ": llama3 rope_scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor");
+}
 
 ModelConfig parse_config(const json& j, const std::string& src) {
   try {
     return parse_config_fields(j, src);
   } catch (const json::exception& e) {  // j.value(...) on a field of the wrong type
-    throw Error(src + ": malformed config: " + e.what());
+    throw Error(src + ": malformed config: " + json_error_text(e));
   }
 }
 
@@ -58,6 +101,7 @@ static ModelConfig parse_config_fields(const json& j, const std::string& src) {
     throw Error(src + ": unsupported architecture '" + c.architecture +
                 "' (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM, "
                 "DeepseekForCausalLM)");
+  refuse_unimplemented(j, src);
   c.vocab_size = get_int(j, "vocab_size", src);
   c.hidden_size = get_int(j, "hidden_size", src);
   c.intermediate_size = get_int(j, "intermediate_size", src);
@@ -81,14 +125,11 @@ static ModelConfig parse_config_fields(const json& j, const std::string& src) {
     c.moe_intermediate = get_int(j, "moe_intermediate_size", src);
     if (j.contains("n_shared_experts") && !j["n_shared_experts"].is_null())
       c.shared_experts = get_int(j, "n_shared_experts", src);
-    if (j.contains("first_k_dense_replace") && j["first_k_dense_replace"].is_number_integer())
-      c.first_dense_layers = std::max(0, j["first_k_dense_replace"].get<int>());
+    c.first_dense_layers = get_int(j, "first_k_dense_replace", src, 0, 0);
     c.moe_layer_freq = get_int(j, "moe_layer_freq", src, 1);
-    if (j.contains("norm_topk_prob") && !j["norm_topk_prob"].is_boolean())
-      throw Error(src + ": 'norm_topk_prob' is not a boolean");
-    c.norm_topk_prob = j.value("norm_topk_prob", false);
-    if (j.contains("scoring_func") && j["scoring_func"] != "softmax")
-      throw Error(src + ": unsupported scoring_func " + j["scoring_func"].dump() + " (softmax only)");
+    c.norm_topk_prob = get_bool(j, "norm_topk_prob", src, false);
+    const std::string scoring = get_string(j, "scoring_func", src, "softmax");
+    if (scoring != "softmax") throw Error(src + ": unsupported scoring_func '" + scoring + "' (softmax only)");
   }
   if (c.num_experts > 0) {
     // Bounded before anything is built per expert (names, weights): real models have <= 256.
@@ -100,22 +141,24 @@ static ModelConfig parse_config_fields(const json& j, const std::string& src) {
       throw Error(src + ": num_experts_per_tok exceeds the number of experts");
   }
   c.max_seq = get_int(j, "max_position_embeddings", src, 2048);
-  c.rms_eps = get_float(j, "rms_norm_eps", src, 1e-6f);
-  c.rope_theta = get_float(j, "rope_theta", src, 10000.f);
-  c.tie_embeddings = j.value("tie_word_embeddings", false);
-  c.qkv_bias = c.architecture == "Qwen2ForCausalLM" || j.value("attention_bias", false);
-  c.rope_interleaved = j.value("dq_rope_interleaved", false);
+  c.rms_eps = get_positive_float(j, "rms_norm_eps", src, 1e-6f);
+  c.rope_theta = get_positive_float(j, "rope_theta", src, 10000.f);
+  c.tie_embeddings = get_bool(j, "tie_word_embeddings", src, false);
+  c.qkv_bias = c.architecture == "Qwen2ForCausalLM" || get_bool(j, "attention_bias", src, false);
+  c.rope_interleaved = get_bool(j, "dq_rope_interleaved", src, false);
   if (j.contains("sliding_window") && j["sliding_window"].is_number_integer() &&
-      j.value("use_sliding_window", c.architecture == "MistralForCausalLM"))
+      get_bool(j, "use_sliding_window", src, c.architecture == "MistralForCausalLM"))
     c.sliding_window = get_int(j, "sliding_window", src);
-  if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {
+  if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
     const json& rs = j["rope_scaling"];
-    std::string type = rs.value("rope_type", rs.value("type", std::string("")));
+    if (!rs.is_object()) throw Error(src + ": 'rope_scaling' is not an object");
+    const std::string type = get_string(rs, "rope_type", src, get_string(rs, "type", src, ""));
     if (type == "llama3") {
-      c.rope_factor = get_float(rs, "factor", src, 8.f);
-      c.rope_low_freq = get_float(rs, "low_freq_factor", src, 1.f);
-      c.rope_high_freq = get_float(rs, "high_freq_factor", src, 4.f);
+      c.rope_factor = get_positive_float(rs, "factor", src, 8.f);
+      c.rope_low_freq = get_positive_float(rs, "low_freq_factor", src, 1.f);
+      c.rope_high_freq = get_positive_float(rs, "high_freq_factor", src, 4.f);
       c.rope_original_max = get_int(rs, "original_max_position_embeddings", src, 8192);
+      check_llama3_rope(c, src);
     } else if (type != "default" && !type.empty()) {
       throw Error(src + ": unsupported rope_scaling type '" + type + "'");
     }

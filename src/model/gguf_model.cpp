@@ -4,10 +4,13 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "io/gguf.h"
+#include "io/printable.h"
 #include "model/export.h"
 #include "model/model.h"
 
@@ -44,19 +47,24 @@ void append(std::string& out, T v) {
 
 // A "llama" vocabulary laid out as llama2.c's (unk 0, bos 1, eos 2, byte tokens 3..258, scores)
 // is exactly a llama2.c tokenizer.bin: rebuild that file, with llama.cpp's U+2581 back to spaces.
+// Throws Error saying what keeps any other vocabulary from being rebuilt exactly.
 std::unique_ptr<Tokenizer> llama2c_from_metadata(const GgufFile& g) {
-  if (g.get_string("tokenizer.ggml.model") != "llama" || !g.has("tokenizer.ggml.scores")) return nullptr;
+  const std::string model = g.get_string("tokenizer.ggml.model");
+  if (model != "llama") throw Error("tokenizer.ggml.model '" + printable(model) + "' is not supported (only 'llama')");
+  if (!g.has("tokenizer.ggml.scores")) throw Error("no tokenizer.ggml.scores");
   std::vector<std::string> tokens = g.get_strings("tokenizer.ggml.tokens");
   std::vector<float> scores = g.get_f32s("tokenizer.ggml.scores");
   std::vector<int32_t> types = g.has("tokenizer.ggml.token_type") ? g.get_i32s("tokenizer.ggml.token_type")
                                                                    : std::vector<int32_t>(tokens.size(), 1);
-  if (scores.size() != tokens.size() || types.size() != tokens.size() || tokens.size() < 259) return nullptr;
+  if (scores.size() != tokens.size() || types.size() != tokens.size())
+    throw Error("tokenizer.ggml.tokens, scores and token_type differ in length");
+  if (tokens.size() < 259) throw Error("fewer than 259 tokens (unk, bos, eos and 256 byte tokens)");
   auto id = [&](const char* key) { return g.has(key) ? g.get_i64(key) : -1; };
   if (id("tokenizer.ggml.unknown_token_id") != 0 || id("tokenizer.ggml.bos_token_id") != 1 ||
       id("tokenizer.ggml.eos_token_id") != 2)
-    return nullptr;
+    throw Error("unknown/bos/eos token ids are not 0/1/2");
   for (size_t i = 3; i < 259; ++i)
-    if (types[i] != 6) return nullptr;
+    if (types[i] != 6) throw Error("token " + std::to_string(i) + " is not a byte token (ids 3..258 must be)");
   size_t n = tokens.size();
   while (n > 259 && types[n - 1] == 5) --n;  // padding added for a larger embedding
   std::string body;
@@ -77,13 +85,39 @@ std::unique_ptr<Tokenizer> llama2c_from_metadata(const GgufFile& g) {
   return load_llama2c_tokenizer(tmp.path());
 }
 
+// Stands for a tokenizer the metadata holds but that cannot be rebuilt: every use says why, so the
+// user is told what is wrong with it (not "no tokenizer"), and an explicit --tokenizer replaces it.
+class UnusableTokenizer : public Tokenizer {
+ public:
+  explicit UnusableTokenizer(std::string why) : why_(std::move(why)) {}
+  std::vector<int32_t> encode(std::string_view, bool) const override { throw Error(why_); }
+  std::string decode(const std::vector<int32_t>&) const override { throw Error(why_); }
+  int32_t bos_id() const override { return -1; }
+  int32_t eos_id() const override { return -1; }
+  size_t vocab_size() const override { return 0; }
+  VocabInfo vocab_info() const override { throw Error(why_); }
+
+ private:
+  std::string why_;
+};
+
 std::unique_ptr<Tokenizer> tokenizer_from_metadata(const GgufFile& g) {
-  if (g.has("tokenizer.huggingface.json")) {
+  const bool hf = g.has("tokenizer.huggingface.json");
+  if (!hf && !g.has("tokenizer.ggml.model") && !g.has("tokenizer.ggml.tokens")) return nullptr;
+  try {
+    if (!hf) return llama2c_from_metadata(g);
     TempFile tmp(".json", g.get_string("tokenizer.huggingface.json"));
-    return load_hf_tokenizer(tmp.path());
+    try {
+      return load_hf_tokenizer(tmp.path());
+    } catch (const Error& e) {  // names the temporary file: say which key instead
+      std::string what = e.what();
+      if (what.rfind(tmp.path(), 0) == 0) what = "tokenizer.huggingface.json" + what.substr(tmp.path().size());
+      throw Error(what);
+    }
+  } catch (const Error& e) {
+    return std::make_unique<UnusableTokenizer>(g.path() + ": the tokenizer in its metadata cannot be used (" +
+                                               e.what() + "); pass --tokenizer");
   }
-  if (g.has("tokenizer.ggml.model") && g.has("tokenizer.ggml.tokens")) return llama2c_from_metadata(g);
-  return nullptr;
 }
 
 }  // namespace
@@ -116,6 +150,10 @@ Model load_gguf_model(const std::string& path) {
   c.max_seq = g.has("llama.context_length") ? dim("llama.context_length") : 2048;
   c.rms_eps = g.get_f32("llama.attention.layer_norm_rms_epsilon");
   c.rope_theta = g.has("llama.rope.freq_base") ? g.get_f32("llama.rope.freq_base") : 10000.f;
+  if (!(c.rms_eps > 0) || !std::isfinite(c.rms_eps))
+    throw Error(path + ": 'llama.attention.layer_norm_rms_epsilon' must be a finite number > 0");
+  if (!(c.rope_theta > 0) || !std::isfinite(c.rope_theta))
+    throw Error(path + ": 'llama.rope.freq_base' must be a finite number > 0");
   const GgufTensorInfo& embd = g.tensor("token_embd.weight");
   if (embd.shape.size() != 2) throw Error(path + ": token_embd.weight is not 2-D");
   c.vocab_size = g.has("llama.vocab_size") ? dim("llama.vocab_size") : int(embd.shape[1]);
@@ -127,6 +165,9 @@ Model load_gguf_model(const std::string& path) {
     c.rope_low_freq = g.get_f32("dartquant.rope_scaling.low_freq_factor");
     c.rope_high_freq = g.get_f32("dartquant.rope_scaling.high_freq_factor");
     c.rope_original_max = dim("dartquant.rope_scaling.original_context_length");
+    if (!(c.rope_factor > 0) || !(c.rope_low_freq > 0) || !(c.rope_high_freq > c.rope_low_freq) ||
+        !std::isfinite(c.rope_factor) || !std::isfinite(c.rope_high_freq))
+      throw Error(path + ": dartquant.rope_scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor");
   }
 
   // Each layer has 9 tensors: bound the claimed count by the file before building names for it.
@@ -142,6 +183,14 @@ Model load_gguf_model(const std::string& path) {
                           "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"})
       names.push_back(layer_name(l, s));
   for (const std::string& n : names) m.weights.set(n, g.read_matrix(gguf_tensor_name(n)));
+  // A tensor left over (a block beyond block_count, a bias) would be dropped silently.
+  std::set<std::string> used;
+  for (const std::string& n : names) used.insert(gguf_tensor_name(n));
+  if (c.rope_factor > 0) used.insert("rope_freqs.weight");
+  for (const GgufTensorInfo& t : g.tensors())
+    if (!used.count(t.name))
+      throw Error(path + ": tensor '" + printable(t.name) + "' is not used by the model its metadata describes (" +
+                  std::to_string(c.num_layers) + " blocks)");
   // GGUF keeps q/k rows in the interleaved order llama2.c uses; the shared conversion restores HF's.
   c.rope_interleaved = true;
   rope_to_halves(m);

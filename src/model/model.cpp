@@ -2,6 +2,8 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
+#include <set>
 
 #include "io/file.h"
 #include "io/report.h"
@@ -20,6 +22,12 @@ static std::string find_tokenizer_beside(const fs::path& dir) {
     if (n.rfind("tok", 0) == 0 && e.path().extension() == ".bin") return e.path().string();
   }
   return "";
+}
+
+static bool has_gguf_magic(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  char magic[4] = {};
+  return f.read(magic, 4) && std::string_view(magic, 4) == "GGUF";
 }
 
 static Model load_llama2c_model(const std::string& path) {
@@ -54,15 +62,29 @@ static Model load_hf_model(const fs::path& dir) {
     const json j = read_json(index.string());
     if (!j.contains("weight_map") || !j["weight_map"].is_object())
       throw Error(index.string() + ": missing 'weight_map'");
-    std::map<std::string, bool> shards;
+    std::map<std::string, std::string> shard_of;  // tensor -> shard file, as the index says
     for (auto& [name, file] : j["weight_map"].items()) {
       if (!file.is_string()) throw Error(index.string() + ": weight_map entry '" + name + "' is not a file name");
       std::string f = file.get<std::string>();
       if (f.find('/') != std::string::npos || f.find("..") != std::string::npos)
         throw Error(index.string() + ": shard name '" + f + "' leaves the model directory");
-      shards[f] = true;
+      shard_of[name] = f;
     }
-    for (auto& [f, _] : shards) m.weights.add_file(std::make_shared<SafetensorsFile>((dir / f).string()));
+    std::set<std::string> shards;
+    for (const auto& [name, f] : shard_of) shards.insert(f);
+    for (const std::string& f : shards) {
+      auto shard = std::make_shared<SafetensorsFile>((dir / f).string());
+      for (const auto& [name, info] : shard->tensors()) {
+        auto it = shard_of.find(name);
+        if (it == shard_of.end() || it->second != f)
+          throw Error(shard->file().path() + ": tensor '" + name + "' is not where " + index.string() +
+                      " says (" + (it == shard_of.end() ? std::string("not listed") : it->second) + ")");
+      }
+      m.weights.add_file(shard);
+    }
+    for (const auto& [name, f] : shard_of)
+      if (!m.weights.has(name)) throw Error((dir / f).string() + ": missing tensor '" + name + "' (listed in " +
+                                            index.string() + ")");
   } else {
     throw Error(dir.string() + ": no model.safetensors or model.safetensors.index.json");
   }
@@ -79,7 +101,7 @@ Model load_model(const std::string& path, const std::string& tokenizer_path) {
   if (fs::is_directory(p)) {
     m = load_hf_model(p);
     if (tok.empty()) tok = find_tokenizer_beside(p);
-  } else if (p.extension() == ".gguf") {
+  } else if (has_gguf_magic(path)) {  // by content: the extension may be .GGUF, or none
     m = load_gguf_model(path);
   } else {
     m = load_llama2c_model(path);
@@ -103,7 +125,10 @@ std::string lm_head_name(const Model& m) {
 
 void validate_weights(const Model& m) {
   const ModelConfig& c = m.config;
+  std::set<std::string> used;
   auto expect = [&](const std::string& name, std::vector<int64_t> shape) {
+    if (!m.weights.has(name)) throw Error(m.source + ": missing weight '" + name + "'");
+    used.insert(name);
     std::vector<int64_t> got = m.weights.shape(name);
     if (got != shape) {
       std::string g, e;
@@ -135,6 +160,12 @@ void validate_weights(const Model& m) {
       expect(layer_name(l, "self_attn.v_proj.bias"), {KV});
     }
   }
+  // A tensor the config does not use (a bias, a layer beyond num_hidden_layers) would be dropped
+  // silently and the model would compute something other than what its files say.
+  for (const std::string& name : m.weights.names())
+    if (!used.count(name) && !name.ends_with(".self_attn.rotary_emb.inv_freq"))  // a cache HF ignores too
+      throw Error(m.source + ": tensor '" + name + "' is not used by the model its config describes (" +
+                  std::to_string(c.num_layers) + " layers" + (c.qkv_bias ? "" : ", no biases") + ")");
 }
 
 void rope_to_halves(Model& m) {

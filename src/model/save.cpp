@@ -18,7 +18,11 @@ void save_model(const Model& m, const std::string& dir, const SaveOptions& opts)
   std::vector<TensorBlob> blobs;
   for (const std::string& name : m.weights.names()) {
     std::vector<int64_t> shape = m.weights.shape(name);
-    blobs.push_back(blob_from_matrix(name, m.weights.get(name), opts.dtype, shape));
+    try {
+      blobs.push_back(blob_from_matrix(name, m.weights.get(name), opts.dtype, shape));
+    } catch (const Error& e) {  // a value the output dtype cannot hold
+      throw Error(m.source + ": " + e.what());
+    }
   }
   write_safetensors(out.file("model.safetensors"), blobs, {{"format", "pt"}});
   if (!opts.extra.empty()) write_safetensors(out.file("quantized.safetensors"), opts.extra);

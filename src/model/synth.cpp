@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "io/file.h"
+#include "io/half.h"
 #include "io/report.h"
 #include "model/config.h"
 #include "model/weights.h"
@@ -72,8 +73,7 @@ void store(DType dtype, const float* in, size_t n, uint8_t* out) {
     std::memcpy(out, in, n * 4);
     return;
   }
-  auto* h = reinterpret_cast<uint16_t*>(out);
-  for (size_t i = 0; i < n; ++i) h[i] = dtype == DType::BF16 ? f32_to_bf16(in[i]) : f32_to_f16(in[i]);
+  encode_16bit(dtype, in, n, reinterpret_cast<uint16_t*>(out));
 }
 
 // The safetensors layout write_safetensors produces, but each tensor is generated in row chunks
@@ -94,9 +94,11 @@ void write_streamed(const std::string& path, const std::vector<TensorSpec>& spec
         f32.resize(size_t(nr * cols));
         bytes.resize(f32.size() * dtype_size(dtype));
 #pragma omp parallel for schedule(static) if (nr * cols > kParallelMinWork)
-        for (int64_t r = 0; r < nr; ++r) {
-          t.fill(r0 + r, f32.data() + r * cols);
-          store(dtype, f32.data() + r * cols, size_t(cols), bytes.data() + size_t(r * cols) * dtype_size(dtype));
+        for (int64_t r = 0; r < nr; ++r) t.fill(r0 + r, f32.data() + r * cols);
+        try {  // outside the parallel loop: an exception must not cross an OpenMP region
+          store(dtype, f32.data(), f32.size(), bytes.data());
+        } catch (const Error& e) {
+          throw Error(path + ": tensor '" + t.name + "': " + e.what());
         }
         out.write(bytes.data(), bytes.size());
       }

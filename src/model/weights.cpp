@@ -5,7 +5,12 @@
 namespace dq {
 
 void Weights::add_file(std::shared_ptr<const SafetensorsFile> file) {
-  for (const auto& [name, info] : file->tensors()) entries_[name] = Entry{file, &info, nullptr};
+  for (const auto& [name, info] : file->tensors()) {
+    auto [it, fresh] = entries_.try_emplace(name, Entry{file, &info, nullptr});
+    if (!fresh)  // one tensor in two shards: which one the model would use is not for us to guess
+      throw Error(file->file().path() + ": tensor '" + name + "' is also in " +
+                  (it->second.file ? it->second.file->file().path() : std::string("another file")));
+  }
 }
 
 const Weights::Entry& Weights::entry(const std::string& name) const {

@@ -1,5 +1,7 @@
 #include "rotate/rotate.h"
 
+#include <cmath>
+
 #include "tensor/kernels.h"
 
 namespace dq {
@@ -184,14 +186,28 @@ void save_rotations(const std::string& path, const Rotations& r) {
   write_safetensors(path, blobs, {{"format", "dartquant-rotations"}});
 }
 
+// Every matrix loaded must be square of its size, finite and orthogonal to within this (max |RᵀR - I|;
+// f32 rounding of a true rotation stays far below it).
+constexpr double kOrthogonalityTolerance = 1e-3;
+
 Rotations load_rotations(const std::string& path, const ModelConfig& c, int r2_layers) {
   SafetensorsFile f(path);
+  // A rotation folded into the weights must be one: shape, finiteness and RᵀR = I are checked, so a
+  // file for another model or a corrupted one cannot silently change what the model computes.
   auto get = [&](const std::string& name, int64_t n) {
     const TensorInfo& t = f.at(name);
     if (t.shape != std::vector<int64_t>{n, n})
       throw Error(path + ": '" + name + "' must be " + std::to_string(n) + " x " + std::to_string(n));
     Matrix m(n, n);
-    convert_to_f32(t.dtype, t.data, m.size(), m.data.data());
+    if (!convert_to_f32(t.dtype, t.data, m.size(), m.data.data()))
+      throw Error(path + ": '" + name + "' has non-finite values");
+    Matrix gram;
+    gemm(m, true, m, false, gram);
+    double worst = 0;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) worst = std::max(worst, std::abs(double(gram(i, j)) - (i == j)));
+    if (worst > kOrthogonalityTolerance)
+      throw Error(path + ": '" + name + "' is not orthogonal (max |RᵀR - I| = " + std::to_string(worst) + ")");
     return m;
   };
   Rotations r;
@@ -199,6 +215,12 @@ Rotations load_rotations(const std::string& path, const ModelConfig& c, int r2_l
   r.r2.resize(size_t(r2_layers < 0 ? c.num_layers : r2_layers));
   for (size_t l = 0; l < r.r2.size(); ++l)
     for (int h = 0; h < c.num_kv_heads; ++h) r.r2[l].push_back(get(r2_name(int(l), h), c.head_dim));
+  if (r2_layers < 0) {
+    const size_t expected = 1 + size_t(c.num_layers) * size_t(c.num_kv_heads);
+    if (f.tensors().size() != expected)
+      throw Error(path + ": holds " + std::to_string(f.tensors().size()) + " matrices, the model needs " +
+                  std::to_string(expected) + " (R1 and one R2 per layer and KV head): made for another model?");
+  }
   return r;
 }
 

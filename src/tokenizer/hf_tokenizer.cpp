@@ -16,6 +16,7 @@
 
 #include "io/file.h"
 #include "io/json_limits.h"
+#include "io/printable.h"
 #include "tensor/tensor.h"
 #include "tokenizer/hf_text.h"
 #include "tokenizer/tokenizer.h"
@@ -822,13 +823,18 @@ class HfTokenizer : public Tokenizer {
       std::unordered_map<std::string, int32_t> seen;
       for (const json& a : j["added_tokens"]) {
         std::string content = a.at("content").get<std::string>();
-        get_id(a.at("id"), ctx, "added_tokens id");  // required by the format
+        const int32_t written = get_id(a.at("id"), ctx, "added_tokens id");  // required by the format
         if (seen.count(content)) continue;
         auto in_vocab = model_->vocab().find(content);
         int32_t id = in_vocab != model_->vocab().end() ? in_vocab->second
                      : max_added < 0                  ? model_size
                      : max_added >= model_size        ? max_added + 1
                                                       : model_size;
+        // The reference only warns when the id it assigns differs from the one written; the
+        // embedding row the file means would then not be the one used, so it is refused here.
+        if (written != id)
+          ctx.fail("added token '" + printable(content) + "' has id " + std::to_string(written) + ", but it gets id " +
+                   std::to_string(id) + " (ids follow the vocabulary and earlier added tokens)");
         max_added = std::max(max_added, id);
         seen.emplace(content, id);
         AddedToken t{id, content, a.value("single_word", false), a.value("lstrip", false), a.value("rstrip", false),
@@ -842,6 +848,7 @@ class HfTokenizer : public Tokenizer {
 
     size_t n = model_->tokens().size();
     for (const AddedToken& t : added_) n = std::max(n, size_t(t.id) + 1);
+    if (n == 0) ctx.fail("empty vocabulary (model.vocab and added_tokens are both empty)");
     vocab_size_ = n;
     for (int32_t id : prefix_) check_special_id(id, ctx);
     for (int32_t id : suffix_) check_special_id(id, ctx);
@@ -884,7 +891,9 @@ class HfTokenizer : public Tokenizer {
       if (it != added_content_.end()) toks.push_back(it->second);
       else if (id >= 0 && size_t(id) < model_->tokens().size() && !model_->tokens()[size_t(id)].empty())
         toks.push_back(model_->tokens()[size_t(id)]);
-      // ids outside the vocabulary are skipped, as the reference does
+      else  // the reference skips it; an id with no token is an error, as for llama2.c vocabularies
+        throw Error(path_ + ": token id " + std::to_string(id) + " is not in the vocabulary (size " +
+                    std::to_string(vocab_size_) + ")");
     }
     std::string out;
     if (decoder_) {
@@ -1050,13 +1059,11 @@ class HfTokenizer : public Tokenizer {
 
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path) {
   std::string text = read_file(path);
-  check_json_depth(text, path);  // component builders recurse per "Sequence" level
-  json j = json::parse(text, nullptr, false);
-  if (j.is_discarded()) throw Error(path + ": not a tokenizer.json (invalid JSON)");
+  json j = parse_json_strict(text, path);  // depth-bounded: component builders recurse per "Sequence" level
   try {
     return std::make_unique<HfTokenizer>(path, j);
   } catch (const json::exception& e) {  // a field of the wrong type or missing
-    throw Error(path + ": malformed tokenizer.json: " + e.what());
+    throw Error(path + ": malformed tokenizer.json: " + json_error_text(e));
   }
 }
 

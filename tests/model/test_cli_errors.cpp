@@ -7,74 +7,11 @@
 #include <nlohmann/json.hpp>
 
 #include "io/safetensors.h"
-#include "model/synth.h"
-#include "test_helpers.h"
+#include "model/cli_fixtures.h"
 
 using namespace dq;
 using namespace dq::test;
 using json = nlohmann::json;
-
-namespace {
-
-void expect_one_line_error(const CliResult& r, const std::string& file, const std::string& problem) {
-  EXPECT_EQ(r.exit_code, 1) << r.err;
-  ASSERT_FALSE(r.err.empty());
-  EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << "more than one line:\n" << r.err;
-  EXPECT_EQ(r.err.rfind("dartquant: error: ", 0), 0u) << r.err;
-  EXPECT_NE(r.err.find(file), std::string::npos) << "does not name " << file << ": " << r.err;
-  EXPECT_NE(r.err.find(problem), std::string::npos) << "does not say '" << problem << "': " << r.err;
-}
-
-CliResult eval(const std::string& model, const ScratchDir& dir, const std::string& extra = "") {
-  return run_cli("eval --model " + model + " --tokenizer " + kTok512 + " --ppl " + kValid +
-                     " --seqlen 32 --max-windows 1 " + extra,
-                 dir);
-}
-
-json tiny_config() {
-  return {{"architectures", {"LlamaForCausalLM"}}, {"hidden_size", 64},       {"intermediate_size", 128},
-          {"num_hidden_layers", 2},                {"num_attention_heads", 4}, {"num_key_value_heads", 2},
-          {"vocab_size", 512},                     {"tie_word_embeddings", true}};
-}
-
-// DIR/NAME/ with a config.json and, when given, model.safetensors holding `tensors` bytes.
-std::string hf_dir(const ScratchDir& dir, const std::string& name, const json& config,
-                   const std::string* tensors = nullptr) {
-  fs::create_directories(dir.path() / name);
-  spit(dir / (name + "/config.json"), config.dump());
-  if (tensors) spit(dir / (name + "/model.safetensors"), *tensors);
-  return dir / name;
-}
-
-std::string safetensors_bytes(const std::string& header, const std::string& data, uint64_t header_len = 0) {
-  if (header_len == 0) header_len = header.size();
-  std::string out(8, '\0');
-  std::memcpy(out.data(), &header_len, 8);
-  return out + header + data;
-}
-
-// A valid synthetic tiny model (f32) in DIR/NAME.
-std::string synth_tiny(const ScratchDir& dir, const std::string& name) {
-  spit(dir / "tiny.json", tiny_config().dump());
-  SynthOptions o;
-  o.dtype = DType::F32;
-  synth_model(dir / "tiny.json", dir / name, o);
-  return dir / name;
-}
-
-void poke_nan(const std::string& safetensors, const std::string& tensor, size_t element) {
-  size_t offset;
-  {
-    SafetensorsFile f(safetensors);
-    offset = f.at(tensor).offset + element * 4;
-  }
-  std::string bytes = slurp(safetensors);
-  const float nan = std::nanf("");
-  std::memcpy(bytes.data() + offset, &nan, 4);
-  spit(safetensors, bytes);
-}
-
-}  // namespace
 
 TEST(CliErrors, TruncatedLlama2cCheckpoint) {
   ScratchDir dir;
