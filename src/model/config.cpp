@@ -147,8 +147,18 @@ static ModelConfig parse_config_fields(const json& j, const std::string& src) {
   c.qkv_bias = c.architecture == "Qwen2ForCausalLM" || get_bool(j, "attention_bias", src, false);
   c.rope_interleaved = get_bool(j, "dq_rope_interleaved", src, false);
   if (j.contains("sliding_window") && j["sliding_window"].is_number_integer() &&
-      get_bool(j, "use_sliding_window", src, c.architecture == "MistralForCausalLM"))
+      get_bool(j, "use_sliding_window", src, c.architecture == "MistralForCausalLM")) {
     c.sliding_window = get_int(j, "sliding_window", src);
+    // Qwen2 slides only in layers >= max_window_layers (28 when absent, as in HF); one window for
+    // every layer is all the forward pass does.
+    if (c.architecture == "Qwen2ForCausalLM") {
+      const int full_layers = get_int(j, "max_window_layers", src, 28, 0);
+      if (full_layers >= c.num_layers) c.sliding_window = 0;
+      else if (full_layers > 0)
+        throw Error(src + ": unsupported sliding window in only some layers (max_window_layers " +
+                    std::to_string(full_layers) + " of " + std::to_string(c.num_layers) + ")");
+    }
+  }
   if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
     const json& rs = j["rope_scaling"];
     if (!rs.is_object()) throw Error(src + ": 'rope_scaling' is not an object");

@@ -160,6 +160,15 @@ void validate_weights(const Model& m) {
       expect(layer_name(l, "self_attn.v_proj.bias"), {KV});
     }
   }
+  // tie_word_embeddings makes HF use the embedding as the classifier, whatever lm_head.weight holds;
+  // the forward pass here uses lm_head.weight when present, so the two must agree.
+  if (c.tie_embeddings && m.weights.has("lm_head.weight"))
+    for (int64_t r0 = 0; r0 < V; r0 += 1024) {
+      const int64_t n = std::min<int64_t>(1024, V - r0);
+      if (m.weights.get_rows("lm_head.weight", r0, n).data != m.weights.get_rows("model.embed_tokens.weight", r0, n).data)
+        throw Error(m.source + ": tie_word_embeddings is true but lm_head.weight differs from the embedding "
+                    "(HF would use the embedding)");
+    }
   // A tensor the config does not use (a bias, a layer beyond num_hidden_layers) would be dropped
   // silently and the model would compute something other than what its files say.
   for (const std::string& name : m.weights.names())

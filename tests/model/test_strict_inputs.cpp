@@ -6,6 +6,8 @@
 
 #include "io/gguf.h"
 #include "model/cli_fixtures.h"
+#include "model/config.h"
+#include "model/weights.h"
 
 using namespace dq;
 using namespace dq::test;
@@ -32,7 +34,7 @@ void expect_option_refused(const ScratchDir& dir, const std::string& args, const
   EXPECT_EQ(tree_snapshot(dir.path()), before) << "the directory changed: " << args;
 }
 
-// The model's safetensors rewritten with an extra tensor.
+// The model's safetensors rewritten with an extra tensor (a 1 x n matrix is stored 1-D).
 void add_tensor(const std::string& file, const std::string& name, const Matrix& m) {
   std::vector<TensorBlob> blobs;
   {
@@ -40,8 +42,19 @@ void add_tensor(const std::string& file, const std::string& name, const Matrix& 
     for (const auto& [n, t] : f.tensors())
       blobs.push_back({n, t.dtype, t.shape, std::vector<uint8_t>(t.data, t.data + t.nbytes)});
   }
-  blobs.push_back(blob_from_matrix(name, m, DType::F32, {m.cols}));
+  blobs.push_back(m.rows == 1 ? blob_from_matrix(name, m, DType::F32, {m.cols}) : blob_from_matrix(name, m, DType::F32));
   write_safetensors(file, blobs);
+}
+
+// SRC's metadata and tensors written to DST, with edit() applied to each metadata value.
+void rewrite_gguf(const std::string& src, const std::string& dst,
+                  const std::function<GgufValue(const std::string&, const GgufValue&)>& edit) {
+  GgufFile g(src);
+  GgufWriter w(dst);
+  for (const auto& [key, v] : g.metadata()) w.set(key, edit(key, v));
+  for (const GgufTensorInfo& t : g.tensors())
+    w.add_tensor_bytes(t.name, t.shape, t.type, std::vector<uint8_t>(g.tensor_data(t), g.tensor_data(t) + t.nbytes));
+  w.write();
 }
 
 void edit_config(const std::string& model, const std::function<void(json&)>& edit) {
@@ -148,10 +161,11 @@ TEST(StrictInputs, BiasTensorsTheModelWouldDropAreRefused) {
 TEST(StrictInputs, DuplicateJsonKeysAreRefused) {
   ScratchDir dir;
   const std::string model = synth_tiny(dir, "m");
-  std::string cfg = slurp(model + "/config.json");
+  const std::string cfg = slurp(model + "/config.json");
   spit(model + "/config.json", "{\"hidden_size\": 128, " + cfg.substr(cfg.find('{') + 1));
   expect_refused(dir, "eval --model " + model + " --tokenizer " + kTok512 + " --ppl " + kValid,
                  model + "/config.json", "duplicate key 'hidden_size'");
+  spit(model + "/config.json", cfg);
   // A nested object: keys repeat across objects freely, but not within one.
   spit(dir / "tok.json", R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "a": 2}, "merges": []}})");
   spit(dir / "text.txt", "a\n");
@@ -274,8 +288,8 @@ TEST(StrictInputs, SixteenBitOutputsRefuseValuesOutOfRange) {
                  "value 1e+06 at element 7 is outside the range of f16");
   expect_refused(dir, "export --format hf --dtype f16" + base + (dir / "hf"), "model.layers.0.self_attn.v_proj.weight",
                  "outside the range of f16");
-  expect_refused(dir, "export --format gguf --gguf-type f16" + base + (dir / "m.gguf"),
-                 "model.layers.0.self_attn.v_proj.weight", "outside the range of f16");
+  expect_refused(dir, "export --format gguf --gguf-type f16" + base + (dir / "m.gguf"), "'blk.0.attn_v.weight'",
+                 "value 1e+06 at element 7 is outside the range of f16");
   // bf16 holds it.
   EXPECT_EQ(run_cli("convert" + base + (dir / "hf") + " --dtype bf16", dir).exit_code, 0);
 }
@@ -334,15 +348,75 @@ TEST(StrictInputs, GgufIsDetectedByContentAndBlockCountMustCoverItsTensors) {
   }
   // The same tensors with block_count 1: block 1 would be dropped silently.
   const std::string fewer = dir / "fewer.gguf";
-  {
-    GgufFile g(gguf);
-    GgufWriter w(fewer);
-    for (const auto& [key, v] : g.metadata())
-      w.set(key, key == "llama.block_count" ? GgufValue::u32(1) : v);
-    for (const GgufTensorInfo& t : g.tensors())
-      w.add_tensor_bytes(t.name, t.shape, t.type, std::vector<uint8_t>(g.tensor_data(t), g.tensor_data(t) + t.nbytes));
-    w.write();
-  }
+  rewrite_gguf(gguf, fewer, [](const std::string& key, const GgufValue& v) {
+    return key == "llama.block_count" ? GgufValue::u32(1) : v;
+  });
   expect_refused(dir, "eval --model " + fewer + " --tokenizer " + kTok512 + " --ppl " + kValid, fewer,
                  "tensor 'blk.1.");
+}
+
+TEST(StrictInputs, AMalformedTokenizerInAGgufSaysWhatIsWrong) {
+  ScratchDir dir;
+  const std::string model = synth_tiny(dir, "m");
+  const std::string gguf = dir / "m.gguf", bad = dir / "bad.gguf";
+  ASSERT_EQ(run_cli("export --format gguf --model " + model + " --tokenizer " + kTok512 + " --out " + gguf, dir)
+                .exit_code,
+            0);
+  rewrite_gguf(gguf, bad, [](const std::string& key, const GgufValue& v) {
+    return key == "tokenizer.ggml.bos_token_id" ? GgufValue::u32(5) : v;
+  });
+  const std::string ppl = " --ppl " + kValid + " --seqlen 32 --max-windows 1";
+  expect_refused(dir, "eval --model " + bad + ppl, bad,
+                 "the tokenizer in its metadata cannot be used (unknown/bos/eos token ids are not 0/1/2)");
+  // An explicit tokenizer replaces it.
+  EXPECT_EQ(run_cli("eval --model " + bad + " --tokenizer " + kTok512 + ppl, dir).exit_code, 0);
+}
+
+// Found by the hostile-input pass.
+TEST(StrictInputs, HostileInputPassRegressions) {
+  ScratchDir dir;
+  // An id beyond int32 wrapped to a valid one and decoded a token nobody asked for.
+  spit(dir / "ids.txt", "[4294967297]\n");
+  expect_refused(dir, "tokenize --decode --tokenizer " + kTok512 + " --text-file " + (dir / "ids.txt"),
+                 dir / "ids.txt", "not a JSON array of 32-bit ids");
+  // A tiny temperature underflowed every sampling weight to 0; it must pick what greedy picks.
+  const std::string gen = "generate --model " + kStories + " --prompt 'Once upon a time' -n 12";
+  CliResult greedy = run_cli(gen, dir), cold = run_cli(gen + " --temperature 0.0001", dir);
+  EXPECT_EQ(greedy.exit_code, 0) << greedy.err;
+  EXPECT_EQ(cold.exit_code, 0) << cold.err;
+  EXPECT_EQ(cold.out, greedy.out);
+  // tie_word_embeddings true beside a different lm_head.weight: HF uses the embedding, we used lm_head.
+  const std::string tied = synth_tiny(dir, "tied");
+  Matrix head;
+  {
+    Weights w;
+    w.add_file(std::make_shared<const SafetensorsFile>(tied + "/model.safetensors"));
+    head = w.get("model.embed_tokens.weight");
+  }
+  head(511, 63) += 1.f;
+  add_tensor(tied + "/model.safetensors", "lm_head.weight", head);
+  const std::string eval_tail = " --tokenizer " + kTok512 + " --ppl " + kValid + " --seqlen 32 --max-windows 1";
+  expect_refused(dir, "eval --model " + tied + eval_tail, tied, "lm_head.weight differs from the embedding");
+  // Qwen2 slides its window only in layers >= max_window_layers: one window everywhere is not that.
+  spit(dir / "qwen.json", [&] {
+    json c = json::parse(slurp(small_qwen_config(dir)));
+    c["use_sliding_window"] = true;
+    c["sliding_window"] = 16;
+    c["max_window_layers"] = 1;
+    return c.dump();
+  }());
+  try {
+    load_config(dir / "qwen.json");
+    ADD_FAILURE() << "a sliding window in only some layers was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("max_window_layers 1 of 2"), std::string::npos) << e.what();
+  }
+  // HF's rotary_emb.inv_freq caches (older Llama checkpoints) are derived buffers HF ignores too.
+  const std::string model = synth_tiny(dir, "m");
+  add_tensor(model + "/model.safetensors", "model.layers.0.self_attn.rotary_emb.inv_freq", Matrix(1, 8, 1.f));
+  EXPECT_EQ(run_cli("eval --model " + model + " --tokenizer " + kTok512 + " --ppl " + kValid +
+                        " --seqlen 32 --max-windows 1",
+                    dir)
+                .exit_code,
+            0);
 }

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <nlohmann/json.hpp>
 
@@ -38,9 +39,15 @@ TEST(Weights, GetReportsNonFiniteValuesOfMappedAndOwnedTensors) {
   const int64_t rows = 300, cols = 301;  // above the parallel-conversion threshold
   Matrix clean(rows, cols, 0.75f), dirty = clean;
   dirty(rows - 1, cols - 1) = std::numeric_limits<float>::quiet_NaN();
+  // The writers refuse a NaN, so the stored ones are put in by hand (bf16 0x7FC0, f16 0x7E00).
+  auto with_nan_last = [&](const char* name, DType dtype, uint16_t nan) {
+    TensorBlob b = blob_from_matrix(name, clean, dtype);
+    std::memcpy(b.bytes.data() + b.bytes.size() - 2, &nan, 2);
+    return b;
+  };
   write_safetensors(dir / "w.safetensors", {blob_from_matrix("clean", clean, DType::BF16),
-                                            blob_from_matrix("dirty", dirty, DType::BF16),
-                                            blob_from_matrix("dirty16", dirty, DType::F16)});
+                                            with_nan_last("dirty", DType::BF16, 0x7FC0),
+                                            with_nan_last("dirty16", DType::F16, 0x7E00)});
   Weights w;
   w.add_file(std::make_shared<const SafetensorsFile>(dir / "w.safetensors"));
   w.set("owned_dirty", dirty);
