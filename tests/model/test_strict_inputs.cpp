@@ -316,9 +316,9 @@ TEST(StrictInputs, HfTokenizerRefusesBadIdsAndEmptyVocabularies) {
   expect_refused(dir, "tokenize --decode --tokenizer " + (dir / "tok.json") + " --text-file " + (dir / "ids.txt"),
                  dir / "tok.json", "token id 7 is not in the vocabulary (size 2)");
   spit(dir / "text.txt", "ab\n");
-  spit(dir / "added.json", "{" + vocab + R"(, "added_tokens": [{"id": 5, "content": "<s>", "special": true}]})");
+  spit(dir / "added.json", "{" + vocab + R"(, "added_tokens": [{"id": -5, "content": "<s>", "special": true}]})");
   expect_refused(dir, "tokenize --tokenizer " + (dir / "added.json") + " --text-file " + (dir / "text.txt"),
-                 dir / "added.json", "added token '<s>' has id 5, but it gets id 2");
+                 dir / "added.json", "added token '<s>' has the invalid id -5");
   spit(dir / "empty.json", R"({"model": {"type": "BPE", "vocab": {}, "merges": []}})");
   expect_refused(dir, "tokenize --tokenizer " + (dir / "empty.json") + " --text-file " + (dir / "text.txt"),
                  dir / "empty.json", "empty vocabulary");
