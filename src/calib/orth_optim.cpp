@@ -84,11 +84,16 @@ void RotationOptimizer::step_qr(const Matrix& G, float lr) {
       Z_.data[i] -= lr * (m_.data[i] / c1) / (std::sqrt(v_.data[i] / c2) + opt_.adam_eps);
     }
   }
-  for (float z : Z_.data)  // LAPACK would only answer "geqrf failed (info -4)"
-    if (!std::isfinite(z))
-      throw Error("rotation calibration diverged: the parameters are not finite after step " + std::to_string(t_) +
-                  " (lower the learning rate)");
-  qr_ = qr_positive(Z_);
+  // LAPACK would only answer "geqrf failed (info -4)" or a zero pivot: say what happened.
+  bool finite = true;
+  for (float z : Z_.data) finite = finite && std::isfinite(z);
+  try {
+    if (!finite) throw Error("its parameters are not finite");
+    qr_ = qr_positive(Z_);
+  } catch (const Error& e) {
+    throw Error("rotation calibration diverged at step " + std::to_string(t_) + " (" + e.what() +
+                "): lower the learning rate");
+  }
 }
 
 void RotationOptimizer::step_cayley(const Matrix& G, float lr) {
