@@ -513,6 +513,10 @@ class BpeModel {
                  std::to_string(kMaxVocab));
       vocab_.emplace(it.key(), id);
       if (size_t(id) >= tokens_.size()) tokens_.resize(size_t(id) + 1);
+      // Two tokens with one id: which text decodes from it is arbitrary (in the reference too).
+      if (!tokens_[size_t(id)].empty())
+        ctx.fail("model.vocab gives '" + printable(tokens_[size_t(id)]) + "' and '" + printable(it.key()) +
+                 "' the same id " + std::to_string(id));
       tokens_[size_t(id)] = it.key();
     }
     if (j.contains("unk_token") && !j["unk_token"].is_null()) {

@@ -319,6 +319,9 @@ TEST(StrictInputs, HfTokenizerRefusesBadIdsAndEmptyVocabularies) {
   spit(dir / "added.json", "{" + vocab + R"(, "added_tokens": [{"id": -5, "content": "<s>", "special": true}]})");
   expect_refused(dir, "tokenize --tokenizer " + (dir / "added.json") + " --text-file " + (dir / "text.txt"),
                  dir / "added.json", "added token '<s>' has the invalid id -5");
+  spit(dir / "shared.json", R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 0}, "merges": []}})");
+  expect_refused(dir, "tokenize --tokenizer " + (dir / "shared.json") + " --text-file " + (dir / "text.txt"),
+                 dir / "shared.json", "model.vocab gives 'a' and 'b' the same id 0");
   spit(dir / "empty.json", R"({"model": {"type": "BPE", "vocab": {}, "merges": []}})");
   expect_refused(dir, "tokenize --tokenizer " + (dir / "empty.json") + " --text-file " + (dir / "text.txt"),
                  dir / "empty.json", "empty vocabulary");
