@@ -68,6 +68,12 @@ static void safetensors_seeds() {
   seed("safetensors", "header_too_long", raw_safetensors("{}", 0, uint64_t(1) << 62));
   seed("safetensors", "not_object", raw_safetensors("[1,2]", 0));
   seed("safetensors", "short", std::string("\x02\0\0\0", 4));
+  // The tiling rule (issue 16): duplicate names, overlapping, gapped, misaligned ranges, trailing bytes.
+  seed("safetensors", "duplicate_name", raw_safetensors(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 4));
+  seed("safetensors", "overlap", raw_safetensors(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"y":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8));
+  seed("safetensors", "gap", raw_safetensors(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"y":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})", 12));
+  seed("safetensors", "misaligned", raw_safetensors(R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"x":{"dtype":"F32","shape":[1],"data_offsets":[1,5]}}   )", 5));
+  seed("safetensors", "trailing", raw_safetensors(R"({"x":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}})", 9));
 }
 
 // ---- config.json + index
@@ -83,6 +89,10 @@ static void config_seeds(const std::string& data) {
   seed("config", "tiny_single_file", tiny);
   seed("config", "qwen_sliding", R"({"architectures":["Qwen2ForCausalLM"],"vocab_size":8,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":2,"head_dim":4,"use_sliding_window":true,"sliding_window":4,"attention_bias":true})" + std::string(1, '\0') + R"({"weight_map":{"a":"../x.safetensors"}})");
   seed("config", "mistral", R"({"model_type":"MistralForCausalLM","vocab_size":8,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":2,"num_attention_heads":2,"sliding_window":4096,"rms_norm_eps":1e-5,"rope_theta":1e6})" + std::string(1, '\0') + R"({"weight_map":{}})");
+  // Refused (issue 16): duplicate keys, unimplemented fields, values out of their domain.
+  seed("config", "duplicate_key", R"({"architectures":["LlamaForCausalLM"],"vocab_size":2,"hidden_size":4,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2})");
+  seed("config", "gelu", R"({"architectures":["LlamaForCausalLM"],"vocab_size":2,"hidden_size":4,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"hidden_act":"gelu","mlp_bias":true})");
+  seed("config", "domain", R"({"architectures":["LlamaForCausalLM"],"vocab_size":2,"hidden_size":4,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"rms_norm_eps":0,"rope_theta":-1,"rope_scaling":{"rope_type":"llama3","factor":8,"low_freq_factor":4,"high_freq_factor":4}})");
 }
 
 // ---- llama2.c checkpoint and vocabulary
@@ -201,6 +211,8 @@ static void tokenizer_seeds(const std::string& data, const std::string& src) {
   seed("hf_tokenizer", "handmade_bytelevel", R"({"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":false,"use_regex":true},
  "post_processor":{"type":"TemplateProcessing","single":[{"SpecialToken":{"id":"<s>","type_id":0}},{"Sequence":{"id":"A","type_id":0}},{"SpecialToken":{"id":"</s>","type_id":0}}],"special_tokens":{"<s>":{"id":"<s>","ids":[0],"tokens":["<s>"]},"</s>":{"id":"</s>","ids":[1],"tokens":["</s>"]}}},
  "decoder":{"type":"ByteLevel"},"model":{"type":"BPE","vocab":{"<s>":0,"</s>":1,"H":2,"e":3,"He":4,"\u0120":5,"\u0120w":6,"w":7},"merges":["H e","\u0120 w"]}})");
+  seed("hf_tokenizer", "shared_id_and_bad_added_id", R"({"model":{"type":"BPE","vocab":{"a":0,"b":0,"c":1},"merges":[]},"added_tokens":[{"id":-3,"content":"<s>"}]})");
+  seed("hf_tokenizer", "duplicate_key", R"({"model":{"type":"BPE","vocab":{"a":0,"a":1},"merges":[]},"model":null})");
 }
 
 // ---- GGUF

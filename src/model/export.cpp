@@ -20,8 +20,14 @@ std::vector<std::string> runtime_only_features(const Model& m) {
   auto section = [&](const char* key) { return q.contains(key) && q[key].is_object() ? q[key] : json::object(); };
   auto bits = [](const json& s) { return s.contains("bits") && s["bits"].is_number_integer() ? s["bits"].get<int>() : 16; };
   json online = section("online");
-  if (online.value("r3", false)) out.push_back("online R3 Hadamard on Q/K");
-  if (online.value("r4", false)) out.push_back("online R4 Hadamard on the down_proj input");
+  auto flag = [&](const char* key) {  // read from a file: json's own bool conversion would throw its text
+    if (!online.contains(key)) return false;
+    if (!online[key].is_boolean())
+      throw Error(m.source + ": dartquant_quantization: 'online." + key + "' is not true/false");
+    return online[key].get<bool>();
+  };
+  if (flag("r3")) out.push_back("online R3 Hadamard on Q/K");
+  if (flag("r4")) out.push_back("online R4 Hadamard on the down_proj input");
   if (int b = bits(section("activations")); b < 16) out.push_back(std::to_string(b) + "-bit activation quantization");
   if (int b = bits(section("kv_cache")); b < 16) out.push_back(std::to_string(b) + "-bit KV-cache quantization");
   return out;

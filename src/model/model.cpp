@@ -95,7 +95,8 @@ static Model load_hf_model(const fs::path& dir) {
 
 Model load_model(const std::string& path, const std::string& tokenizer_path) {
   fs::path p(path);
-  if (!fs::exists(p)) throw Error(path + ": no such file or directory");
+  std::error_code ec;  // the throwing overload's text ("filesystem error: status: ...") is not ours
+  if (!fs::exists(p, ec)) throw Error(path + ": " + (ec ? ec.message() : "no such file or directory"));
   Model m;
   std::string tok = tokenizer_path;
   if (fs::is_directory(p)) {

@@ -134,9 +134,11 @@ void synth_model(const std::string& config_path, const std::string& out_dir, con
   j["torch_dtype"] = o.dtype == DType::BF16 ? "bfloat16" : o.dtype == DType::F16 ? "float16" : "float32";
 
   const int64_t D = c.hidden_size, Q = c.q_dim(), KV = c.kv_dim(), V = c.vocab_size;
-  const float emb_std = j.contains("initializer_range") && j["initializer_range"].is_number()
-                            ? j["initializer_range"].get<float>()
-                            : 0.02f;
+  const double init = j.contains("initializer_range") && j["initializer_range"].is_number()
+                          ? j["initializer_range"].get<double>()
+                          : 0.02;
+  if (!(init > 0 && init <= 1e3)) throw Error(config_path + ": 'initializer_range' must be a number in (0, 1000]");
+  const float emb_std = float(init);
   const float branch = 1.f / std::sqrt(2.f * float(c.num_layers));  // o_proj / down_proj extra scale
   const uint64_t seed = o.seed;
   const std::vector<int> massive = synth_outlier_channels(seed, o.outliers, c.hidden_size);

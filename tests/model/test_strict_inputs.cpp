@@ -378,6 +378,22 @@ TEST(StrictInputs, AMalformedTokenizerInAGgufSaysWhatIsWrong) {
 // Found by the hostile-input pass.
 TEST(StrictInputs, HostileInputPassRegressions) {
   ScratchDir dir;
+  // A path too long for the file system came back as "filesystem error: status: File name too long".
+  const std::string long_name = dir / std::string(5000, 'x');
+  expect_refused(dir, "eval --model " + long_name + " --ppl " + kValid, long_name, ": File name too long");
+  // A quantization section read by export: json's own conversion threw "[json.exception.type_error.302]".
+  const std::string qdir = synth_tiny(dir, "q");
+  edit_config(qdir, [](json& c) { c["dartquant_quantization"] = {{"online", {{"r3", "yes"}}}}; });
+  expect_refused(dir, "export --format hf --model " + qdir + " --tokenizer " + kTok512 + " --out " + (dir / "hf"),
+                 qdir, "'online.r3' is not true/false");
+  // synth's initializer_range became an Inf standard deviation.
+  spit(dir / "init.json", [] {
+    json c = tiny_config();
+    c["initializer_range"] = 1e300;
+    return c.dump();
+  }());
+  expect_refused(dir, "synth --config " + (dir / "init.json") + " --out " + (dir / "s"), dir / "init.json",
+                 "'initializer_range' must be a number in (0, 1000]");
   // An id beyond int32 wrapped to a valid one and decoded a token nobody asked for.
   spit(dir / "ids.txt", "[4294967297]\n");
   expect_refused(dir, "tokenize --decode --tokenizer " + kTok512 + " --text-file " + (dir / "ids.txt"),
