@@ -242,6 +242,11 @@ TEST(StrictInputs, NonFinitePerplexityNamesTheFirstNonFiniteSite) {
   expect_refused(dir, "eval --model " + model + " --tokenizer " + kTok512 + " --ppl " + kValid +
                           " --seqlen 32 --max-windows 2 --json " + (dir / "r.json"),
                  model, "is not finite: activations stop being finite at layer 1, down_in");
+  // The same for a zero-shot score.
+  expect_refused(dir, "eval --model " + model + " --tokenizer " + kTok512 + " --tasks copa --limit 2 --tasks-dir " +
+                          kData + "/zeroshot --json " + (dir / "r.json"),
+                 model, "the log-likelihood of a zero-shot request is not finite: activations stop being finite at "
+                        "layer 1, down_in");
 }
 
 TEST(StrictInputs, RotationsAreShapeAndOrthogonalityChecked) {
