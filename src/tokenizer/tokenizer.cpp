@@ -1,16 +1,16 @@
 #include "tokenizer/tokenizer.h"
 
-#include <fstream>
+#include "io/file.h"
 
 #include "tensor/tensor.h"
 
 namespace dq {
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw Error(path + ": cannot open tokenizer");
+  const std::string text = read_file(path);  // a FIFO or a device is refused, not waited on
   char c = 0;
-  while (f.get(c) && (c == ' ' || c == '\n' || c == '\r' || c == '\t')) {}
+  for (char t : text)
+    if ((c = t) != ' ' && t != '\n' && t != '\r' && t != '\t') break;
   // A tokenizer.json is a JSON object; a llama2.c tokenizer.bin starts with a small int32.
   if (c == '{') return load_hf_tokenizer(path);
   return load_llama2c_tokenizer(path);
