@@ -13,8 +13,9 @@ BIN=build/dartquant
 DATA=../shared/data
 WORK=$(mktemp -d /tmp/dq-soak-XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
+head -c 100000 $DATA/tinystories/calib.txt >"$WORK/calib.txt"  # short: a run's time goes to the job
 run() {  # run OUT: the quantize command, resuming whatever OUT.partial holds
-  exec "$BIN" --threads 1 quantize --model $DATA/stories260K/stories260K.bin --calib $DATA/tinystories/calib.txt \
+  exec "$BIN" --threads 1 quantize --model $DATA/stories260K/stories260K.bin --calib "$WORK/calib.txt" \
     --nsamples 8 --calib-seqlen 128 --epochs 2 --rotation dartquant --w-method gptq --a-bits 4 --out "$1" --resume \
     >/dev/null 2>"$1.err"
 }
@@ -28,7 +29,7 @@ while (( kills < KILLS && SECONDS < MAX_SECONDS )); do
   out="$WORK/chain$chains"; chains=$((chains + 1)); done=0
   for _ in 1 2 3 4 5 6; do
     (run "$out") & pid=$!
-    sleep "$(awk -v r=$RANDOM -v t="$whole_ms" 'BEGIN { printf "%.3f", r / 32768 * t / 1000 }')"
+    sleep "$(awk -v r=$RANDOM -v t="$whole_ms" 'BEGIN { printf "%.3f", r / 32768 * t / 3000 }')"  # up to a third of a run
     kill -9 $pid 2>/dev/null || true
     rc=0; wait $pid 2>/dev/null || rc=$?
     if (( rc == 0 )); then finished_before_kill=$((finished_before_kill + 1)); done=1; break; fi

@@ -241,7 +241,7 @@ void OutputPlan::add(const std::string& out_arg, OutputKind kind, bool resume) {
     const auto [a, b] = std::mismatch(target.begin(), target.end(), c.target.begin(), c.target.end());
     if (a == target.end() || b == c.target.end()) throw Error(out_arg + ": overlaps the other output " + c.out);
   }
-  if (!fs::is_directory(parent, ec)) throw Error(out_arg + ": its directory does not exist");
+  if (!fs::is_directory(parent, ec)) throw Error(out_arg + ": parent directory does not exist");
   const std::vector<fs::path> target_and_above = self_and_ancestors(target.parent_path());
 
   // The current directory, the inputs and the other outputs: by identity where they exist.

@@ -28,7 +28,7 @@ inline constexpr const char* kOutputMarker = ".dartquant.json";
 // The value of "written_by" in JSON reports and safetensors metadata, and of the GGUF key
 // "dartquant.written_by"; HTML reports carry kHtmlGeneratorTag in their head.
 inline constexpr const char* kWrittenBy = "dartquant";
-inline constexpr const char* kHtmlGeneratorTag = "<meta name=\"generator\" content=\"dartquant\">";
+inline constexpr const char* kHtmlGeneratorTag = "<meta name=\"generator\" content=\"dartquant\"/>";
 
 // True when PATH was written by dartquant as an output of this kind: a directory of regular files
 // all listed in its marker; a JSON object or safetensors file with "written_by": "dartquant"; a GGUF
