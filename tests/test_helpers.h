@@ -130,7 +130,7 @@ inline std::string small_qwen_config(const ScratchDir& dir) {
 // `dartquant eval ... --json` of a model on a text; the parsed report.
 inline nlohmann::json cli_eval(const std::string& args, const ScratchDir& scratch) {
   const std::string report = scratch / "eval.json";
-  CliResult r = run_cli("eval " + args + " --json " + report, scratch);
+  CliResult r = run_cli("eval " + args + " --json " + report + " --force", scratch);  // the last report is ours
   EXPECT_EQ(r.exit_code, 0) << r.err;
   return r.exit_code == 0 ? nlohmann::json::parse(slurp(report)) : nlohmann::json::object();
 }

@@ -4,6 +4,7 @@
 #include "cli/command.h"
 #include "cli/validators.h"
 #include "eval/perplexity.h"
+#include "io/output.h"
 #include "io/report.h"
 #include "eval/runtime.h"
 #include "eval/zeroshot.h"
@@ -14,10 +15,13 @@ namespace {
 struct EvalArgs {
   std::string model, tokenizer, ppl, json, tasks, tasks_dir = "../shared/data/zeroshot";
   int seqlen = 0, max_windows = 0, limit = 0;
+  bool force = false;
 };
 
 int run_eval(const EvalArgs& a) {
   if (a.ppl.empty() && a.tasks.empty()) throw Error("eval: pass --ppl FILE, --tasks LIST, or both");
+  OutputPlan plan({a.model, a.tokenizer, a.ppl, a.tasks.empty() ? "" : a.tasks_dir}, a.force);
+  plan.add(a.json, OutputKind::Json);
   const std::vector<std::string> task_names =
       a.tasks.empty() ? std::vector<std::string>{} : resolve_tasks(a.tasks, a.tasks_dir);
   Model m = load_model(a.model, a.tokenizer);
@@ -54,7 +58,9 @@ int run_eval(const EvalArgs& a) {
     report["tasks"] = tasks;
   }
   report["peak_rss_mib"] = peak_rss_mib();
-  if (!a.json.empty()) write_json(a.json, report);
+  if (!a.json.empty()) {
+    plan.write(a.json, [&](const std::string& path) { write_json(path, report); });
+  }
   return 0;
 }
 
@@ -73,6 +79,7 @@ RegisterCommand reg("eval", "perplexity of a model (llama2.c .bin, HF directory,
   app.add_option("--max-windows", a->max_windows, "evaluate only the first K windows (0 = all)")
       ->check(int_in(0, INT32_MAX));
   app.add_option("--json", a->json, "write a JSON report here");
+  app.add_flag("--force", a->force, "replace a report that exists (only one dartquant wrote)");
   return [a] { return run_eval(*a); };
 });
 

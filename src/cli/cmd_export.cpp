@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "cli/command.h"
+#include "io/output.h"
 #include "model/export.h"
 
 namespace dq::cli {
@@ -10,12 +11,16 @@ namespace {
 
 struct ExportArgs {
   std::string model, tokenizer, format, out, gguf_type = "f32", dtype = "f32";
+  bool force = false;
 };
 
 int run_export(const ExportArgs& a) {
+  OutputPlan plan({a.model, a.tokenizer}, a.force);
+  plan.add(a.out, a.format == "hf" ? OutputKind::Dir : OutputKind::Gguf);
   Model m = load_model(a.model, a.tokenizer);
   if (a.format == "hf") {
-    export_hf(m, a.out, a.dtype == "bf16" ? DType::BF16 : a.dtype == "f16" ? DType::F16 : DType::F32);
+    const DType dtype = a.dtype == "bf16" ? DType::BF16 : a.dtype == "f16" ? DType::F16 : DType::F32;
+    plan.write(a.out, [&](const std::string& path) { export_hf(m, path, dtype); });
     if (m.tokenizer && m.tokenizer_path.empty())
       std::fprintf(stderr, "note: the tokenizer came from GGUF metadata and was not written; copy it beside %s\n",
                    a.out.c_str());
@@ -28,7 +33,8 @@ int run_export(const ExportArgs& a) {
   // A quantized model directory keeps its integer codes beside the dequantized weights.
   std::filesystem::path codes = std::filesystem::path(a.model) / "quantized.safetensors";
   if (std::filesystem::is_directory(a.model) && std::filesystem::exists(codes)) o.codes_path = codes.string();
-  GgufExportStats s = export_gguf(m, a.out, o);
+  GgufExportStats s;
+  plan.write(a.out, [&](const std::string& path) { s = export_gguf(m, path, o); });
   for (const std::string& n : s.notes) std::fprintf(stderr, "note: %s\n", n.c_str());
   std::printf("wrote %s (%s: %d tensors from the model's codes, %d re-rounded, %d kept f32)\n", a.out.c_str(),
               a.gguf_type.c_str(), s.from_codes, s.requantized, s.kept_float);
@@ -47,6 +53,7 @@ RegisterCommand reg("export", "write a model as a plain HF checkpoint or a llama
       ->check(CLI::IsMember({"f32", "f16", "bf16", "q8_0", "q4_0"}));
   app.add_option("--dtype", a->dtype, "hf: dtype of model.safetensors, f32, f16 or bf16")
       ->check(CLI::IsMember({"f32", "f16", "bf16"}));
+  app.add_flag("--force", a->force, "replace an output that exists (only one dartquant wrote)");
   return [a] { return run_export(*a); };
 });
 

@@ -4,6 +4,7 @@
 
 #include "cli/command.h"
 #include "cli/validators.h"
+#include "io/output.h"
 #include "io/report.h"
 #include "quant/plan.h"
 
@@ -13,10 +14,13 @@ namespace {
 struct PlanArgs {
   std::string model, json;
   PlanOptions opts;
+  bool force = false;
 };
 
 int run_plan(const PlanArgs& a) {
   namespace fs = std::filesystem;
+  OutputPlan plan({a.model}, a.force);
+  plan.add(a.json, OutputKind::Json);
   const std::string path = fs::is_directory(a.model) ? (fs::path(a.model) / "config.json").string() : a.model;
   const MemoryPlan p = plan_memory(load_config(path), a.opts);
   const nlohmann::json& r = p.report;
@@ -33,7 +37,9 @@ int run_plan(const PlanArgs& a) {
               p.experts_per_pass, r["stages"]["gptq"]["passes_per_layer"].get<int>(),
               r["stages"]["capture"]["spilled_to_disk_gib"].get<double>());
   std::printf("peak %.2f GiB: %s the %.0f GiB budget\n", p.peak_gib, p.fits ? "fits" : "does NOT fit", a.opts.budget_gib);
-  if (!a.json.empty()) write_json(a.json, r);
+  if (!a.json.empty()) {
+    plan.write(a.json, [&](const std::string& path) { write_json(path, r); });
+  }
   return p.fits ? 0 : 3;
 }
 
@@ -54,6 +60,7 @@ RegisterCommand reg("plan", "dry run of quantize: planned peak memory per stage 
       ->capture_default_str()->check(int_in(0, 4096));
   app.add_option("--budget-gib", a->opts.budget_gib, "memory budget")->capture_default_str()->check(real_in(0, 1e6, true));
   app.add_option("--json", a->json, "write the plan as JSON here");
+  app.add_flag("--force", a->force, "replace a report that exists (only one dartquant wrote)");
   return [a] { return run_plan(*a); };
 });
 

@@ -11,6 +11,7 @@
 #include "cli/validators.h"
 #include "eval/html_report.h"
 #include "eval/perplexity.h"
+#include "io/output.h"
 #include "io/report.h"
 #include "eval/runtime.h"
 #include "pipeline/quantize.h"
@@ -26,7 +27,8 @@ struct QuantizeArgs {
   int w_bits = 4, w_group = 0, a_bits = 16, kv_bits = 16;
   int seqlen = 0, max_windows = 0;
   float a_clip = 0.9f, kv_clip = 1.f, damp = 0.01f;
-  bool w_asym = false, w_clip = false, w_f16_scales = false, act_order = false, no_online = false, resume = false;
+  bool w_asym = false, w_clip = false, w_f16_scales = false, act_order = false, no_online = false, resume = false,
+       force = false;
   int64_t min_expert_tokens = 128;
   int experts_per_pass = 0;
   CalibArgs cal;
@@ -35,6 +37,10 @@ struct QuantizeArgs {
 int run_quantize(const QuantizeArgs& a) {
   if (!a.rotations_file.empty() && a.rotation == "none")
     throw Error(a.rotations_file + ": --rotations needs --rotation quarot or dartquant (not none)");
+  OutputPlan plan({a.model, a.tokenizer, a.rotations_file, a.cal.calib, a.ppl}, a.force);
+  plan.add(a.out, OutputKind::Dir, a.resume);
+  plan.add(a.json, OutputKind::Json);
+  plan.add(a.html, OutputKind::Html);
   Model m = load_model(a.model, a.tokenizer);
   rope_to_halves(m);
 
@@ -84,11 +90,13 @@ int run_quantize(const QuantizeArgs& a) {
   job.resume = a.resume;
 
   nlohmann::json report = {{"model", a.model}, {"out", a.out}};
-  try {
-    report.update(run_quantize_job(m, job, progress_line));
-  } catch (const Error& e) {
-    throw Error(e.what() + resume_hint(a.out));
-  }
+  plan.write(a.out, [&](const std::string&) {  // the job writes where its checkpoint says
+    try {
+      report.update(run_quantize_job(m, job, progress_line));
+    } catch (const Error& e) {
+      throw Error(e.what() + resume_hint(a.out));
+    }
+  });
   report["quantization"] = job.section;
 
   if (!a.ppl.empty()) {
@@ -105,12 +113,15 @@ int run_quantize(const QuantizeArgs& a) {
   }
   report["peak_rss_mib"] = peak_rss_mib();
   std::printf("wrote %s\n", a.out.c_str());
-  if (!a.json.empty()) write_json(a.json, report);
+  if (!a.json.empty()) {
+    plan.write(a.json, [&](const std::string& path) { write_json(path, report); });
+  }
   if (!a.html.empty()) {
     std::vector<nlohmann::json> cals;
     if (report.contains("calibration")) cals.push_back(report["calibration"]);
     for (auto& c : cals) c["options"] = {{"orth", a.cal.orth}, {"loss", a.cal.loss}};  // names the loss curve
-    write_html_report(a.html, {"dartquant quantize: " + a.model, {{"output", a.out}}, nullptr, cals, {report}});
+    const ReportInput in{"dartquant quantize: " + a.model, {{"output", a.out}}, nullptr, cals, {report}};
+    plan.write(a.html, [&](const std::string& path) { write_html_report(path, in); });
   }
   return 0;
 }
@@ -157,6 +168,7 @@ RegisterCommand reg("quantize", "rotate and quantize a model into a self-describ
                "continue an interrupted run from OUT.partial (same options and inputs), else start over");
   app.add_option("--json", a->json, "write a JSON report here");
   app.add_option("--html", a->html, "write a self-contained HTML report (loss curves, evaluation) here");
+  app.add_flag("--force", a->force, "replace outputs that exist (only ones dartquant wrote)");
   return [a] { return run_quantize(*a); };
 });
 

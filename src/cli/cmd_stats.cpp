@@ -7,6 +7,7 @@
 #include "cli/validators.h"
 #include "eval/html_report.h"
 #include "eval/perplexity.h"
+#include "io/output.h"
 #include "io/report.h"
 #include "eval/stats.h"
 #include "io/file.h"
@@ -22,6 +23,7 @@ struct StatsArgs {
   std::vector<int> layers;
   int nsamples = 16, calib_seqlen = 256;
   uint64_t seed = 0;
+  bool force = false;
 };
 
 // One forward pass of one variant; the model is loaded afresh because rotating it is in place.
@@ -46,6 +48,12 @@ std::unique_ptr<StatsHook> run_variant(const StatsArgs& a, const std::string& va
 }
 
 int run_stats(const StatsArgs& a) {
+  std::vector<std::string> inputs{a.model, a.tokenizer, a.calib, a.rotations};
+  inputs.insert(inputs.end(), a.calib_json.begin(), a.calib_json.end());
+  inputs.insert(inputs.end(), a.eval_json.begin(), a.eval_json.end());
+  OutputPlan plan(inputs, a.force);
+  plan.add(a.json, OutputKind::Json);
+  plan.add(a.html, OutputKind::Html);
   std::vector<int32_t> calib;
   int len = 0, layers = 0;
   {
@@ -87,7 +95,9 @@ int run_stats(const StatsArgs& a) {
     for (const auto& v : variants) std::printf(" %11.3f", row[v]["max_abs"].get<double>());
     std::printf("\n");
   }
-  if (!a.json.empty()) write_json(a.json, j);
+  if (!a.json.empty()) {
+    plan.write(a.json, [&](const std::string& path) { write_json(path, j); });
+  }
   if (!a.html.empty()) {
     ReportInput in;
     in.title = "Activation statistics: " + a.model;
@@ -101,7 +111,7 @@ int run_stats(const StatsArgs& a) {
     in.stats = j;
     for (const auto& f : a.calib_json) in.calibrations.push_back(read_json(f));
     for (const auto& f : a.eval_json) in.evaluations.push_back(read_json(f));
-    write_html_report(a.html, in);
+    plan.write(a.html, [&](const std::string& path) { write_html_report(path, in); });
     std::printf("wrote %s\n", a.html.c_str());
   }
   return 0;
@@ -124,6 +134,7 @@ RegisterCommand reg("stats", "activation statistics and histograms: unrotated vs
   app.add_option("--eval-json", a->eval_json, "quantize --json reports for the HTML evaluation table");
   app.add_option("--json", a->json, "write the statistics as JSON here");
   app.add_option("--html", a->html, "write a self-contained HTML report here");
+  app.add_flag("--force", a->force, "replace outputs that exist (only ones dartquant wrote)");
   return [a] { return run_stats(*a); };
 });
 

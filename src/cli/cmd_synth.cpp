@@ -1,8 +1,10 @@
 // dartquant synth: an HF directory with seeded random weights of a real config's shapes.
 #include <cstdio>
+#include <filesystem>
 
 #include "cli/command.h"
 #include "cli/validators.h"
+#include "io/output.h"
 #include "model/synth.h"
 
 namespace dq::cli {
@@ -11,11 +13,15 @@ namespace {
 struct SynthArgs {
   std::string config, out, dtype = "bf16";
   SynthOptions opts;
+  bool force = false;
 };
 
 int run_synth(SynthArgs a) {
   a.opts.dtype = a.dtype == "f32" ? DType::F32 : a.dtype == "f16" ? DType::F16 : DType::BF16;
-  synth_model(a.config, a.out, a.opts);
+  // Inputs: the config and the tokenizer.json beside it that is copied.
+  OutputPlan plan({a.config, (std::filesystem::path(a.config).parent_path() / "tokenizer.json").string()}, a.force);
+  plan.add(a.out, OutputKind::Dir);
+  plan.write(a.out, [&](const std::string& path) { synth_model(a.config, path, a.opts); });
   std::printf("wrote %s\n", a.out.c_str());
   return 0;
 }
@@ -31,6 +37,7 @@ RegisterCommand reg("synth", "write an HF directory with seeded random weights o
       ->check(int_in(0, 1 << 24));
   app.add_option("--layers", a->opts.layers, "override num_hidden_layers (smaller models for quick tests)")
       ->check(int_in(1, 1 << 24));
+  app.add_flag("--force", a->force, "replace an output that exists (only one dartquant wrote)");
   return [a] { return run_synth(*a); };
 });
 

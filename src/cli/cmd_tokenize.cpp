@@ -1,11 +1,12 @@
 // dartquant tokenize: text -> token ids (one JSON array per input line) or, with --decode, back.
 #include <cstdint>
 #include <cstdio>
-#include <fstream>
+#include <sstream>
 #include <memory>
 #include <nlohmann/json.hpp>
 
 #include "cli/command.h"
+#include "io/file.h"
 #include "tensor/tensor.h"
 #include "tokenizer/tokenizer.h"
 
@@ -18,8 +19,7 @@ struct Options {
 
 int run(const Options& o) {
   auto tok = dq::load_tokenizer(o.tokenizer);
-  std::ifstream in(o.text_file, std::ios::binary);
-  if (!in) throw dq::Error(o.text_file + ": cannot open");
+  std::istringstream in(dq::read_file(o.text_file));
   std::string line, out;
   size_t lineno = 0;
   while (std::getline(in, line)) {

@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <map>
 #include <memory>
+#include <string>
 #include <unistd.h>
 
 #include "cli/command.h"
@@ -49,8 +50,27 @@ int main(int argc, char** argv) {
   }
   try {
     app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
+  } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    // One line like every other error, naming the command when the first word is not one.
+    std::string what = e.what(), word;  // word: the first argument that is not an option or its value
+    for (int i = 1; i < argc && word.empty(); ++i) {
+      if (std::string(argv[i]) == "--threads") ++i;
+      else if (argv[i][0] != '-') word = argv[i];
+    }
+    if (!word.empty() && !registry().count(word)) {
+      what = "unknown command '" + word + "'; commands:";
+      for (const auto& [name, entry] : registry()) what += " " + name;
+    } else if (dynamic_cast<const CLI::RequiredError*>(&e) && app.get_subcommands().empty()) {
+      what = "no command given; run dartquant --help";
+    }
+    for (char& c : what)
+      if (c == '\n') c = ' ';
+    std::fprintf(stderr, "dartquant: error: %s\n", what.c_str());
+    return e.get_exit_code();
   }
   if (threads > 0) dq::set_num_threads(threads);
   try {

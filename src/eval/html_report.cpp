@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "io/file.h"
+#include "io/output.h"
 #include "tensor/tensor.h"
 
 namespace dq {
@@ -418,7 +419,7 @@ const char* kStyle =
 }  // namespace
 
 std::string render_html_report(const ReportInput& in) {
-  std::string o = "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"/><title>" + esc(in.title) +
+  std::string o = std::string("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"/>") + kHtmlGeneratorTag + "<title>" + esc(in.title) +
                   "</title><style>" + kStyle + "</style></head><body><h1>" + esc(in.title) + "</h1>";
   if (in.meta.is_object())
     for (auto it = in.meta.begin(); it != in.meta.end(); ++it)

@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "io/file.h"
+#include "io/output.h"
 #include "io/report.h"
 #include "tensor/tensor.h"
 
@@ -14,10 +15,12 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 std::string resume_hint(const std::string& out) {
-  return file_exists(out + ".partial/state.json") ? " (progress kept in " + out + ".partial; rerun with --resume)" : "";
+  const std::string dir = partial_dir(out);
+  return file_exists(dir + "/state.json") ? " (progress kept in " + dir + "; rerun with --resume)" : "";
 }
 
-Checkpoint::Checkpoint(const std::string& out, const json& fingerprint, bool resume) : dir_(out + ".partial") {
+Checkpoint::Checkpoint(const std::string& out, const json& fingerprint, bool resume)
+    : dir_(partial_dir(out)), output_(staging_path(out)) {
   if (resume && file_exists(file("state.json"))) {
     try {
       state_ = read_json(file("state.json"));
@@ -26,24 +29,19 @@ Checkpoint::Checkpoint(const std::string& out, const json& fingerprint, bool res
     }
     if (!state_.is_object() || state_.value("fingerprint", json()) != fingerprint)
       throw Error(dir_ + ": checkpoint made with other options or inputs; rerun without --resume to start over");
-    keep_ = resumed_ = true;
-    return;
+    resumed_ = true;
+  } else {
+    if (resume) std::fprintf(stderr, "note: no checkpoint in %s; starting from the beginning\n", dir_.c_str());
+    remove("state.json");  // a stale one must not outlive the files this run replaces
+    state_ = {{"fingerprint", fingerprint}};
   }
-  if (resume) std::fprintf(stderr, "note: no checkpoint in %s; starting from the beginning\n", dir_.c_str());
   std::error_code ec;
-  fs::remove_all(dir_, ec);
-  if (!fs::create_directories(dir_, ec) || ec) throw Error(dir_ + ": cannot create (" + ec.message() + ")");
-  state_ = {{"fingerprint", fingerprint}};
-}
-
-Checkpoint::~Checkpoint() {
-  std::error_code ec;
-  if (!keep_) fs::remove_all(dir_, ec);
+  fs::create_directories(dir_, ec);
+  if (ec) throw Error(dir_ + ": cannot create (" + ec.message() + ")");
 }
 
 void Checkpoint::save(const std::string& label) {
   write_file_atomic(file("state.json"), [&](OutStream& s) { s.write(state_.dump() + "\n"); });
-  keep_ = true;
   const char* kill = std::getenv("DQ_KILL_AFTER");
   if (kill && label == kill) std::raise(SIGKILL);
 }
@@ -51,18 +49,6 @@ void Checkpoint::save(const std::string& label) {
 void Checkpoint::remove(const std::string& name) const {
   std::error_code ec;
   fs::remove(file(name), ec);
-}
-
-void Checkpoint::commit_dir(const std::string& out, const std::vector<std::string>& scratch) {
-  for (const std::string& f : scratch) remove(f);
-  remove("state.json");
-  move_into_place(dir_, out);
-  keep_ = true;
-}
-
-void Checkpoint::commit_file(const std::string& name, const std::string& out) {
-  move_into_place(file(name), out);
-  keep_ = false;  // the rest of the directory goes with this object
 }
 
 }  // namespace dq

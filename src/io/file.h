@@ -10,6 +10,14 @@ namespace dq {
 std::string read_file(const std::string& path);  // throws Error("PATH: ...")
 bool file_exists(const std::string& path);
 
+// Opens PATH for reading, refusing anything but a regular file (a FIFO or a device would block or
+// never end) without blocking on it. Every input file is opened through this. Throws Error("PATH: ...").
+int open_regular_file(const std::string& path);
+
+// Throws Error("PATH: needs N but its file system has M free") when writing `bytes` to PATH (a
+// file about to be created) would not fit: writers call it before writing a large file.
+void check_free_space(const std::string& path, double bytes);
+
 class MappedFile {
  public:
   explicit MappedFile(const std::string& path);  // throws Error("PATH: ...")

@@ -479,6 +479,7 @@ void GgufWriter::write() const {
     offsets.push_back(next);
     next = align_up(next + t.nbytes, alignment_);
   }
+  check_free_space(path_, double(next));  // the data section; the header is small beside it
   write_file_atomic(path_, [&](OutStream& o) {
     o.write(kMagic, 4);
     put_u32(o, kVersion);

@@ -5,11 +5,14 @@
 #include <fstream>
 
 #include "io/file.h"
+#include "io/output.h"
 
 namespace dq {
 
 void write_json(const std::string& path, const nlohmann::json& j) {
-  write_file_atomic(path, [&](OutStream& out) { out.write(j.dump(2) + "\n"); });
+  nlohmann::json marked = j;
+  if (marked.is_object()) marked["written_by"] = kWrittenBy;
+  write_file_atomic(path, [&](OutStream& out) { out.write(marked.dump(2) + "\n"); });
 }
 
 nlohmann::json read_json(const std::string& path) {

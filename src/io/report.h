@@ -5,6 +5,7 @@
 
 namespace dq {
 
+// A JSON object gets "written_by": "dartquant" (the marker OutputPlan recognises under --force).
 void write_json(const std::string& path, const nlohmann::json& j);
 // Parses a JSON file; Error("PATH: invalid JSON") (or nested too deep, or unreadable) otherwise.
 nlohmann::json read_json(const std::string& path);

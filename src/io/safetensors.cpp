@@ -135,11 +135,19 @@ std::string safetensors_prefix(const std::vector<TensorLayout>& tensors,
   return std::string(reinterpret_cast<const char*>(&n), 8) + h;
 }
 
-static size_t resume_offset(const std::string& prefix, const std::vector<TensorLayout>& layout, size_t k) {
+double safetensors_size(const std::string& prefix, const std::vector<TensorLayout>& layout) {
+  double n = double(prefix.size());
+  for (const TensorLayout& t : layout) n += double(t.nbytes);
+  return n;
+}
+
+// Where the file resumes after k tensors; first checks that what remains fits on the disk.
+static size_t resume_offset(const std::string& path, const std::string& prefix, const std::vector<TensorLayout>& layout,
+                            size_t k) {
   if (k > layout.size()) throw Error("safetensors stream: resuming after more tensors than the layout has");
-  if (k == 0) return 0;
-  size_t n = prefix.size();
+  size_t n = k == 0 ? 0 : prefix.size();
   for (size_t i = 0; i < k; ++i) n += layout[i].nbytes;
+  check_free_space(path, safetensors_size(prefix, layout) - double(n));
   return n;
 }
 
@@ -150,7 +158,7 @@ SafetensorsStreamWriter::SafetensorsStreamWriter(const std::string& path, std::v
       layout_(std::move(layout)),
       prefix_(safetensors_prefix(layout_, metadata)),
       next_(resume_after),
-      file_(path, resume_offset(prefix_, layout_, resume_after)) {
+      file_(path, resume_offset(path, prefix_, layout_, resume_after)) {
   if (resume_after == 0) file_.out().write(prefix_);
 }
 
@@ -183,6 +191,7 @@ void write_safetensors(const std::string& path, const std::vector<TensorBlob>& t
   std::vector<TensorLayout> layout;
   for (const auto& t : tensors) layout.push_back({t.name, t.dtype, t.shape, t.bytes.size()});
   const std::string prefix = safetensors_prefix(layout, metadata);
+  check_free_space(path, safetensors_size(prefix, layout));
   write_file_atomic(path, [&](OutStream& out) {
     out.write(prefix);
     for (const auto& t : tensors) out.write(t.bytes.data(), t.bytes.size());

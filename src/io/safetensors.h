@@ -55,6 +55,8 @@ struct TensorLayout {
 };
 std::string safetensors_prefix(const std::vector<TensorLayout>& tensors,
                                const std::map<std::string, std::string>& metadata);
+// The size of a file with this prefix and layout.
+double safetensors_size(const std::string& prefix, const std::vector<TensorLayout>& layout);
 
 // A safetensors file produced tensor by tensor in an order fixed up front (the header goes first),
 // so a model never has to be whole in memory; resumable: a writer reopened with the count of

@@ -6,6 +6,7 @@
 #include <map>
 
 #include "io/file.h"
+#include "io/output.h"
 #include "io/safetensors.h"
 #include "model/save.h"
 
@@ -284,6 +285,7 @@ GgufExportStats export_gguf(const Model& src, const std::string& path, const Ggu
   w.set("general.architecture", GgufValue::string("llama"));
   w.set("general.name", GgufValue::string(fs::path(src.source).filename().replace_extension().string()));
   w.set("general.file_type", GgufValue::u32(file_type(type)));
+  w.set("dartquant.written_by", GgufValue::string(kWrittenBy));  // lets --force tell its own outputs
   if (is_quantized(type)) w.set("general.quantization_version", GgufValue::u32(2));
   w.set("llama.vocab_size", GgufValue::u32(uint32_t(c.vocab_size)));
   w.set("llama.context_length", GgufValue::u32(uint32_t(c.max_seq)));

@@ -83,6 +83,7 @@ void write_streamed(const std::string& path, const std::vector<TensorSpec>& spec
   for (const auto& t : specs)
     layout.push_back({t.name, dtype, t.shape, size_t(t.rows() * t.cols()) * dtype_size(dtype)});
   const std::string prefix = safetensors_prefix(layout, {{"format", "pt"}});
+  check_free_space(path, safetensors_size(prefix, layout));
   write_file_atomic(path, [&](OutStream& out) {
     out.write(prefix);
     std::vector<float> f32;

@@ -70,28 +70,14 @@ json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progr
   if (!state.contains("gptq_layers")) state["gptq_layers"] = json::array();
   const int resumed_at = state["layers_done"].get<int>();
   if (ck.resumed()) report["resumed_at_layer"] = resumed_at;
+  std::error_code ec;
+  fs::create_directories(ck.output(), ec);
+  if (ec) throw Error(ck.output() + ": cannot create (" + ec.message() + ")");
+  auto out_file = [&](const std::string& name) { return ck.output() + "/" + name; };
 
-  // 1. Rotations, checkpointed as soon as they exist (DartQuant calibration is the costly part).
-  auto t = Clock::now();
-  Rotations rot;
-  if (rotate) {
-    if (state.value("rotations", false)) {
-      rot = load_rotations(ck.file("rotations.safetensors"), c);
-    } else {
-      json calib_report;
-      rot = make_rotations(m, job, ck, calib_report, progress);
-      save_rotations(ck.file("rotations.safetensors"), rot);
-      state["rotations"] = true;
-      if (!calib_report.is_null()) state["calibration"] = calib_report;
-      ck.save("rotations");
-      drop_calibration_checkpoint(ck, c);
-    }
-    stage_done("rotations", t);
-  }
-  if (state.contains("calibration")) report["calibration"] = state["calibration"];
-
-  // 2. The output's tensors, in the order they will be written: embedding, layers, final norm,
+  // 1. The output's tensors, in the order they will be written: embedding, layers, final norm,
   // classifier (its own tensor once norms are fused into it), then anything else the input had.
+  // The files are opened first, so a disk too small for them stops the job before any work.
   const std::string embed = "model.embed_tokens.weight", norm = "model.norm.weight";
   const bool has_head = m.weights.has("lm_head.weight"), write_head = has_head || rotate;
   const std::string head_source = has_head ? "lm_head.weight" : embed;
@@ -113,13 +99,32 @@ json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progr
     for (int l = 0; l < c.num_layers; ++l)
       for (const std::string& n : quantized_linears(c, l))
         for (TensorLayout& tl : code_layout(n, m.weights.shape(n), job.weights.spec)) code_layouts.push_back(tl);
-  SafetensorsStreamWriter model_out(ck.file("model.safetensors"), model_layout, {{"format", "pt"}},
+  SafetensorsStreamWriter model_out(out_file("model.safetensors"), model_layout, {{"format", "pt"}},
                                     state["model_tensors"].get<size_t>());
   std::unique_ptr<SafetensorsStreamWriter> codes_out;
   if (!code_layouts.empty())
-    codes_out = std::make_unique<SafetensorsStreamWriter>(ck.file("quantized.safetensors"), code_layouts,
+    codes_out = std::make_unique<SafetensorsStreamWriter>(out_file("quantized.safetensors"), code_layouts,
                                                          std::map<std::string, std::string>{},
                                                          state["code_tensors"].get<size_t>());
+
+  // 2. Rotations, checkpointed as soon as they exist (DartQuant calibration is the costly part).
+  auto t = Clock::now();
+  Rotations rot;
+  if (rotate) {
+    if (state.value("rotations", false)) {
+      rot = load_rotations(ck.file("rotations.safetensors"), c);
+    } else {
+      json calib_report;
+      rot = make_rotations(m, job, ck, calib_report, progress);
+      save_rotations(ck.file("rotations.safetensors"), rot);
+      state["rotations"] = true;
+      if (!calib_report.is_null()) state["calibration"] = calib_report;
+      ck.save("rotations");
+      drop_calibration_checkpoint(ck, c);
+    }
+    stage_done("rotations", t);
+  }
+  if (state.contains("calibration")) report["calibration"] = state["calibration"];
 
   // 3. Embedding, then layer after layer, a checkpoint after each.
   t = Clock::now();
@@ -165,7 +170,7 @@ json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progr
   }
   stage_done("layers", t);
 
-  // 4. Final norm, classifier, the rest; config and tokenizer; OUT appears.
+  // 4. Final norm, classifier, the rest; config and tokenizer.
   t = Clock::now();
   if (rotate) {
     const Matrix gain = m.weights.get(norm);
@@ -186,15 +191,13 @@ json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progr
   if (write_head) out_config.tie_embeddings = false;
   json config = out_config.to_json();
   config["dartquant_quantization"] = job.section;
-  write_file_atomic(ck.file("config.json"), [&](OutStream& s) { s.write(config.dump(2) + "\n"); });
+  write_file_atomic(out_file("config.json"), [&](OutStream& s) { s.write(config.dump(2) + "\n"); });
   if (!m.tokenizer_path.empty()) {
     std::string name = fs::path(m.tokenizer_path).filename().string();
     if (fs::path(m.tokenizer_path).extension() == ".bin") name = "tokenizer.bin";
-    std::error_code ec;
-    fs::copy_file(m.tokenizer_path, ck.file(name), fs::copy_options::overwrite_existing, ec);
+    fs::copy_file(m.tokenizer_path, out_file(name), fs::copy_options::overwrite_existing, ec);
     if (ec) throw Error(m.tokenizer_path + ": cannot copy tokenizer (" + ec.message() + ")");
   }
-  ck.commit_dir(job.out, {"rotations.safetensors", activations_file(c.num_layers)});
   stage_done("finish", t);
 
   if (gptq_mode) report["gptq_layers"] = state["gptq_layers"];

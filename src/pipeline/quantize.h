@@ -4,10 +4,11 @@
 // output files. Memory holds the calibration activations (bf16) and one layer's f32 weights, never
 // the whole model.
 //
-// The job runs in OUT.partial/ and checkpoints after the rotations and after every layer (the
-// files' lengths, the activations entering the next layer, the report so far); `resume` continues
-// a killed run from its last checkpoint to output identical to an uninterrupted run's. The finished
-// directory is renamed to OUT: an interrupted job never leaves anything named OUT.
+// The job runs in OUT.partial/ (claimed by the caller's OutputPlan, io/output.h) and checkpoints
+// after the rotations and after every layer (the files' lengths, the activations entering the next
+// layer, the report so far); `resume` continues a killed run from its last checkpoint to output
+// identical to an uninterrupted run's. The job leaves the finished directory in
+// staging_path(OUT); the caller's OutputPlan::commit makes it OUT.
 #pragma once
 #include <functional>
 #include <nlohmann/json.hpp>
@@ -37,7 +38,7 @@ struct QuantizeJob {
 
 using JobProgress = std::function<void(const std::string& stage, int done, int total)>;
 
-// Writes job.out from m (loaded, RoPE in HF order); m's layers are consumed. Returns the report:
+// Writes staging_path(job.out) from m (loaded, RoPE in HF order); m's layers are consumed. Returns the report:
 // calibration, per-layer GPTQ figures, stage times and peak RSS.
 nlohmann::json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progress = nullptr);
 

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "io/output.h"
 #include "tensor/kernels.h"
 
 namespace dq {
@@ -183,7 +184,7 @@ void save_rotations(const std::string& path, const Rotations& r) {
   for (size_t l = 0; l < r.r2.size(); ++l)
     for (size_t h = 0; h < r.r2[l].size(); ++h)
       blobs.push_back(blob_from_matrix(r2_name(int(l), int(h)), r.r2[l][h], DType::F32));
-  write_safetensors(path, blobs, {{"format", "dartquant-rotations"}});
+  write_safetensors(path, blobs, {{"format", "dartquant-rotations"}, {"written_by", kWrittenBy}});
 }
 
 // Every matrix loaded must be square of its size, finite and orthogonal to within this (max |RᵀR - I|;
