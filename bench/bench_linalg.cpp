@@ -1,8 +1,9 @@
 // Rotation kernels: the fast Hadamard transform against the dense product it replaces (R3/R4
-// online), and one optimiser step of QR-Orth against one of Cayley SGD (R1 calibration) on a
-// fixed 2048-token batch.
+// online), and one optimiser step of QR-Orth (Cholesky QR2 route, and the Householder route it
+// replaced) against one of Cayley SGD (R1 calibration) on a fixed 2048-token batch.
 #include <benchmark/benchmark.h>
 
+#include <chrono>
 #include <random>
 
 #include "calib/orth_optim.h"
@@ -55,12 +56,49 @@ void optimizer_step(benchmark::State& state, dq::OrthMethod method) {
 }
 
 void BM_QrOrthStep(benchmark::State& state) { optimizer_step(state, dq::OrthMethod::QR); }
+void BM_QrOrthHouseholderStep(benchmark::State& state) { optimizer_step(state, dq::OrthMethod::QRHouseholder); }
 void BM_CayleyStep(benchmark::State& state) { optimizer_step(state, dq::OrthMethod::Cayley); }
+
+// The three steps interleaved in one iteration (order rotating), so that the machine's load swings
+// hit all three alike; counters: each step's seconds and the new step's speed-ups.
+void BM_OrthStepsInterleaved(benchmark::State& state) {
+  const int64_t n = state.range(0);
+  const dq::OrthMethod methods[3] = {dq::OrthMethod::QR, dq::OrthMethod::QRHouseholder, dq::OrthMethod::Cayley};
+  std::vector<dq::RotationOptimizer> opts;
+  for (dq::OrthMethod m : methods) {
+    dq::OrthOptions opt;
+    opt.method = m;
+    opt.lr = 1e-3f;
+    opts.emplace_back(dq::random_hadamard(n, 0), opt);
+  }
+  const dq::Matrix X = laplace(kTokens, n, 2);
+  double seconds[3] = {0, 0, 0};
+  int64_t it = 0;
+  for (auto _ : state) {
+    double total = 0;
+    for (int k = 0; k < 3; ++k) {
+      const int i = int((it + k) % 3);
+      auto t0 = std::chrono::steady_clock::now();
+      benchmark::DoNotOptimize(opts[size_t(i)].step(X));
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      seconds[i] += s, total += s;
+    }
+    state.SetIterationTime(total);
+    ++it;
+  }
+  state.counters["qr_chol_s"] = seconds[0] / double(it);
+  state.counters["qr_householder_s"] = seconds[1] / double(it);
+  state.counters["cayley_s"] = seconds[2] / double(it);
+  state.counters["householder/chol"] = seconds[1] / seconds[0];
+  state.counters["cayley/chol"] = seconds[2] / seconds[0];
+}
 
 }  // namespace
 
 BENCHMARK(BM_HadamardFast)->Arg(128)->Arg(4096)->Arg(11008)->Arg(14336)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_HadamardDense)->Arg(128)->Arg(4096)->Arg(11008)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_QrOrthStep)->Arg(64)->Arg(576)->Arg(2048)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_QrOrthHouseholderStep)->Arg(64)->Arg(576)->Arg(2048)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_CayleyStep)->Arg(64)->Arg(576)->Arg(2048)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_OrthStepsInterleaved)->Arg(576)->Arg(2048)->Arg(4096)->Unit(benchmark::kMillisecond)->UseManualTime();
 BENCHMARK_MAIN();

@@ -214,3 +214,33 @@ TEST(OrthOptim, BatchedR2SumsHeadsAndLearns) {
   for (const Matrix& R : b.rotations()) EXPECT_LT(orthogonality_error(R), 1e-5);
   EXPECT_THROW(BatchedRotationOptimizer(init, 3, opt), Error);
 }
+
+TEST(OrthOptim, CholeskyAndHouseholderRoutesGiveTheSameRotations) {
+  // Same iterates, two ways: Cholesky QR2 with the backward from Oᵀ·dL/dO, and Householder QR
+  // with dL/dR = Xᵀ·dL/dO. SGD and Adam; 100 steps let rounding differences grow if they would.
+  // (At SGD lr 0.05 with this weight the iteration itself amplifies rounding differences, ~3x per
+  // step after step 25, while both routes stay orthogonal to 5e-7: chaos, not inaccuracy.)
+  for (OptimizerKind kind : {OptimizerKind::SGD, OptimizerKind::Adam}) {
+    const int64_t n = 64;
+    OrthOptions opt;
+    opt.optimizer = kind;
+    opt.lr = 0.01f;
+    RotationOptimizer chol(random_hadamard(n, 1), opt);
+    opt.method = OrthMethod::QRHouseholder;
+    RotationOptimizer house(random_hadamard(n, 1), opt);
+    for (int s = 0; s < 100; ++s) {
+      const Matrix X = laplace_with_outliers(512, n, 300 + uint64_t(s));
+      const float a = chol.step(X, 2.f), b = house.step(X, 2.f);
+      ASSERT_NEAR(a, b, 1e-5 * std::abs(b)) << s;
+    }
+    const Matrix R0 = random_hadamard(n, 1);
+    float worst = 0, moved = 0;
+    for (size_t i = 0; i < R0.size(); ++i) {
+      worst = std::max(worst, std::abs(chol.rotation().data[i] - house.rotation().data[i]));
+      moved = std::max(moved, std::abs(chol.rotation().data[i] - R0.data[i]));
+    }
+    EXPECT_LT(worst, 1e-5) << optimizer_name(kind);
+    EXPECT_GT(moved, 1e-2) << optimizer_name(kind);
+  }
+  EXPECT_EQ(orth_from_name("qr-householder"), OrthMethod::QRHouseholder);
+}
