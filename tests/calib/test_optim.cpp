@@ -244,3 +244,25 @@ TEST(OrthOptim, CholeskyAndHouseholderRoutesGiveTheSameRotations) {
   }
   EXPECT_EQ(orth_from_name("qr-householder"), OrthMethod::QRHouseholder);
 }
+
+TEST(OrthOptim, R2RmsNormalisationMakesTheLossScaleInvariant) {
+  // With per-head RMS normalisation the loss, and so every step, ignores each token's head scale.
+  const int64_t hq = 4, d = 16;
+  std::vector<Matrix> init = {random_hadamard(d, 10), random_hadamard(d, 11)};
+  OrthOptions opt;
+  opt.lr = 0.05f;
+  const Matrix X = laplace_with_outliers(256, hq * d, 3);
+  Matrix Xs = X;  // each token's head slices scaled by different factors
+  for (int64_t t = 0; t < Xs.rows; ++t)
+    for (int64_t c = 0; c < Xs.cols; ++c) Xs(t, c) *= 0.01f + float((t + c / d) % 7);
+  BatchedRotationOptimizer a(init, hq, opt, true), b(init, hq, opt, true), raw(init, hq, opt, false);
+  for (int s = 0; s < 5; ++s) EXPECT_NEAR(a.step(X), b.step(Xs), 1e-3) << s;
+  for (size_t h = 0; h < init.size(); ++h)
+    for (size_t i = 0; i < init[h].size(); ++i) ASSERT_NEAR(a.rotations()[h].data[i], b.rotations()[h].data[i], 1e-5);
+  // Without it the scaled input gives another loss. And a normalised head row has RMS 1.
+  EXPECT_GT(std::abs(raw.step(Xs) - a.step(X)), 1.f);
+  const Matrix rows = a.head_rows(Xs, 1);
+  double ss = 0;
+  for (int64_t j = 0; j < d; ++j) ss += double(rows(3, j)) * rows(3, j);
+  EXPECT_NEAR(ss / double(d), 1.0, 1e-5);
+}
