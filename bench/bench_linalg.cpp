@@ -3,7 +3,10 @@
 // replaced) against one of Cayley SGD (R1 calibration) on a fixed 2048-token batch.
 #include <benchmark/benchmark.h>
 
+#include <time.h>
+
 #include <chrono>
+#include <string>
 #include <random>
 
 #include "calib/orth_optim.h"
@@ -59,8 +62,17 @@ void BM_QrOrthStep(benchmark::State& state) { optimizer_step(state, dq::OrthMeth
 void BM_QrOrthHouseholderStep(benchmark::State& state) { optimizer_step(state, dq::OrthMethod::QRHouseholder); }
 void BM_CayleyStep(benchmark::State& state) { optimizer_step(state, dq::OrthMethod::Cayley); }
 
+// This thread's CPU seconds: with one BLAS/OpenMP thread all of a step's work runs on it, and on
+// a shared, overloaded machine CPU time is far steadier than wall time.
+double thread_cpu_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
 // The three steps interleaved in one iteration (order rotating), so that the machine's load swings
-// hit all three alike; counters: each step's seconds and the new step's speed-ups.
+// hit all three alike; counters: each step's wall and CPU seconds and the new step's speed-ups
+// (in CPU time; run with OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1).
 void BM_OrthStepsInterleaved(benchmark::State& state) {
   const int64_t n = state.range(0);
   const dq::OrthMethod methods[3] = {dq::OrthMethod::QR, dq::OrthMethod::QRHouseholder, dq::OrthMethod::Cayley};
@@ -72,25 +84,29 @@ void BM_OrthStepsInterleaved(benchmark::State& state) {
     opts.emplace_back(dq::random_hadamard(n, 0), opt);
   }
   const dq::Matrix X = laplace(kTokens, n, 2);
-  double seconds[3] = {0, 0, 0};
+  double wall[3] = {0, 0, 0}, cpu[3] = {0, 0, 0};
   int64_t it = 0;
   for (auto _ : state) {
     double total = 0;
     for (int k = 0; k < 3; ++k) {
       const int i = int((it + k) % 3);
-      auto t0 = std::chrono::steady_clock::now();
+      const auto t0 = std::chrono::steady_clock::now();
+      const double c0 = thread_cpu_seconds();
       benchmark::DoNotOptimize(opts[size_t(i)].step(X));
+      cpu[i] += thread_cpu_seconds() - c0;
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      seconds[i] += s, total += s;
+      wall[i] += s, total += s;
     }
     state.SetIterationTime(total);
     ++it;
   }
-  state.counters["qr_chol_s"] = seconds[0] / double(it);
-  state.counters["qr_householder_s"] = seconds[1] / double(it);
-  state.counters["cayley_s"] = seconds[2] / double(it);
-  state.counters["householder/chol"] = seconds[1] / seconds[0];
-  state.counters["cayley/chol"] = seconds[2] / seconds[0];
+  const char* names[3] = {"chol", "householder", "cayley"};
+  for (int i = 0; i < 3; ++i) {
+    state.counters[std::string(names[i]) + "_wall_s"] = wall[i] / double(it);
+    state.counters[std::string(names[i]) + "_cpu_s"] = cpu[i] / double(it);
+  }
+  state.counters["householder/chol_cpu"] = cpu[1] / cpu[0];
+  state.counters["cayley/chol_cpu"] = cpu[2] / cpu[0];
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // QR of square matrices with the sign convention diag(U) > 0, which makes the factorisation
 // unique, and its reverse-mode derivative. Two routes to the same factors: Householder (LAPACK
-// geqrf/orgqr, panel work that runs far below the BLAS-3 rate) and Cholesky QR2 (syrk, potrf,
-// trsm, twice: BLAS-3 throughout, accurate when Z is well conditioned, as QR-Orth's latent is).
+// geqrf/orgqr, panel work that runs far below the BLAS-3 rate) and Cholesky QR (syrk, potrf,
+// trsm: BLAS-3 throughout, accurate when Z is well conditioned, as QR-Orth's latent is).
 #pragma once
 #include <cstdint>
 
@@ -14,11 +14,12 @@ namespace dq {
 template <class T>
 void qr_positive(int64_t n, const T* Z, T* Q, T* U);
 
-// The same factors by Cholesky QR2: U₁ = chol(ZᵀZ), Q₁ = Z·U₁⁻¹, U₂ = chol(Q₁ᵀQ₁), Q = Q₁·U₂⁻¹,
-// U = U₂·U₁ (the second pass restores the orthogonality the first loses to rounding, ~κ(Z)²·ε).
-// Cholesky's diagonal is positive, so this is the unique positive-diagonal QR. Where Z is too
-// ill-conditioned for it (a Cholesky fails, or U₁'s diagonal spans more than 1e2, a lower bound
-// on κ(Z)), it falls back to qr_positive's Householder route; returns false then.
+// The same factors by Cholesky QR: U₁ = chol(ZᵀZ), Q₁ = Z·U₁⁻¹. One pass loses orthogonality as
+// ~κ(Z)²·ε; when Q₁'s column norms are off 1 by more than 32ε, a second pass (Cholesky QR2:
+// U₂ = chol(Q₁ᵀQ₁), Q = Q₁·U₂⁻¹, U = U₂·U₁) restores it. Cholesky's diagonal is positive, so
+// this is the unique positive-diagonal QR. Where Z is too ill-conditioned for it (a Cholesky
+// fails, or a pass's diagonal spans more than 1e2, a lower bound on κ), it falls back to
+// qr_positive's Householder route and returns false.
 template <class T>
 bool qr_positive_cholesky(int64_t n, const T* Z, T* Q, T* U);
 

@@ -102,20 +102,22 @@ TEST(QR, SingularAndNonSquareAreErrors) {
 
 namespace {
 
-// A well-conditioned latent like QR-Orth's: an orthogonal matrix plus a perturbation of norm ~0.3.
-std::vector<double> near_orthogonal(int64_t n, uint64_t seed) {
+// A well-conditioned latent like QR-Orth's: an orthogonal matrix plus a Gaussian perturbation
+// (entries of std size/√n; size 0.3 needs one Cholesky QR pass, size 1 two in float).
+std::vector<double> near_orthogonal(int64_t n, uint64_t seed, double size = 0.3) {
   Matrix R = random_orthogonal(n, seed);
   auto E = gaussian(n * n, seed + 1);
   std::vector<double> Z(E.size());
-  for (size_t i = 0; i < Z.size(); ++i) Z[i] = R.data[i] + 0.3 * E[i] / std::sqrt(double(n));
+  for (size_t i = 0; i < Z.size(); ++i) Z[i] = R.data[i] + size * E[i] / std::sqrt(double(n));
   return Z;
 }
 
 }  // namespace
 
-TEST(QR, CholeskyQR2MatchesHouseholder) {
-  for (int64_t n : {1, 2, 5, 16, 64, 200}) {
-    auto Zd = near_orthogonal(n, 40 + uint64_t(n));
+TEST(QR, CholeskyQRMatchesHouseholder) {
+  for (int64_t n : {1, 2, 5, 16, 64, 200})
+    for (double size : {0.3, 1.0}) {
+    auto Zd = near_orthogonal(n, 40 + uint64_t(n), size);
     std::vector<double> Qh(Zd.size()), Uh(Zd.size()), Qc(Zd.size()), Uc(Zd.size());
     qr_positive<double>(n, Zd.data(), Qh.data(), Uh.data());
     EXPECT_TRUE(qr_positive_cholesky<double>(n, Zd.data(), Qc.data(), Uc.data())) << n;
@@ -130,7 +132,7 @@ TEST(QR, CholeskyQR2MatchesHouseholder) {
       ASSERT_NEAR(c.Q.data[i], h.Q.data[i], 1e-5) << n;
       ASSERT_NEAR(c.U.data[i], h.U.data[i], 1e-5) << n;
     }
-  }
+    }
 }
 
 TEST(QR, CholeskyFallsBackToHouseholderWhenIllConditioned) {
