@@ -2,7 +2,7 @@
 //  - QR-Orth (DartQuant): an unconstrained latent Z, R = Q of QR(Z) with diag(U) > 0; the loss
 //    gradient is pulled back through the QR (linalg/qr.h) and Z takes a plain SGD-momentum
 //    (PyTorch convention: m ← μm + g, Z ← Z − lr·m) or Adam step. Two routes to the same
-//    iterates: `qr` (Cholesky QR2, and the backward from B = Oᵀ·dL/dO, never forming
+//    iterates: `qr` (Cholesky QR, linalg/qr.h, and the backward from B = Oᵀ·dL/dO, never forming
 //    dL/dR = Xᵀ·dL/dO) and `qr-householder` (LAPACK Householder QR, dL/dR formed, then
 //    QᵀdL/dR): the route this project used first, kept as the reference and for bench_linalg.
 //  - Cayley SGD with momentum on the Stiefel manifold (Li et al. 2020, Algorithm 2; SpinQuant's

@@ -12,7 +12,7 @@ void CalibArgs::add_options(CLI::App& app) {
   app.add_option("--seed", seed, "seed for windows, rotations and sampling")->capture_default_str();
   app.add_option("--token-ratio", token_ratio, "DartQuant: fraction of token vectors kept")->capture_default_str();
   app.add_option("--loss", loss, "DartQuant loss: whip, variance, kurtosis, quant")->capture_default_str();
-  app.add_option("--orth", orth, "DartQuant optimizer: qr (QR-Orth, Cholesky QR2), qr-householder (QR-Orth, LAPACK QR: same rotations, slower) or cayley")->capture_default_str();
+  app.add_option("--orth", orth, "DartQuant optimizer: qr (QR-Orth, Cholesky QR), qr-householder (QR-Orth, LAPACK QR: same rotations, slower) or cayley")->capture_default_str();
   app.add_option("--optimizer", optimizer, "sgd (momentum 0.9) or adam")->capture_default_str();
   app.add_option("--lr-r1", lr_r1, "R1 learning rate")->capture_default_str();
   app.add_option("--lr-r2", lr_r2, "R2 learning rate")->capture_default_str();
