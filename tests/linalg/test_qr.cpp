@@ -28,6 +28,22 @@ double objective(int64_t n, const std::vector<double>& Z, const std::vector<doub
   return s;
 }
 
+// Largest |central finite difference of loss − G| over Z's entries, relative to max(1, largest
+// finite difference).
+template <class Loss>
+double finite_difference_error(const std::vector<double>& Z, const std::vector<double>& G, Loss loss) {
+  const double eps = 1e-6;
+  double worst = 0, scale = 0;
+  for (size_t i = 0; i < Z.size(); ++i) {
+    auto Zp = Z, Zm = Z;
+    Zp[i] += eps, Zm[i] -= eps;
+    const double fd = (loss(Zp) - loss(Zm)) / (2 * eps);
+    worst = std::max(worst, std::abs(fd - G[i]));
+    scale = std::max(scale, std::abs(fd));
+  }
+  return worst / std::max(1.0, scale);
+}
+
 }  // namespace
 
 TEST(QR, FactorsArePositiveTriangularAndOrthogonal) {
@@ -70,16 +86,8 @@ TEST(QR, BackwardMatchesCentralFiniteDifferences) {
     std::vector<double> Q(Z.size()), U(Z.size()), G(Z.size());
     qr_positive<double>(n, Z.data(), Q.data(), U.data());
     qr_backward<double>(n, Q.data(), U.data(), W.data(), G.data());
-    const double eps = 1e-6;
-    double worst = 0, scale = 0;
-    for (size_t i = 0; i < Z.size(); ++i) {
-      auto Zp = Z, Zm = Z;
-      Zp[i] += eps, Zm[i] -= eps;
-      double fd = (objective(n, Zp, W) - objective(n, Zm, W)) / (2 * eps);
-      worst = std::max(worst, std::abs(fd - G[i]));
-      scale = std::max(scale, std::abs(fd));
-    }
-    EXPECT_LT(worst, 1e-7 * std::max(1.0, scale)) << "n = " << n;
+    EXPECT_LT(finite_difference_error(Z, G, [&](const std::vector<double>& z) { return objective(n, z, W); }), 1e-7)
+        << "n = " << n;
   }
 }
 
@@ -173,15 +181,6 @@ TEST(QR, BackwardFromActivationsMatchesFiniteDifferences) {
         for (int64_t j = 0; j < n; ++j) B[size_t(i * n + j)] += o * W[size_t(t * n + j)];
       }
     qr_backward_from_b<double>(n, Q.data(), U.data(), B.data(), G.data());
-    const double eps = 1e-6;
-    double worst = 0, scale = 0;
-    for (size_t i = 0; i < Z.size(); ++i) {
-      auto Zp = Z, Zm = Z;
-      Zp[i] += eps, Zm[i] -= eps;
-      const double fd = (loss(Zp) - loss(Zm)) / (2 * eps);
-      worst = std::max(worst, std::abs(fd - G[i]));
-      scale = std::max(scale, std::abs(fd));
-    }
-    EXPECT_LT(worst, 1e-7 * std::max(1.0, scale)) << "n = " << n;
+    EXPECT_LT(finite_difference_error(Z, G, loss), 1e-7) << "n = " << n;
   }
 }
