@@ -3,6 +3,8 @@
 #include "io/file.h"
 #include "io/report.h"
 #include "model/layerwise.h"
+#include "quant/quantizer.h"
+#include "tensor/kernels.h"
 
 #include <sys/mman.h>
 
@@ -130,15 +132,20 @@ class CaptureHook : public Hook {
   std::mt19937_64 rng_;
 };
 
-// Epochs of shuffled mini-batches; returns the loss curve.
-template <class Step>
-nlohmann::json train(const Sample& s, int64_t batch_rows, int epochs, uint64_t seed, Step step,
-                     const std::function<void(int, int)>& progress) {
-  nlohmann::json curve = nlohmann::json::array();
+std::vector<int64_t> all_rows(const Sample& s) {
   std::vector<int64_t> idx(size_t(s.rows()));
   std::iota(idx.begin(), idx.end(), 0);
+  return idx;
+}
+
+// Epochs of shuffled mini-batches over the sample rows idx; returns the loss curve.
+template <class Step>
+nlohmann::json train(const Sample& s, std::vector<int64_t> idx, int64_t batch_rows, int epochs, uint64_t seed,
+                     Step step, const std::function<void(int, int)>& progress) {
+  nlohmann::json curve = nlohmann::json::array();
   std::mt19937_64 rng(seed);
-  const int64_t per_epoch = std::max<int64_t>(1, (s.rows() + batch_rows - 1) / batch_rows);
+  const int64_t rows = int64_t(idx.size());
+  const int64_t per_epoch = std::max<int64_t>(1, (rows + batch_rows - 1) / batch_rows);
   auto start = Clock::now();
   int64_t k = 0;
   for (int e = 0; e < epochs; ++e) {
@@ -152,6 +159,50 @@ nlohmann::json train(const Sample& s, int64_t batch_rows, int epochs, uint64_t s
     if (progress) progress(e + 1, epochs);
   }
   return curve;
+}
+
+// Mean loss of the first and of the last epoch of a curve, and its step count.
+nlohmann::json curve_summary(const nlohmann::json& curve) {
+  const int last = curve.back()["epoch"].get<int>();
+  double first_sum = 0, last_sum = 0;
+  int first_n = 0, last_n = 0;
+  for (const auto& p : curve) {
+    const double loss = p["loss"].get<double>();
+    if (p["epoch"].get<int>() == 0) first_sum += loss, ++first_n;
+    if (p["epoch"].get<int>() == last) last_sum += loss, ++last_n;
+  }
+  return {{"steps", curve.size()}, {"loss_first_epoch", first_sum / first_n}, {"loss_last_epoch", last_sum / last_n}};
+}
+
+// Per head: the mean over held-out tokens of the relative error ‖q(o) − o‖² / ‖o‖² of 4-bit
+// per-token asymmetric quantization with clip 0.9 (the o_proj input's activation quantizer) of
+// o = x·R, for the initial random Hadamard and the learned R2.
+nlohmann::json holdout_report(const Matrix& X, const BatchedRotationOptimizer& learned, const std::vector<Matrix>& init) {
+  QuantSpec spec;
+  spec.bits = 4, spec.symmetric = false, spec.clip_ratio = 0.9f;
+  auto error = [&](const Matrix& Xh, const Matrix& R) {
+    Matrix O, Q;
+    gemm(Xh, false, R, false, O);
+    Q = O;
+    fake_quantize(Q, spec);
+    double sum = 0;
+    for (int64_t t = 0; t < O.rows; ++t) {
+      double e = 0, n = 0;
+      for (int64_t j = 0; j < O.cols; ++j) e += double(Q(t, j) - O(t, j)) * (Q(t, j) - O(t, j)), n += double(O(t, j)) * O(t, j);
+      if (n > 0) sum += e / n;
+    }
+    return sum / double(O.rows);
+  };
+  const std::vector<Matrix> R = learned.rotations();
+  nlohmann::json hadamard = nlohmann::json::array(), trained = nlohmann::json::array();
+  int wins = 0;
+  for (int64_t h = 0; h < learned.heads(); ++h) {
+    const Matrix Xh = learned.head_rows(X, h);
+    const double a = error(Xh, init[size_t(h)]), b = error(Xh, R[size_t(h)]);
+    hadamard.push_back(a), trained.push_back(b);
+    wins += b < a;
+  }
+  return {{"tokens", X.rows}, {"quant_error_hadamard", hadamard}, {"quant_error_learned", trained}, {"learned_wins", wins}};
 }
 
 // Checkpoint files: captured token vectors, and the rotations learnt so far (R1, then the R2 of
@@ -200,7 +251,9 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
                       const CalibOptions& o, const CalibProgress& progress, Checkpoint* ck) {
   const ModelConfig& c = m.config;
   if (o.token_ratio <= 0 || o.token_ratio > 1) throw Error("--token-ratio must be in (0, 1]");
-  if (o.epochs < 1 || o.batch < 1) throw Error("--epochs and --batch must be positive");
+  if (o.epochs < 1 || o.batch < 1 || o.r2_epochs < 1 || o.r2_batch < 1)
+    throw Error("--epochs, --batch, --r2-epochs and --r2-batch must be positive");
+  if (!(o.r2_holdout >= 0 && o.r2_holdout < 1)) throw Error("--r2-holdout must be in [0, 1)");
   CalibResult res;
   CaptureHook cap(c, o.token_ratio, o.seed, int64_t(o.memory_mib) << 20);
   nlohmann::json* saved = ck ? &ck->state()["calibration_progress"] : nullptr;
@@ -231,7 +284,7 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
   } else {
     auto t1 = Clock::now();
     RotationOptimizer r1(init.r1, o.r1);
-    res.report["r1_curve"] = train(cap.r1_, batch_rows, o.epochs, o.seed + 1,
+    res.report["r1_curve"] = train(cap.r1_, all_rows(cap.r1_), batch_rows, o.epochs, o.seed + 1,
                                    [&](const Matrix& x) { return r1.step(x); },
                                    [&](int e, int n) { if (progress) progress("R1", e, n); });
     res.rotations.r1 = r1.rotation();
@@ -245,11 +298,29 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
   }
 
   auto t2 = Clock::now();
-  if (!res.report.contains("r2_curves")) res.report["r2_curves"] = nlohmann::json::array();
+  const int64_t r2_batch_rows = std::max<int64_t>(1, int64_t(double(o.r2_batch) * len * o.token_ratio));
+  res.report["r2_batch_rows"] = r2_batch_rows;
+  for (const char* key : {"r2_curves", "r2_layers"})
+    if (!res.report.contains(key)) res.report[key] = nlohmann::json::array();
   for (int l = int(res.rotations.r2.size()); l < c.num_layers; ++l) {
-    BatchedRotationOptimizer r2(init.r2[size_t(l)], c.num_heads, o.r2);
-    res.report["r2_curves"].push_back(train(cap.r2_[size_t(l)], batch_rows, o.epochs, o.seed + 2 + uint64_t(l),
-                                            [&](const Matrix& x) { return r2.step(x); }, nullptr));
+    const Sample& sample = cap.r2_[size_t(l)];
+    BatchedRotationOptimizer r2(init.r2[size_t(l)], c.num_heads, o.r2, o.r2_rms_norm);
+    // A seeded split: the first (1 − r2_holdout) of a shuffled row order trains, the rest is held out.
+    std::vector<int64_t> rows = all_rows(sample);
+    std::mt19937_64 split_rng(o.seed + 1000 + uint64_t(l));
+    if (o.r2_holdout > 0) std::shuffle(rows.begin(), rows.end(), split_rng);
+    const size_t held = size_t(double(rows.size()) * o.r2_holdout);
+    std::vector<int64_t> held_rows(rows.end() - std::ptrdiff_t(held), rows.end());
+    rows.resize(rows.size() - held);
+    if (rows.empty()) throw Error("no R2 token vectors left to train on; lower --r2-holdout");
+    nlohmann::json curve = train(sample, rows, r2_batch_rows, o.r2_epochs, o.seed + 2 + uint64_t(l),
+                                 [&](const Matrix& x) { return r2.step(x); }, nullptr);
+    nlohmann::json layer = curve_summary(curve);
+    layer["layer"] = l;
+    if (!held_rows.empty())
+      layer["holdout"] = holdout_report(sample.gather(held_rows, 0, held_rows.size()), r2, init.r2[size_t(l)]);
+    res.report["r2_curves"].push_back(std::move(curve));
+    res.report["r2_layers"].push_back(std::move(layer));
     res.rotations.r2.push_back(r2.rotations());
     if (ck) {
       save_rotations(ck->file(kRotations), res.rotations);
@@ -259,6 +330,14 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
     if (progress) progress("R2", l + 1, c.num_layers);
   }
   res.report["r2_seconds"] = since(t2);
+  if (o.r2_holdout > 0) {
+    int wins = 0, heads = 0;
+    for (const auto& layer : res.report["r2_layers"])
+      if (layer.contains("holdout"))
+        wins += layer["holdout"]["learned_wins"].get<int>(), heads += int(layer["holdout"]["quant_error_learned"].size());
+    res.report["r2_holdout_learned_wins"] = wins;
+    res.report["r2_holdout_heads"] = heads;
+  }
   res.report["r2_peak_rss_mib"] = peak_rss_mib();
   return res;
 }

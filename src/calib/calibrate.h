@@ -14,12 +14,17 @@ namespace dq {
 
 struct CalibOptions {
   float token_ratio = 0.1f;  // fraction of token vectors kept
-  int epochs = 10;
-  int batch = 64;            // sequences per step: a step sees batch * seqlen * token_ratio vectors
-  OrthOptions r1, r2;        // r1.lr 2e-3 and r2.lr 1e-3 by default (paper App. K)
+  int epochs = 10;           // R1
+  int batch = 64;            // R1 sequences per step: a step sees batch * seqlen * token_ratio vectors
+  int r2_epochs = 40, r2_batch = 16;  // the same for each layer's R2 (docs/DARTQUANT.md, "Defaults")
+  bool r2_rms_norm = true;   // scale each token's head slice to RMS 1 before R2's loss (orth_optim.h)
+  // Fraction of each layer's R2 token vectors kept out of training; the report then compares the
+  // learned R2 with the initial random Hadamard on them, head by head.
+  float r2_holdout = 0.f;
+  OrthOptions r1, r2;        // r1.lr 2e-3 (paper App. K), r2.lr 1e-2 (sweep, docs/DARTQUANT.md)
   uint64_t seed = 0;
   int64_t memory_mib = 4096;  // captured activations beyond this spill to a memory-mapped temp file
-  CalibOptions() { r2.lr = 1e-3f; }
+  CalibOptions() { r2.lr = 1e-2f; }
 };
 
 struct CalibResult {

@@ -9,8 +9,9 @@ namespace dq {
 
 OrthMethod orth_from_name(const std::string& name) {
   if (name == "qr") return OrthMethod::QR;
+  if (name == "qr-householder") return OrthMethod::QRHouseholder;
   if (name == "cayley") return OrthMethod::Cayley;
-  throw Error("unknown orthogonal optimiser '" + name + "' (expected qr or cayley)");
+  throw Error("unknown orthogonal optimiser '" + name + "' (expected qr, qr-householder or cayley)");
 }
 
 OptimizerKind optimizer_from_name(const std::string& name) {
@@ -19,7 +20,14 @@ OptimizerKind optimizer_from_name(const std::string& name) {
   throw Error("unknown optimizer '" + name + "' (expected sgd or adam)");
 }
 
-const char* orth_name(OrthMethod m) { return m == OrthMethod::QR ? "qr" : "cayley"; }
+const char* orth_name(OrthMethod m) {
+  switch (m) {
+    case OrthMethod::QR: return "qr";
+    case OrthMethod::QRHouseholder: return "qr-householder";
+    case OrthMethod::Cayley: return "cayley";
+  }
+  return "?";
+}
 const char* optimizer_name(OptimizerKind k) { return k == OptimizerKind::SGD ? "sgd" : "adam"; }
 
 RotationOptimizer::RotationOptimizer(const Matrix& init, const OrthOptions& opt)
@@ -31,9 +39,9 @@ RotationOptimizer::RotationOptimizer(const Matrix& init, const OrthOptions& opt)
     throw Error("rotation optimizer: the cosine schedule needs total_steps");
   if (opt.cayley_iterations < 1) throw Error("rotation optimizer: cayley_iterations must be >= 1");
   m_ = Matrix(n_, n_);
-  if (opt.method == OrthMethod::QR) {
+  if (opt.method != OrthMethod::Cayley) {
     Z_ = init;
-    qr_ = qr_positive(Z_);
+    qr_ = opt.method == OrthMethod::QR ? qr_positive_cholesky(Z_) : qr_positive(Z_);
     if (opt.optimizer == OptimizerKind::Adam) v_ = Matrix(n_, n_);
   } else {
     R_ = init;
@@ -50,24 +58,27 @@ float RotationOptimizer::step(const Matrix& X, float weight) {
   if (X.cols != n_)
     throw Error("rotation optimizer: batch has " + std::to_string(X.cols) + " channels, R is " +
                 std::to_string(n_) + "x" + std::to_string(n_));
-  Matrix O, dO, G;
-  gemm(X, false, rotation(), false, O);
-  const float loss = loss_and_grad(opt_.loss, O, &dO);
+  gemm(X, false, rotation(), false, O_);
+  const float loss = loss_and_grad(opt_.loss, O_, &dO_);
   if (!std::isfinite(loss))
     throw Error("rotation calibration diverged: the loss is not finite at step " + std::to_string(t_) +
                 " (lower the learning rate)");
-  gemm(X, true, dO, false, G, weight);  // dL/dR = Xᵀ·dL/dO
   const float lr = lr_at(t_);
-  if (opt_.method == OrthMethod::QR)
-    step_qr(G, lr);
-  else
-    step_cayley(G, lr);
+  if (opt_.method == OrthMethod::QR) {
+    gemm(O_, true, dO_, false, G_, weight);  // B = QᵀQ̄ = Oᵀ·dL/dO
+    step_qr(qr_backward_from_b(qr_, G_), lr);
+  } else {
+    gemm(X, true, dO_, false, G_, weight);  // Q̄ = dL/dR = Xᵀ·dL/dO
+    if (opt_.method == OrthMethod::QRHouseholder)
+      step_qr(qr_backward(qr_, G_), lr);
+    else
+      step_cayley(G_, lr);
+  }
   ++t_;
   return loss * weight;
 }
 
-void RotationOptimizer::step_qr(const Matrix& G, float lr) {
-  Matrix g = qr_backward(qr_, G);
+void RotationOptimizer::step_qr(const Matrix& g, float lr) {
   const size_t N = g.size();
   if (opt_.optimizer == OptimizerKind::SGD) {
     for (size_t i = 0; i < N; ++i) {
@@ -89,7 +100,7 @@ void RotationOptimizer::step_qr(const Matrix& G, float lr) {
   for (float z : Z_.data) finite = finite && std::isfinite(z);
   try {
     if (!finite) throw Error("its parameters are not finite");
-    qr_ = qr_positive(Z_);
+    qr_ = opt_.method == OrthMethod::QR ? qr_positive_cholesky(Z_) : qr_positive(Z_);
   } catch (const Error& e) {
     throw Error("rotation calibration diverged at step " + std::to_string(t_) + " (" + e.what() +
                 "): lower the learning rate");
@@ -128,8 +139,9 @@ void RotationOptimizer::step_cayley(const Matrix& G, float lr) {
 }
 
 BatchedRotationOptimizer::BatchedRotationOptimizer(const std::vector<Matrix>& init,
-                                                   int64_t n_q_heads, const OrthOptions& opt)
-    : n_q_heads_(n_q_heads) {
+                                                   int64_t n_q_heads, const OrthOptions& opt,
+                                                   bool rms_normalize)
+    : n_q_heads_(n_q_heads), rms_normalize_(rms_normalize) {
   if (init.empty() || n_q_heads <= 0 || n_q_heads % int64_t(init.size()) != 0)
     throw Error("batched rotation optimizer: query heads must be a multiple of the latents");
   head_dim_ = init[0].rows;
@@ -143,20 +155,24 @@ float BatchedRotationOptimizer::step(const Matrix& X) {
   if (X.cols != n_q_heads_ * head_dim_)
     throw Error("batched rotation optimizer: batch has " + std::to_string(X.cols) +
                 " channels, expected " + std::to_string(n_q_heads_ * head_dim_));
-  const int64_t group = n_q_heads_ / heads(), T = X.rows, d = head_dim_;
+  // The loss is a mean over a head's rows, so weight by the group size to get the sum over the
+  // group's query heads.
+  const float group = float(n_q_heads_ / heads());
   float total = 0;
-  for (int64_t h = 0; h < heads(); ++h) {
-    // The group's query heads stacked as extra tokens; the loss is a mean over rows, so weight
-    // by the group size to get the sum over those heads.
-    Matrix Xh(T * group, d);
-    for (int64_t g = 0; g < group; ++g)
-      for (int64_t t = 0; t < T; ++t) {
-        const float* src = X.row(t) + (h * group + g) * d;
-        std::copy(src, src + d, Xh.row(g * T + t));
-      }
-    total += opts_[size_t(h)].step(Xh, float(group));
-  }
+  for (int64_t h = 0; h < heads(); ++h) total += opts_[size_t(h)].step(head_rows(X, h), group);
   return total;
+}
+
+Matrix BatchedRotationOptimizer::head_rows(const Matrix& X, int64_t h) const {
+  const int64_t group = n_q_heads_ / heads(), T = X.rows, d = head_dim_;
+  Matrix Xh(T * group, d);
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t t = 0; t < T; ++t) {
+      const float* src = X.row(t) + (h * group + g) * d;
+      std::copy(src, src + d, Xh.row(g * T + t));
+    }
+  if (rms_normalize_) rmsnorm(Xh, nullptr, 1e-12f);  // an all-zero slice stays zero
+  return Xh;
 }
 
 std::vector<Matrix> BatchedRotationOptimizer::rotations() const {

@@ -16,14 +16,22 @@ void CalibArgs::add_options(CLI::App& app) {
       ->check(real_in(0, 1, true));
   app.add_option("--loss", loss, "DartQuant loss: whip, variance, kurtosis, quant")->capture_default_str()
       ->check(CLI::IsMember({"whip", "variance", "kurtosis", "quant"}));
-  app.add_option("--orth", orth, "DartQuant optimizer: qr (QR-Orth) or cayley")->capture_default_str()
-      ->check(CLI::IsMember({"qr", "cayley"}));
+  app.add_option("--orth", orth, "DartQuant optimizer: qr (QR-Orth, Cholesky QR), qr-householder (QR-Orth, LAPACK QR: same rotations, slower) or cayley")
+      ->capture_default_str()->check(CLI::IsMember({"qr", "qr-householder", "cayley"}));
   app.add_option("--optimizer", optimizer, "sgd (momentum 0.9) or adam")->capture_default_str()->check(CLI::IsMember({"sgd", "adam"}));
   app.add_option("--lr-r1", lr_r1, "R1 learning rate")->capture_default_str()->check(real_in(0, 100, true));
   app.add_option("--lr-r2", lr_r2, "R2 learning rate")->capture_default_str()->check(real_in(0, 100, true));
-  app.add_option("--epochs", epochs, "calibration epochs")->capture_default_str()->check(int_in(1, 1 << 20));
-  app.add_option("--batch", batch, "calibration sequences per step")->capture_default_str()
+  app.add_option("--epochs", epochs, "R1 calibration epochs")->capture_default_str()->check(int_in(1, 1 << 20));
+  app.add_option("--batch", batch, "R1 calibration sequences per step")->capture_default_str()
       ->check(int_in(1, 1 << 20));
+  app.add_option("--r2-epochs", r2_epochs, "R2 calibration epochs")->capture_default_str()->check(int_in(1, 1 << 20));
+  app.add_option("--r2-batch", r2_batch, "R2 calibration sequences per step")->capture_default_str()
+      ->check(int_in(1, 1 << 20));
+  app.add_option("--r2-rms-norm", r2_rms_norm, "scale each token's head slice to RMS 1 before R2's loss")
+      ->capture_default_str();
+  app.add_option("--r2-holdout", r2_holdout,
+                 "fraction of R2 token vectors held out; the report compares learned R2 with the random Hadamard on them")
+      ->capture_default_str()->check(real_in(0, 1));
   app.add_option("--calib-memory", calib_memory,
                  "MiB of captured activations kept in RAM; the rest spills to a memory-mapped temp file")
       ->capture_default_str()->check(int_in(0, int64_t(1) << 40));
@@ -35,6 +43,10 @@ CalibOptions CalibArgs::options() const {
   co.token_ratio = token_ratio;
   co.epochs = epochs;
   co.batch = batch;
+  co.r2_epochs = r2_epochs;
+  co.r2_batch = r2_batch;
+  co.r2_rms_norm = r2_rms_norm;
+  co.r2_holdout = r2_holdout;
   co.seed = seed;
   co.memory_mib = calib_memory;
   co.r1.loss = co.r2.loss = loss_from_name(loss);
@@ -49,7 +61,8 @@ CalibOptions CalibArgs::options() const {
 nlohmann::json CalibArgs::to_json(int effective_seqlen) const {
   return {{"loss", loss},       {"orth", orth},         {"optimizer", optimizer},
           {"lr_r1", lr_r1},     {"lr_r2", lr_r2},       {"epochs", epochs},
-          {"batch", batch},     {"token_ratio", token_ratio}, {"nsamples", nsamples},
+          {"batch", batch},     {"r2_epochs", r2_epochs}, {"r2_batch", r2_batch}, {"r2_rms_norm", r2_rms_norm},
+          {"r2_holdout", r2_holdout}, {"token_ratio", token_ratio}, {"nsamples", nsamples},
           {"calib_seqlen", effective_seqlen}, {"seed", seed}, {"calib_memory_mib", calib_memory}};
 }
 

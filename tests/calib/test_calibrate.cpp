@@ -61,6 +61,11 @@ TEST(Calibrate, KeepsTheTokenRatioAndLowersWhipLoss) {
     return s / double(n);
   };
   EXPECT_LT(mean(curve.size() - 5, 5), mean(0, 5));
+  // Each layer's R2 reports its steps and first/last-epoch loss; the held-out comparison is off
+  // by default.
+  ASSERT_EQ(r.report["r2_layers"].size(), size_t(s.m.config.num_layers));
+  EXPECT_EQ(r.report["r2_layers"][0]["steps"].get<size_t>(), r.report["r2_curves"][0].size());
+  EXPECT_FALSE(r.report["r2_layers"][0].contains("holdout"));
   // R1 stays orthogonal.
   const Matrix& R = r.rotations.r1;
   for (int64_t i = 0; i < R.rows; ++i)
@@ -69,6 +74,41 @@ TEST(Calibrate, KeepsTheTokenRatioAndLowersWhipLoss) {
       for (int64_t k = 0; k < R.rows; ++k) d += double(R(k, i)) * R(k, j);
       EXPECT_NEAR(d, i == j ? 1.0 : 0.0, 1e-4);
     }
+}
+
+}  // namespace
+}  // namespace dq
+
+namespace dq {
+namespace {
+
+TEST(Calibrate, R2HoldoutComparesLearnedWithHadamardPerHead) {
+  CalibFixture s;
+  CalibOptions o = small_options(1024);
+  o.r2_holdout = 0.25f;
+  o.r2.lr = 0.05f;
+  CalibResult r = calibrate(s.m, s.calib, CalibFixture::kWindows, CalibFixture::kLen, o);
+  const auto& layers = r.report["r2_layers"];
+  int wins = 0;
+  for (const auto& layer : layers) {
+    const auto& h = layer["holdout"];
+    ASSERT_EQ(h["quant_error_learned"].size(), size_t(s.m.config.num_kv_heads));
+    int w = 0;
+    for (size_t k = 0; k < h["quant_error_learned"].size(); ++k) {
+      const double learned = h["quant_error_learned"][k], hadamard = h["quant_error_hadamard"][k];
+      EXPECT_GT(learned, 0);  // 4-bit quantization of real activations is never exact
+      EXPECT_LT(learned, 0.1);
+      w += learned < hadamard;
+    }
+    EXPECT_EQ(h["learned_wins"].get<int>(), w);
+    wins += w;
+  }
+  // A quarter of layer 0's kept rows is held out (the rest trained).
+  EXPECT_NEAR(layers[0]["holdout"]["tokens"].get<double>(), 0.25 * r.report["kept_tokens_r2_per_layer"].get<double>(), 1.0);
+  EXPECT_EQ(r.report["r2_holdout_learned_wins"].get<int>(), wins);
+  EXPECT_EQ(r.report["r2_holdout_heads"].get<int>(), int(layers.size()) * s.m.config.num_kv_heads);
+  o.r2_holdout = 1.f;
+  EXPECT_THROW(calibrate(s.m, s.calib, CalibFixture::kWindows, CalibFixture::kLen, o), Error);
 }
 
 }  // namespace

@@ -214,3 +214,55 @@ TEST(OrthOptim, BatchedR2SumsHeadsAndLearns) {
   for (const Matrix& R : b.rotations()) EXPECT_LT(orthogonality_error(R), 1e-5);
   EXPECT_THROW(BatchedRotationOptimizer(init, 3, opt), Error);
 }
+
+TEST(OrthOptim, CholeskyAndHouseholderRoutesGiveTheSameRotations) {
+  // Same iterates, two ways: Cholesky QR2 with the backward from Oᵀ·dL/dO, and Householder QR
+  // with dL/dR = Xᵀ·dL/dO. SGD and Adam; 100 steps let rounding differences grow if they would.
+  // (At SGD lr 0.05 with this weight the iteration itself amplifies rounding differences, ~3x per
+  // step after step 25, while both routes stay orthogonal to 5e-7: chaos, not inaccuracy.)
+  for (OptimizerKind kind : {OptimizerKind::SGD, OptimizerKind::Adam}) {
+    const int64_t n = 64;
+    OrthOptions opt;
+    opt.optimizer = kind;
+    opt.lr = 0.01f;
+    RotationOptimizer chol(random_hadamard(n, 1), opt);
+    opt.method = OrthMethod::QRHouseholder;
+    RotationOptimizer house(random_hadamard(n, 1), opt);
+    for (int s = 0; s < 100; ++s) {
+      const Matrix X = laplace_with_outliers(512, n, 300 + uint64_t(s));
+      const float a = chol.step(X, 2.f), b = house.step(X, 2.f);
+      ASSERT_NEAR(a, b, 1e-5 * std::abs(b)) << s;
+    }
+    const Matrix R0 = random_hadamard(n, 1);
+    float worst = 0, moved = 0;
+    for (size_t i = 0; i < R0.size(); ++i) {
+      worst = std::max(worst, std::abs(chol.rotation().data[i] - house.rotation().data[i]));
+      moved = std::max(moved, std::abs(chol.rotation().data[i] - R0.data[i]));
+    }
+    EXPECT_LT(worst, 1e-5) << optimizer_name(kind);
+    EXPECT_GT(moved, 1e-2) << optimizer_name(kind);
+  }
+  EXPECT_EQ(orth_from_name("qr-householder"), OrthMethod::QRHouseholder);
+}
+
+TEST(OrthOptim, R2RmsNormalisationMakesTheLossScaleInvariant) {
+  // With per-head RMS normalisation the loss, and so every step, ignores each token's head scale.
+  const int64_t hq = 4, d = 16;
+  std::vector<Matrix> init = {random_hadamard(d, 10), random_hadamard(d, 11)};
+  OrthOptions opt;
+  opt.lr = 0.05f;
+  const Matrix X = laplace_with_outliers(256, hq * d, 3);
+  Matrix Xs = X;  // each token's head slices scaled by different factors
+  for (int64_t t = 0; t < Xs.rows; ++t)
+    for (int64_t c = 0; c < Xs.cols; ++c) Xs(t, c) *= 0.01f + float((t + c / d) % 7);
+  BatchedRotationOptimizer a(init, hq, opt, true), b(init, hq, opt, true), raw(init, hq, opt, false);
+  for (int s = 0; s < 5; ++s) EXPECT_NEAR(a.step(X), b.step(Xs), 1e-3) << s;
+  for (size_t h = 0; h < init.size(); ++h)
+    for (size_t i = 0; i < init[h].size(); ++i) ASSERT_NEAR(a.rotations()[h].data[i], b.rotations()[h].data[i], 1e-5);
+  // Without it the scaled input gives another loss. And a normalised head row has RMS 1.
+  EXPECT_GT(std::abs(raw.step(Xs) - a.step(X)), 1.f);
+  const Matrix rows = a.head_rows(Xs, 1);
+  double ss = 0;
+  for (int64_t j = 0; j < d; ++j) ss += double(rows(3, j)) * rows(3, j);
+  EXPECT_NEAR(ss / double(d), 1.0, 1e-5);
+}
