@@ -929,6 +929,7 @@ class HfTokenizer : public Tokenizer {
     v.eos = eos_;
     v.unk = model_->unk();
     v.add_bos = std::find(prefix_.begin(), prefix_.end(), bos_) != prefix_.end() && bos_ >= 0;
+    v.add_eos = std::find(suffix_.begin(), suffix_.end(), eos_) != suffix_.end() && eos_ >= 0;
     return v;
   }
 
