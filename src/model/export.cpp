@@ -215,7 +215,7 @@ std::string bpe_pre_name(const json& tok, const std::string& file) {
 
 // SentencePiece-style BPE: llama.cpp's "llama" vocabulary splits nothing and prepends one space
 // (add_space_prefix) to the text. Returns that flag, refusing splits it cannot reproduce.
-bool spm_space_prefix(const json& tok, const std::string& file) {
+bool spm_space_prefix(const json& tok, const std::string& file, std::vector<std::string>& notes) {
   auto refuse = [&](const std::string& why) -> bool {
     throw Error(file + ": cannot export the tokenizer to GGUF: " + why + ", which llama.cpp's SentencePiece "
                 "tokenizer does not do");
@@ -240,6 +240,9 @@ bool spm_space_prefix(const json& tok, const std::string& file) {
     std::string scheme = p.value("prepend_scheme", p.value("add_prefix_space", true) ? "always" : "never");
     prefix = scheme != "never";
     spaces_marked = true;
+    if (prefix)
+      notes.push_back(file + ": its Metaspace pre-tokenizer adds no '\u2581' to text that starts with a space, "
+                      "llama.cpp adds one to all text: ids differ on such text (as with llama.cpp's own conversion)");
   }
   if (!spaces_marked) refuse("it keeps spaces as they are instead of spelling them '\u2581'");
   return prefix;
@@ -262,7 +265,7 @@ GgufTokenizerKeys gguf_tokenizer_keys(const Tokenizer& t, const std::string& tok
   if (tok.is_object()) {
     k.hf_json = std::move(text);
     if (k.vocab.model == "gpt2") k.pre = bpe_pre_name(tok, tokenizer_path);
-    else k.add_space_prefix = spm_space_prefix(tok, tokenizer_path);
+    else k.add_space_prefix = spm_space_prefix(tok, tokenizer_path, k.notes);
   } else if (k.vocab.model == "gpt2") {  // e.g. rebuilt from a GGUF: the pre-tokenizer is unknown
     throw Error((tokenizer_path.empty() ? std::string("the tokenizer") : tokenizer_path) +
                 ": cannot name its pre-tokenizer for llama.cpp without its tokenizer.json; pass --tokenizer");
@@ -292,7 +295,8 @@ GgufTokenizerKeys gguf_tokenizer_keys(const Tokenizer& t, const std::string& tok
 
 namespace {
 
-void add_tokenizer(GgufWriter& w, const Model& m) {
+// Returns notes on where llama.cpp's tokenizer will differ.
+std::vector<std::string> add_tokenizer(GgufWriter& w, const Model& m) {
   GgufTokenizerKeys k = gguf_tokenizer_keys(*m.tokenizer, m.tokenizer_path);
   VocabInfo& v = k.vocab;
   // llama.cpp sizes token_embd by the token list, so a padded embedding gets padding tokens.
@@ -319,6 +323,7 @@ void add_tokenizer(GgufWriter& w, const Model& m) {
     w.set(name.empty() ? "tokenizer.chat_template" : "tokenizer.chat_template." + name, GgufValue::string(tmpl));
   // The GGUF spec's key for the whole tokenizer.json: our reader rebuilds the exact tokenizer from it.
   if (!k.hf_json.empty()) w.set("tokenizer.huggingface.json", GgufValue::string(std::move(k.hf_json)));
+  return k.notes;
 }
 
 // A weight's integer codes from quantized.safetensors (FORMAT.md): code q stands for
@@ -524,7 +529,7 @@ GgufExportStats export_gguf(const Model& src, const std::string& path, const Ggu
     w.set("dartquant.rope_scaling.high_freq_factor", GgufValue::f32(c.rope_high_freq));
     w.set("dartquant.rope_scaling.original_context_length", GgufValue::u32(uint32_t(c.rope_original_max)));
   }
-  add_tokenizer(w, m);
+  for (const std::string& n : add_tokenizer(w, m)) stats.notes.push_back(n);
 
   // Each GGUF tensor and the HF tensors it is made of: one, or a MoE layer's experts stacked.
   struct Out {

@@ -33,6 +33,7 @@ struct GgufTokenizerKeys {
   int32_t pad = -1;
   std::map<std::string, std::string> chat_templates;  // "" = tokenizer.chat_template, else .NAME
   std::string hf_json;                                // the tokenizer.json text, "" for llama2.c
+  std::vector<std::string> notes;                     // where llama.cpp's tokenization will differ
 };
 // Throws Error naming the tokenizer file when llama.cpp cannot split text as the tokenizer does.
 GgufTokenizerKeys gguf_tokenizer_keys(const Tokenizer& t, const std::string& tokenizer_path);
