@@ -943,19 +943,14 @@ TEST_F(Export, GgufQwen2WithBiases) {
 // context, so the export says up to where outputs agree instead of refusing.
 TEST_F(Export, GgufMistralSlidingWindowIsNoted) {
   ScratchDir dir;
-  json j = json::parse(slurp(kData + "/hf/mistral-7b-v0.1/config.json"));
-  j["hidden_size"] = 64;
-  j["intermediate_size"] = 96;
-  j["num_attention_heads"] = 4;
-  j["num_key_value_heads"] = 2;
-  j["num_hidden_layers"] = 1;
-  j["vocab_size"] = 512;
-  j["max_position_embeddings"] = 512;
-  j["sliding_window"] = 64;
-  spit(dir / "mistral.json", j.dump());
   SynthOptions so;
   so.dtype = DType::F32;
-  synth_model(dir / "mistral.json", dir / "m", so);
+  synth_model(cut_config(dir, "mistral-7b-v0.1",
+                         {{"hidden_size", 64}, {"intermediate_size", 96}, {"num_attention_heads", 4},
+                          {"num_key_value_heads", 2}, {"num_hidden_layers", 1}, {"vocab_size", 512},
+                          {"max_position_embeddings", 512}, {"sliding_window", 64}},
+                         "mistral"),
+              dir / "m", so);
   Model m = load_model(dir / "m", kTok512);
   ASSERT_EQ(m.config.sliding_window, 64);
   GgufExportStats s = export_gguf(m, tmp_ / "mistral.gguf");
@@ -973,24 +968,15 @@ TEST_F(Export, GgufMistralSlidingWindowIsNoted) {
 // outermost) and the router as ffn_gate_inp; the GGUF computes what the model does.
 TEST_F(Export, GgufMixtralStacksExperts) {
   ScratchDir dir;
-  const std::string hf = kData + "/hf/mixtral-8x7b-v0.1/";
-  json j = json::parse(slurp(hf + "config.json"));
-  j["hidden_size"] = 64;
-  j["intermediate_size"] = 64;
-  j["num_attention_heads"] = 4;
-  j["num_key_value_heads"] = 2;
-  j["num_hidden_layers"] = 2;
-  j["num_local_experts"] = 4;
-  j["num_experts_per_tok"] = 2;
-  j["max_position_embeddings"] = 256;
-  j.erase("sliding_window");
-  fs::create_directories(dir / "cfg");
-  spit(dir / "cfg/config.json", j.dump());
-  fs::copy_file(hf + "tokenizer.json", dir / "cfg/tokenizer.json");
   SynthOptions so;
   so.dtype = DType::F32;
   so.seed = 5;
-  synth_model(dir / "cfg/config.json", dir / "m", so);
+  synth_model(cut_config(dir, "mixtral-8x7b-v0.1",
+                         {{"hidden_size", 64}, {"intermediate_size", 64}, {"num_attention_heads", 4},
+                          {"num_key_value_heads", 2}, {"num_hidden_layers", 2}, {"num_local_experts", 4},
+                          {"num_experts_per_tok", 2}, {"max_position_embeddings", 256}, {"sliding_window", nullptr}},
+                         "mixtral"),
+              dir / "m", so);
   Model m = load_model(dir / "m");
   ASSERT_EQ(m.config.num_experts, 4);
   const std::string out = tmp_ / "mixtral.gguf";
