@@ -112,19 +112,25 @@ inline Matrix gaussian_matrix(int64_t rows, int64_t cols, uint64_t seed, float s
   return m;
 }
 
+// A real model's config.json (kData/hf/MODEL) with `changes` applied, written as DIR/NAME/config.json
+// with the model's tokenizer.json beside it when it has one (synth copies it); returns the path.
+inline std::string cut_config(const ScratchDir& dir, const std::string& model, const nlohmann::json& changes,
+                              const std::string& name) {
+  nlohmann::json j = nlohmann::json::parse(slurp(kData + "/hf/" + model + "/config.json"));
+  j.merge_patch(changes);
+  fs::create_directories(dir.path() / name);
+  spit(dir / name + "/config.json", j.dump(2));
+  if (fs::exists(kData + "/hf/" + model + "/tokenizer.json"))
+    fs::copy_file(kData + "/hf/" + model + "/tokenizer.json", dir / name + "/tokenizer.json");
+  return dir / name + "/config.json";
+}
+
 // Qwen2.5-0.5B's config with its sizes cut down (biases, GQA and rope_theta kept) and the llama2.c
 // 512-token vocabulary, so a synthetic model of it runs in milliseconds; written into dir.
 inline std::string small_qwen_config(const ScratchDir& dir) {
-  nlohmann::json j = nlohmann::json::parse(slurp(kData + "/hf/qwen2.5-0.5b/config.json"));
-  j["hidden_size"] = 128;
-  j["intermediate_size"] = 320;
-  j["num_attention_heads"] = 8;
-  j["num_key_value_heads"] = 2;
-  j["num_hidden_layers"] = 2;
-  j["vocab_size"] = 512;
-  const std::string path = dir / "qwen_small.json";
-  spit(path, j.dump());
-  return path;
+  return cut_config(dir, "qwen2.5-0.5b", {{"hidden_size", 128}, {"intermediate_size", 320}, {"num_attention_heads", 8},
+                                          {"num_key_value_heads", 2}, {"num_hidden_layers", 2}, {"vocab_size", 512}},
+                    "qwen_small");
 }
 
 // `dartquant eval ... --json` of a model on a text; the parsed report.

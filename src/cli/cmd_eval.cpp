@@ -13,7 +13,7 @@ namespace dq::cli {
 namespace {
 
 struct EvalArgs {
-  std::string model, tokenizer, ppl, json, tasks, tasks_dir = "../shared/data/zeroshot";
+  std::string model, tokenizer, ppl, json, tasks, tasks_dir = "../shared/data/zeroshot", protocol = "gptq";
   int seqlen = 0, max_windows = 0, limit = 0;
   bool force = false;
 };
@@ -30,8 +30,11 @@ int run_eval(const EvalArgs& a) {
   if (!a.ppl.empty()) {
     int seqlen = a.seqlen > 0 ? a.seqlen : std::min(2048, m.config.max_seq);
     std::vector<int32_t> ids = tokenize_file(m, a.ppl);
+    PplProtocol protocol;
+    protocol.llama_cpp = a.protocol == "llama.cpp";
+    if (!ids.empty() && ids[0] == m.tokenizer->bos_id()) protocol.bos = ids[0];  // the tokenizer adds BOS
     PplResult r = perplexity(m, ids, seqlen, a.max_windows, runtime.hooks(),
-                             [](int done, int total) { progress_line("perplexity windows", done, total); });
+                             [](int done, int total) { progress_line("perplexity windows", done, total); }, protocol);
     std::printf("ppl %.4f  (%s, %d windows x %d tokens, %.0f tokens/s)\n", r.ppl, a.ppl.c_str(),
                 r.windows, r.seqlen, r.tokens_per_second);
     report["ppl"] = r.ppl;
@@ -39,6 +42,7 @@ int run_eval(const EvalArgs& a) {
     report["tokens"] = r.tokens;
     report["windows"] = r.windows;
     report["seqlen"] = r.seqlen;
+    report["protocol"] = a.protocol;
     report["text"] = a.ppl;
     report["seconds"] = r.seconds;
     report["tokens_per_second"] = r.tokens_per_second;
@@ -78,6 +82,11 @@ RegisterCommand reg("eval", "perplexity of a model (llama2.c .bin, HF directory,
       ->check(int_in(2, 1 << 24));
   app.add_option("--max-windows", a->max_windows, "evaluate only the first K windows (0 = all)")
       ->check(int_in(0, INT32_MAX));
+  app.add_option("--protocol", a->protocol,
+                 "gptq: every token of each window scored; llama.cpp: llama-perplexity's (BOS first in each "
+                 "window, second half scored), to compare with llama.cpp on the same GGUF")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"gptq", "llama.cpp"}));
   app.add_option("--json", a->json, "write a JSON report here");
   app.add_flag("--force", a->force, "replace a report that exists (only one dartquant wrote)");
   return [a] { return run_eval(*a); };

@@ -23,7 +23,7 @@ namespace fs = std::filesystem;
 
 struct QuantizeArgs {
   std::string model, tokenizer, out, rotation = "none", rotations_file, json, html, ppl;
-  std::string w_method = "rtn";
+  std::string w_method = "rtn", target = "dartquant";
   int w_bits = 4, w_group = 0, a_bits = 16, kv_bits = 16;
   int seqlen = 0, max_windows = 0;
   float a_clip = 0.9f, kv_clip = 1.f, damp = 0.01f;
@@ -34,9 +34,28 @@ struct QuantizeArgs {
   CalibArgs cal;
 };
 
+// A GGUF or HF target holds weights only: refuse up front what `export` would refuse after the run.
+void check_target(const QuantizeArgs& a) {
+  if (a.target == "dartquant") return;
+  std::vector<std::string> needs;
+  if (a.rotation != "none" && !a.no_online) needs.push_back("online Hadamards (add --no-online-hadamard)");
+  if (a.a_bits < 16) needs.push_back(std::to_string(a.a_bits) + "-bit activations (use --a-bits 16)");
+  if (a.kv_bits < 16) needs.push_back(std::to_string(a.kv_bits) + "-bit KV cache (use --kv-bits 16)");
+  if (!needs.empty()) {
+    std::string list;
+    for (const std::string& n : needs) list += (list.empty() ? "" : ", ") + n;
+    throw Error(a.out + ": --target " + a.target + " cannot run a model that needs " + list +
+                " at run time; `export` would refuse the result");
+  }
+  if (a.target == "gguf" && a.w_bits < 16 && (a.w_group % 32 != 0 || !a.w_f16_scales))
+    std::fprintf(stderr, "note: --target gguf: with --w-group 0 or a multiple of 32 and --w-f16-scales, `export "
+                         "--gguf-type q4_0|q4_1|q8_0` carries the codes exactly; otherwise it re-rounds them\n");
+}
+
 int run_quantize(const QuantizeArgs& a) {
   if (!a.rotations_file.empty() && a.rotation == "none")
     throw Error(a.rotations_file + ": --rotations needs --rotation quarot or dartquant (not none)");
+  check_target(a);
   OutputPlan plan({a.model, a.tokenizer, a.rotations_file, a.cal.calib, a.ppl}, a.force);
   plan.add(a.out, OutputKind::Dir, a.resume);
   plan.add(a.json, OutputKind::Json);
@@ -136,6 +155,11 @@ RegisterCommand reg("quantize", "rotate and quantize a model into a self-describ
       ->capture_default_str()->check(CLI::IsMember({"none", "quarot", "dartquant"}));
   app.add_option("--rotations", a->rotations_file, "use these rotations (from `calibrate`) instead");
   app.add_flag("--no-online-hadamard", a->no_online, "leave out R3/R4: the output is a plain LLaMA checkpoint");
+  app.add_option("--target", a->target,
+                 "where the model will run: dartquant (eval), or gguf / hf, which hold weights only: refuses "
+                 "online Hadamards and activation/KV quantization before the run")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"dartquant", "gguf", "hf"}));
   app.add_option("--w-bits", a->w_bits, "weight bits (16 = not quantized)")->capture_default_str()->check(quant_bits());
   app.add_option("--w-method", a->w_method, "rtn or gptq")->capture_default_str()
       ->check(CLI::IsMember({"rtn", "gptq"}));

@@ -57,7 +57,7 @@ void fail_non_finite(const Model& m, const std::string& what, const Hooks& hooks
 }
 
 PplResult perplexity(const Model& m, const std::vector<int32_t>& ids, int seqlen, int max_windows,
-                     const Hooks& hooks, const Progress& progress) {
+                     const Hooks& hooks, const Progress& progress, const PplProtocol& protocol) {
   if (seqlen < 2) throw Error("seqlen must be at least 2");
   int windows = int(ids.size() / size_t(seqlen));
   if (max_windows > 0) windows = std::min(windows, max_windows);
@@ -72,11 +72,16 @@ PplResult perplexity(const Model& m, const std::vector<int32_t>& ids, int seqlen
   for (int w0 = 0; w0 < windows; w0 += per_batch) {
     int b = std::min(per_batch, windows - w0);
     std::vector<int32_t> tokens(ids.begin() + int64_t(w0) * seqlen, ids.begin() + int64_t(w0 + b) * seqlen);
-    for (double v : next_token_nll(m, tokens, b, seqlen, hooks)) {
-      if (!std::isfinite(v))
+    if (protocol.llama_cpp && protocol.bos >= 0)
+      for (int w = 0; w < b; ++w) tokens[size_t(w) * size_t(seqlen)] = protocol.bos;
+    std::vector<double> nll = next_token_nll(m, tokens, b, seqlen, hooks);
+    for (size_t i = 0; i < nll.size(); ++i) {
+      // nll[i] predicts token i % (seqlen - 1) + 1 of its window
+      if (protocol.llama_cpp && int(i % size_t(seqlen - 1)) < seqlen / 2) continue;
+      if (!std::isfinite(nll[i]))
         fail_non_finite(m, "the NLL of window " + std::to_string(w0 + 1), hooks,
                         [&](const Hooks& h) { next_token_nll(m, tokens, b, seqlen, h); });
-      sum += v;
+      sum += nll[i];
       ++count;
     }
     if (progress) progress(w0 + b, windows);

@@ -28,8 +28,16 @@ std::vector<int32_t> calibration_windows(const Model& m, const std::string& path
 [[noreturn]] void fail_non_finite(const Model& m, const std::string& what, const Hooks& hooks,
                                   const std::function<void(const Hooks&)>& rerun);
 
+// llama_cpp_bos >= 0 follows llama.cpp's llama-perplexity instead (same windows): each window's
+// first token is replaced by that BOS id, and only its second half is scored (tokens
+// seqlen/2 + 1 .. seqlen - 1 of the window), so both tools report the same number for one model.
+struct PplProtocol {
+  bool llama_cpp = false;
+  int32_t bos = -1;  // llama_cpp: the BOS put first in each window; -1: the tokenizer adds none
+};
+
 using Progress = std::function<void(int done, int total)>;
 PplResult perplexity(const Model& m, const std::vector<int32_t>& ids, int seqlen, int max_windows,
-                     const Hooks& hooks = {}, const Progress& progress = nullptr);
+                     const Hooks& hooks = {}, const Progress& progress = nullptr, const PplProtocol& protocol = {});
 
 }  // namespace dq

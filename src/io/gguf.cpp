@@ -37,7 +37,7 @@ bool known_value_type(uint32_t code) { return code <= uint32_t(GgufType::F64); }
 
 bool known_ggml_type(uint32_t code) {
   switch (GgmlType(code)) {
-    case GgmlType::F32: case GgmlType::F16: case GgmlType::Q4_0: case GgmlType::Q8_0:
+    case GgmlType::F32: case GgmlType::F16: case GgmlType::Q4_0: case GgmlType::Q4_1: case GgmlType::Q8_0:
     case GgmlType::BF16: return true;
   }
   return false;
@@ -135,21 +135,25 @@ const char* ggml_type_name(GgmlType t) {
     case GgmlType::F32: return "f32";
     case GgmlType::F16: return "f16";
     case GgmlType::Q4_0: return "q4_0";
+    case GgmlType::Q4_1: return "q4_1";
     case GgmlType::Q8_0: return "q8_0";
     case GgmlType::BF16: return "bf16";
   }
   return "?";
 }
 
-size_t ggml_block_elems(GgmlType t) {
-  return (t == GgmlType::Q4_0 || t == GgmlType::Q8_0) ? 32 : 1;
+bool ggml_is_quantized(GgmlType t) {
+  return t == GgmlType::Q4_0 || t == GgmlType::Q4_1 || t == GgmlType::Q8_0;
 }
+
+size_t ggml_block_elems(GgmlType t) { return ggml_is_quantized(t) ? 32 : 1; }
 
 size_t ggml_block_bytes(GgmlType t) {
   switch (t) {
     case GgmlType::F32: return 4;
     case GgmlType::F16: case GgmlType::BF16: return 2;
     case GgmlType::Q4_0: return sizeof(BlockQ4_0);
+    case GgmlType::Q4_1: return sizeof(BlockQ4_1);
     case GgmlType::Q8_0: return sizeof(BlockQ8_0);
   }
   return 0;
@@ -260,6 +264,24 @@ BlockQ4_0 quantize_q4_0(const float* x) {
   return b;
 }
 
+BlockQ4_1 quantize_q4_1(const float* x) {
+  float min = x[0], max = x[0];
+  for (int j = 1; j < 32; ++j) {
+    min = std::min(min, x[j]);
+    max = std::max(max, x[j]);
+  }
+  const float d = (max - min) / 15.f;
+  const float id = d != 0.f ? 1.f / d : 0.f;
+  BlockQ4_1 b;
+  b.d = f32_to_f16(d);
+  b.m = f32_to_f16(min);
+  auto code = [&](float v) {  // round half up by truncation, as llama.cpp's (int8_t)(x + 0.5f)
+    return uint8_t(std::min(15, int(int8_t((v - min) * id + 0.5f))));
+  };
+  for (int j = 0; j < 16; ++j) b.qs[j] = uint8_t(code(x[j]) | (code(x[j + 16]) << 4));
+  return b;
+}
+
 BlockQ8_0 q8_0_from_codes(const int8_t* q, float scale) {
   BlockQ8_0 b;
   b.d = f16_scale(scale);
@@ -277,6 +299,16 @@ BlockQ4_0 q4_0_from_codes(const int8_t* q, float scale) {
   return b;
 }
 
+BlockQ4_1 q4_1_from_codes(const uint8_t* q, float scale, float min) {
+  for (int j = 0; j < 32; ++j)
+    if (q[j] > 15) throw Error("q4_1 code " + std::to_string(q[j]) + " outside [0, 15]");
+  BlockQ4_1 b;
+  b.d = f32_to_f16(scale);
+  b.m = f32_to_f16(min);
+  for (int j = 0; j < 16; ++j) b.qs[j] = uint8_t(q[j] | (q[j + 16] << 4));
+  return b;
+}
+
 void dequantize_q8_0(const BlockQ8_0& b, float* out) {
   const float d = f16_to_f32(b.d);
   for (int j = 0; j < 32; ++j) out[j] = float(b.qs[j]) * d;
@@ -287,6 +319,14 @@ void dequantize_q4_0(const BlockQ4_0& b, float* out) {
   for (int j = 0; j < 16; ++j) {
     out[j] = float((b.qs[j] & 0x0F) - 8) * d;
     out[j + 16] = float((b.qs[j] >> 4) - 8) * d;
+  }
+}
+
+void dequantize_q4_1(const BlockQ4_1& b, float* out) {
+  const float d = f16_to_f32(b.d), m = f16_to_f32(b.m);
+  for (int j = 0; j < 16; ++j) {
+    out[j] = float(b.qs[j] & 0x0F) * d + m;
+    out[j + 16] = float(b.qs[j] >> 4) * d + m;
   }
 }
 
@@ -306,14 +346,18 @@ std::vector<uint8_t> ggml_encode(GgmlType t, const float* x, size_t n) {
     }
     case GgmlType::Q8_0:
     case GgmlType::Q4_0:
+    case GgmlType::Q4_1:
       for (size_t i = 0; i < n; ++i)  // the codes' float-to-int conversions need finite input
         if (!std::isfinite(x[i])) throw Error("non-finite value at element " + std::to_string(i));
       for (size_t b = 0; b < n / 32; ++b) {
         if (t == GgmlType::Q8_0) {
           BlockQ8_0 blk = quantize_q8_0(x + 32 * b);
           std::memcpy(p + b * sizeof blk, &blk, sizeof blk);
-        } else {
+        } else if (t == GgmlType::Q4_0) {
           BlockQ4_0 blk = quantize_q4_0(x + 32 * b);
+          std::memcpy(p + b * sizeof blk, &blk, sizeof blk);
+        } else {
+          BlockQ4_1 blk = quantize_q4_1(x + 32 * b);
           std::memcpy(p + b * sizeof blk, &blk, sizeof blk);
         }
       }
@@ -341,6 +385,10 @@ void ggml_decode(GgmlType t, const uint8_t* data, size_t n, float* out) {
     case GgmlType::Q4_0:
       for (size_t b = 0; b < nb; ++b)
         dequantize_q4_0(load<BlockQ4_0>(data + b * sizeof(BlockQ4_0)), out + 32 * b);
+      break;
+    case GgmlType::Q4_1:
+      for (size_t b = 0; b < nb; ++b)
+        dequantize_q4_1(load<BlockQ4_1>(data + b * sizeof(BlockQ4_1)), out + 32 * b);
       break;
   }
 }

@@ -1,5 +1,5 @@
 // GGUF v3 (ggml's single-file model format): a writer, a validating memory-mapped reader, and the
-// ggml Q8_0 / Q4_0 block codecs, following ggml's docs/gguf.md and llama.cpp's block definitions.
+// ggml Q8_0 / Q4_0 / Q4_1 block codecs, following ggml's docs/gguf.md and llama.cpp's block definitions.
 // All multi-byte fields are little-endian; this code assumes a little-endian host.
 #pragma once
 #include <cstddef>
@@ -25,9 +25,10 @@ enum class GgufType : uint32_t {
 const char* gguf_type_name(GgufType t);
 
 // Tensor element types (ggml_type) this project reads and writes; the numbers are the on-disk codes.
-enum class GgmlType : uint32_t { F32 = 0, F16 = 1, Q4_0 = 2, Q8_0 = 8, BF16 = 30 };
+enum class GgmlType : uint32_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, BF16 = 30 };
 const char* ggml_type_name(GgmlType t);
-size_t ggml_block_elems(GgmlType t);  // elements per block: 1, or 32 for Q4_0/Q8_0
+size_t ggml_block_elems(GgmlType t);  // elements per block: 1, or 32 for the quantized types
+bool ggml_is_quantized(GgmlType t);   // Q4_0, Q4_1, Q8_0
 size_t ggml_block_bytes(GgmlType t);  // bytes per block
 // Bytes of n elements; throws Error when n is not a whole number of blocks.
 size_t ggml_nbytes(GgmlType t, uint64_t n);
@@ -72,19 +73,29 @@ struct BlockQ4_0 {
   uint16_t d;
   uint8_t qs[16];  // byte j: element j in the low nibble, element j + 16 in the high nibble
 };
-static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18, "ggml block layouts");
+// Asymmetric: value = d * code + m, code in [0, 15], nibbles laid out as in Q4_0.
+struct BlockQ4_1 {
+  uint16_t d, m;
+  uint8_t qs[16];
+};
+static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20, "ggml block layouts");
 
-// llama.cpp's reference quantizers (quantize_row_q8_0_ref / quantize_row_q4_0_ref), bit for bit.
+// llama.cpp's reference quantizers (quantize_row_q8_0_ref / _q4_0_ref / _q4_1_ref), bit for bit.
 BlockQ8_0 quantize_q8_0(const float* x);  // 32 values
 BlockQ4_0 quantize_q4_0(const float* x);  // 32 values
+BlockQ4_1 quantize_q4_1(const float* x);  // 32 values
 // Blocks from integer codes already chosen by a symmetric group-32 quantizer, so that exporting
 // them does not round again: Q8_0 stores q (in [-128, 127]); Q4_0 stores q + 8 (q in [-8, 7],
 // else Error). d = f16(scale): the dequantized values equal q * scale exactly only when scale is
 // representable in f16.
 BlockQ8_0 q8_0_from_codes(const int8_t* q, float scale);
 BlockQ4_0 q4_0_from_codes(const int8_t* q, float scale);
+// Q4_1 from an asymmetric quantizer's codes (in [0, 15], else Error): value = scale * code + min,
+// d = f16(scale), m = f16(min).
+BlockQ4_1 q4_1_from_codes(const uint8_t* q, float scale, float min);
 void dequantize_q8_0(const BlockQ8_0& b, float* out);  // 32 values
 void dequantize_q4_0(const BlockQ4_0& b, float* out);  // 32 values
+void dequantize_q4_1(const BlockQ4_1& b, float* out);  // 32 values
 
 // n f32 values encoded as t (quantized types: n % 32 == 0). A non-finite value, or one the type (or
 // a block scale) cannot hold, is an Error.

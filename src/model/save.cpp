@@ -26,14 +26,21 @@ void save_model(const Model& m, const std::string& dir, const SaveOptions& opts)
   }
   write_safetensors(out.file("model.safetensors"), blobs, {{"format", "pt"}});
   if (!opts.extra.empty()) write_safetensors(out.file("quantized.safetensors"), opts.extra);
-  if (!m.tokenizer_path.empty()) {
-    std::string name = fs::path(m.tokenizer_path).filename().string();
-    if (fs::path(m.tokenizer_path).extension() == ".bin") name = "tokenizer.bin";
-    std::error_code ec;
-    fs::copy_file(m.tokenizer_path, out.file(name), ec);
-    if (ec) throw Error(m.tokenizer_path + ": cannot copy tokenizer (" + ec.message() + ")");
-  }
+  if (!m.tokenizer_path.empty()) copy_tokenizer(m.tokenizer_path, [&](const std::string& n) { return out.file(n); });
   out.commit();
+}
+
+void copy_tokenizer(const std::string& tokenizer_path, const std::function<std::string(const std::string&)>& dest) {
+  const fs::path tok(tokenizer_path);
+  const fs::path config = tok.parent_path() / "tokenizer_config.json";
+  std::vector<std::pair<fs::path, std::string>> files = {
+      {tok, tok.extension() == ".bin" ? "tokenizer.bin" : tok.filename().string()}};
+  if (tok.extension() != ".bin" && fs::exists(config)) files.push_back({config, "tokenizer_config.json"});
+  for (const auto& [from, name] : files) {
+    std::error_code ec;
+    fs::copy_file(from, dest(name), fs::copy_options::overwrite_existing, ec);
+    if (ec) throw Error(from.string() + ": cannot copy tokenizer (" + ec.message() + ")");
+  }
 }
 
 }  // namespace dq

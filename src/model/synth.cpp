@@ -11,6 +11,7 @@
 #include "io/half.h"
 #include "io/report.h"
 #include "model/config.h"
+#include "model/save.h"
 #include "model/weights.h"
 #include "tensor/kernels.h"
 
@@ -186,11 +187,7 @@ void synth_model(const std::string& config_path, const std::string& out_dir, con
   write_file_atomic(out.file("config.json"), [&](OutStream& s) { s.write(j.dump(2) + "\n"); });
   write_streamed(out.file("model.safetensors"), specs, o.dtype);
   fs::path tok = fs::path(config_path).parent_path() / "tokenizer.json";
-  if (fs::exists(tok)) {
-    std::error_code ec;
-    fs::copy_file(tok, out.file("tokenizer.json"), ec);
-    if (ec) throw Error(tok.string() + ": cannot copy tokenizer (" + ec.message() + ")");
-  }
+  if (fs::exists(tok)) copy_tokenizer(tok.string(), [&](const std::string& n) { return out.file(n); });
   out.commit();
 }
 

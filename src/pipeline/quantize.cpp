@@ -8,6 +8,7 @@
 #include "io/file.h"
 #include "io/report.h"
 #include "model/layerwise.h"
+#include "model/save.h"
 #include "tensor/kernels.h"
 
 namespace dq {
@@ -192,12 +193,7 @@ json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progr
   json config = out_config.to_json();
   config["dartquant_quantization"] = job.section;
   write_file_atomic(out_file("config.json"), [&](OutStream& s) { s.write(config.dump(2) + "\n"); });
-  if (!m.tokenizer_path.empty()) {
-    std::string name = fs::path(m.tokenizer_path).filename().string();
-    if (fs::path(m.tokenizer_path).extension() == ".bin") name = "tokenizer.bin";
-    fs::copy_file(m.tokenizer_path, out_file(name), fs::copy_options::overwrite_existing, ec);
-    if (ec) throw Error(m.tokenizer_path + ": cannot copy tokenizer (" + ec.message() + ")");
-  }
+  if (!m.tokenizer_path.empty()) copy_tokenizer(m.tokenizer_path, out_file);
   stage_done("finish", t);
 
   if (gptq_mode) report["gptq_layers"] = state["gptq_layers"];

@@ -592,6 +592,16 @@ class BpeModel {
   const std::vector<std::string>& tokens() const { return tokens_; }
   const TokenMap& vocab() const { return vocab_; }
   const std::vector<std::string>& merges() const { return merge_text_; }
+  // For each of n ids, minus the rank of the first merge that makes it (kNoMerge when none does):
+  // a SentencePiece-style runtime that merges the pair whose result scores highest then merges
+  // in this model's order.
+  static constexpr float kNoMerge = -1e9f;
+  std::vector<float> merge_scores(size_t n) const {
+    std::vector<float> s(n, kNoMerge);
+    for (const auto& [pair, m] : merges_)
+      if (size_t(m.id) < n) s[size_t(m.id)] = std::max(s[size_t(m.id)], -float(m.rank));
+    return s;
+  }
   int32_t unk() const { return unk_; }
   bool byte_fallback() const { return byte_fallback_; }
   bool is_byte_token(int32_t id) const {
@@ -932,8 +942,9 @@ class HfTokenizer : public Tokenizer {
     }
     if (model_->unk() >= 0) v.token_types[size_t(model_->unk())] = 2;
     if (spm) {
-      v.scores.resize(vocab_size_);
-      for (size_t i = 0; i < vocab_size_; ++i) v.scores[i] = v.token_types[i] == 1 ? -float(i) : 0.f;
+      v.scores = model_->merge_scores(vocab_size_);
+      for (size_t i = 0; i < vocab_size_; ++i)
+        if (v.token_types[i] != 1) v.scores[i] = 0.f;
     } else {
       v.merges = model_->merges();
     }
@@ -941,6 +952,7 @@ class HfTokenizer : public Tokenizer {
     v.eos = eos_;
     v.unk = model_->unk();
     v.add_bos = std::find(prefix_.begin(), prefix_.end(), bos_) != prefix_.end() && bos_ >= 0;
+    v.add_eos = std::find(suffix_.begin(), suffix_.end(), eos_) != suffix_.end() && eos_ >= 0;
     return v;
   }
 

@@ -104,6 +104,10 @@ class Llama2cTokenizer : public Tokenizer {
       if (id == kUnk) type = 2;
       else if (id == kBos || id == kEos) type = 3;
       else if (id >= kByteBase && id < kByteBase + 256) type = 6;
+      // llama2.c stores its control pieces as "\n<s>\n" / "\n</s>\n"; SentencePiece (and llama.cpp,
+      // which prints them) spells them "<s>" / "</s>".
+      if (id == kBos) piece = "<s>";
+      if (id == kEos) piece = "</s>";
       if (type == 1) {  // llama.cpp's SentencePiece vocabularies spell spaces as U+2581
         std::string s;
         for (char c : piece) s += c == ' ' ? std::string("\xE2\x96\x81") : std::string(1, c);

@@ -17,7 +17,7 @@ struct VocabInfo {
   std::vector<int32_t> token_types; // 1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte
   std::vector<std::string> merges;  // "a b", byte-level BPE only
   int32_t bos = -1, eos = -1, unk = -1;
-  bool add_bos = false;
+  bool add_bos = false, add_eos = false;  // what encode(text, add_special = true) adds
 };
 
 class Tokenizer {

@@ -405,6 +405,46 @@ TEST(GgufBlocks, Q4_0PositiveMaxClampsTheOppositeExtreme) {
   EXPECT_EQ(out[3], -1.f);
 }
 
+TEST(GgufBlocks, Q4_1HandComputedBlock) {
+  // min -1, max 2: d = 3 / 15 = 0.2, code = min(15, trunc((x + 1) / 0.2 + 0.5)), value = d * code + min.
+  float x[32];
+  for (float& v : x) v = 0.f;  // code trunc(5.5) = 5
+  x[0] = -1.f, x[1] = 2.f, x[2] = 0.09f, x[3] = 0.11f, x[16] = 1.f, x[31] = -0.95f;
+  uint8_t code[32];
+  for (int j = 0; j < 32; ++j) code[j] = 5;
+  code[0] = 0, code[1] = 15, code[2] = 5, code[3] = 6, code[16] = 10, code[31] = 0;
+  BlockQ4_1 b = quantize_q4_1(x);
+  EXPECT_EQ(b.d, f32_to_f16(0.2f));
+  EXPECT_EQ(b.m, 0xBC00);  // f16 -1
+  for (int j = 0; j < 16; ++j) {
+    EXPECT_EQ(b.qs[j] & 0x0F, code[j]) << j;
+    EXPECT_EQ(b.qs[j] >> 4, code[j + 16]) << j;
+  }
+  float out[32];
+  dequantize_q4_1(b, out);
+  for (int j = 0; j < 32; ++j) EXPECT_EQ(out[j], float(code[j]) * f16_to_f32(b.d) - 1.f) << j;
+
+  std::vector<uint8_t> bytes = ggml_encode(GgmlType::Q4_1, x, 32);
+  ASSERT_EQ(bytes.size(), 20u);
+  EXPECT_EQ(0, std::memcmp(bytes.data(), &b, 20));
+  std::vector<float> back(32);
+  ggml_decode(GgmlType::Q4_1, bytes.data(), 32, back.data());
+  EXPECT_EQ(0, std::memcmp(back.data(), out, sizeof out));
+  EXPECT_EQ(ggml_nbytes(GgmlType::Q4_1, 64), 40u);
+  EXPECT_STREQ(ggml_type_name(GgmlType::Q4_1), "q4_1");
+}
+
+TEST(GgufBlocks, Q4_1FromCodesStoresThemAsGiven) {
+  uint8_t q[32];
+  for (int j = 0; j < 32; ++j) q[j] = uint8_t((j * 7) % 16);
+  BlockQ4_1 b = q4_1_from_codes(q, 0.25f, -1.75f);  // both exact in f16
+  float out[32];
+  dequantize_q4_1(b, out);
+  for (int j = 0; j < 32; ++j) EXPECT_EQ(out[j], 0.25f * float(q[j]) - 1.75f) << j;
+  q[5] = 16;
+  EXPECT_THROW(q4_1_from_codes(q, 1.f, 0.f), Error);
+}
+
 TEST(GgufBlocks, AllZeroBlocks) {
   float x[32] = {};
   float out[32];

@@ -14,6 +14,8 @@
 #include "model/export.h"
 #include "model/forward.h"
 #include "model/save.h"
+#include "model/synth.h"
+#include "fixtures/tokenizer/variant.h"
 #include "test_helpers.h"
 
 using namespace dq;
@@ -185,9 +187,11 @@ Export::ScratchDirFor* Export::root_ = nullptr;
 std::vector<int32_t>* Export::ids_ = nullptr;
 std::vector<double>* Export::ref_ = nullptr;
 
-// 4-bit symmetric group-32 codes of every linear whose rows split into groups of 32, written as a
-// quantized model directory (FORMAT.md). f16_scales rounds each scale to f16 first.
-void write_group32_model(const std::string& src, const std::string& dir, bool f16_scales) {
+// 4-bit group-32 codes of every linear whose rows split into groups of 32, written as a quantized
+// model directory (FORMAT.md). Symmetric: zero 8, f16_scales rounds each scale to f16 first.
+// Asymmetric: zero points from each group's range, scales with 7 significant bits, so that both
+// scale and scale * zero are exact in f16 (what q4_1 stores).
+void write_group32_model(const std::string& src, const std::string& dir, bool f16_scales, bool asymmetric = false) {
   Model m = load_model(src);
   std::vector<TensorBlob> extra;
   for (const std::string& name : m.weights.names()) {
@@ -199,14 +203,25 @@ void write_group32_model(const std::string& src, const std::string& dir, bool f1
     std::vector<uint8_t> packed(size_t(w.rows * w.cols / 2), 0);
     for (int64_t r = 0; r < w.rows; ++r)
       for (int64_t g = 0; g < groups; ++g) {
-        float mx = 0;
-        for (int64_t c = g * 32; c < g * 32 + 32; ++c) mx = std::max(mx, std::fabs(w(r, c)));
-        float s = mx / 7.f;
+        float mx = 0, lo = 0, hi = 0;
+        for (int64_t c = g * 32; c < g * 32 + 32; ++c) {
+          mx = std::max(mx, std::fabs(w(r, c)));
+          lo = std::min(lo, w(r, c));
+          hi = std::max(hi, w(r, c));
+        }
+        float s = asymmetric ? (hi - lo) / 15.f : mx / 7.f;
+        if (asymmetric) {
+          int e;
+          float frac = std::frexp(s, &e);
+          s = std::ldexp(std::nearbyint(frac * 128.f) / 128.f, e);
+          zeros(r, g) = std::clamp(std::nearbyint(-lo / s), 0.f, 15.f);
+        }
         if (f16_scales) s = f16_to_f32(f32_to_f16(s));
         scales(r, g) = s;
+        const float z = zeros(r, g);
         for (int64_t c = g * 32; c < g * 32 + 32; ++c) {
-          int q = int(std::clamp(std::nearbyint(w(r, c) / s) + 8.f, 0.f, 15.f));
-          w(r, c) = s * (float(q) - 8.f);
+          int q = int(std::clamp(std::nearbyint(w(r, c) / s) + z, 0.f, 15.f));
+          w(r, c) = s * (float(q) - z);
           packed[size_t(r * w.cols / 2 + c / 2)] |= uint8_t(c % 2 ? q << 4 : q);
         }
       }
@@ -215,11 +230,57 @@ void write_group32_model(const std::string& src, const std::string& dir, bool f1
     extra.push_back(blob_from_matrix(name + ".zeros", zeros, DType::F32));
     m.weights.set(name, std::move(w));
   }
-  m.quantization = {{"weights", {{"bits", 4}, {"method", "rtn"}, {"group", 32}, {"symmetric", true}}},
+  m.quantization = {{"weights", {{"bits", 4}, {"method", "rtn"}, {"group", 32}, {"symmetric", !asymmetric}}},
                     {"online", {{"r3", false}, {"r4", false}}}};
   SaveOptions o;
   o.extra = std::move(extra);
   save_model(m, dir, o);
+}
+
+// A small Llama model with seeded random weights and the given tokenizer (vocabulary sized to it).
+Model random_model(const std::string& tokenizer, int hidden = 32, int layers = 1, uint64_t seed = 7) {
+  Model m;
+  m.tokenizer = load_tokenizer(tokenizer);
+  m.tokenizer_path = tokenizer;
+  m.source = "synthetic";
+  ModelConfig& c = m.config;
+  c.vocab_size = int(m.tokenizer->vocab_size());
+  c.hidden_size = hidden;
+  c.intermediate_size = hidden + 16;
+  c.num_layers = layers;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = hidden / 4;
+  c.max_seq = 256;
+  c.extra = c.to_json();
+  std::mt19937 rng{uint32_t(seed)};
+  std::normal_distribution<float> nd(0.f, 0.08f);
+  auto rnd = [&](int64_t r, int64_t k, float base = 0.f) {
+    Matrix x(r, k);
+    for (float& v : x.data) v = base + nd(rng);
+    return x;
+  };
+  const int D = hidden, F = c.intermediate_size, KV = c.kv_dim();
+  m.weights.set("model.embed_tokens.weight", rnd(c.vocab_size, D));
+  m.weights.set("lm_head.weight", rnd(c.vocab_size, D));
+  m.weights.set("model.norm.weight", rnd(1, D, 1.f));
+  for (int l = 0; l < layers; ++l) {
+    m.weights.set(layer_name(l, "input_layernorm.weight"), rnd(1, D, 1.f));
+    m.weights.set(layer_name(l, "post_attention_layernorm.weight"), rnd(1, D, 1.f));
+    m.weights.set(layer_name(l, "self_attn.q_proj.weight"), rnd(D, D));
+    m.weights.set(layer_name(l, "self_attn.k_proj.weight"), rnd(KV, D));
+    m.weights.set(layer_name(l, "self_attn.v_proj.weight"), rnd(KV, D));
+    m.weights.set(layer_name(l, "self_attn.o_proj.weight"), rnd(D, D));
+    m.weights.set(layer_name(l, "mlp.gate_proj.weight"), rnd(F, D));
+    m.weights.set(layer_name(l, "mlp.up_proj.weight"), rnd(F, D));
+    m.weights.set(layer_name(l, "mlp.down_proj.weight"), rnd(D, F));
+  }
+  return m;
+}
+
+const SpecValue& need_key(SpecFile& f, const std::string& k) {
+  if (!f.kv.count(k)) throw std::runtime_error("missing key " + k);
+  return f.kv[k];
 }
 
 // ---- tests ----
@@ -345,7 +406,8 @@ TEST_F(Export, GgufHeaderMetadataAndTensorTableFollowTheFormat) {
 TEST_F(Export, GgufQuantizedTypesLoadWithClosePpl) {
   Model src = load_model(src_dir());
   for (auto [type, tol, name] : {std::tuple{GgmlType::F16, 1e-3, "f16"}, std::tuple{GgmlType::BF16, 1e-2, "bf16"},
-                                 std::tuple{GgmlType::Q8_0, 5e-3, "q8_0"}, std::tuple{GgmlType::Q4_0, 0.1, "q4_0"}}) {
+                                 std::tuple{GgmlType::Q8_0, 5e-3, "q8_0"}, std::tuple{GgmlType::Q4_0, 0.1, "q4_0"},
+                                 std::tuple{GgmlType::Q4_1, 0.1, "q4_1"}}) {
     const std::string out = tmp_ / (std::string(name) + ".gguf");
     GgufExportOptions o;
     o.type = type;
@@ -353,13 +415,23 @@ TEST_F(Export, GgufQuantizedTypesLoadWithClosePpl) {
     SpecFile f = parse_gguf(out);
     EXPECT_EQ(f.tensors["blk.0.attn_q.weight"].type, uint32_t(type)) << name;
     EXPECT_EQ(f.tensors["blk.0.attn_norm.weight"].type, 0u) << name;
-    const bool q = type == GgmlType::Q8_0 || type == GgmlType::Q4_0;
-    // 172-wide rows are not whole blocks; the unquantized embedding stays f32 in a quantized file.
+    const bool q = ggml_is_quantized(type);
+    // 172-wide rows are not whole blocks and stay f32. The embedding, tied to the classifier, gets
+    // llama.cpp's classifier type (q6_K there, q8_0 here) in a 4-bit file, the file's type otherwise.
     EXPECT_EQ(f.tensors["blk.0.ffn_down.weight"].type, q ? 0u : uint32_t(type)) << name;
-    EXPECT_EQ(f.tensors["token_embd.weight"].type, q ? 0u : uint32_t(type)) << name;
+    EXPECT_EQ(f.tensors["token_embd.weight"].type, q ? uint32_t(GgmlType::Q8_0) : uint32_t(type)) << name;
+    EXPECT_EQ(f.kv["general.file_type"].nums.at(0),
+              type == GgmlType::Q4_1 ? 3 : type == GgmlType::Q4_0 ? 2 : type == GgmlType::Q8_0 ? 7 : type == GgmlType::F16 ? 1 : 32)
+        << name;
+    ASSERT_EQ(s.tensors.size(), 36u) << name;  // every 2-D tensor has its report
+    for (const GgufTensorReport& r : s.tensors) {
+      EXPECT_TRUE(std::isfinite(r.rel_rms_error)) << r.name;
+      EXPECT_EQ(r.how, r.type == "f32" || !q ? "converted" : "requantized") << r.name;
+    }
     if (q) {
-      EXPECT_EQ(s.requantized, 30) << name;
-      EXPECT_EQ(s.kept_float, 6) << name;
+      EXPECT_EQ(s.requantized, 31) << name;
+      EXPECT_EQ(s.converted, 5) << name;
+      EXPECT_GT(s.tensors[0].rel_rms_error, 0) << name;  // token_embd, requantized
       EXPECT_EQ(f.kv["general.quantization_version"].nums.at(0), 2);
       // Blocks are llama.cpp's reference quantization of the permuted rows.
       const SpecTensor& t = f.tensors["blk.2.attn_v.weight"];
@@ -381,11 +453,15 @@ TEST_F(Export, GgufQ4_0CarriesGroup32CodesExactly) {
   std::vector<double> want = nll(qm, *ids_);
   GgufExportOptions o;
   o.type = GgmlType::Q4_0;
+  o.edge_type = GgmlType::F32;  // the embedding as the model has it, so the file is exact
   o.codes_path = qdir + "/quantized.safetensors";
   GgufExportStats s = export_gguf(qm, tmp_ / "q.gguf", o);
   EXPECT_EQ(s.from_codes, 30);  // q, k, v, o, gate, up of 5 layers; down (172) stays f32
   EXPECT_EQ(s.requantized, 0);
-  EXPECT_TRUE(s.notes.empty());
+  for (const GgufTensorReport& r : s.tensors) {
+    EXPECT_EQ(r.max_abs_error, 0) << r.name;  // carried codes with f16 scales add nothing
+    EXPECT_EQ(r.how, r.type == "q4_0" ? "codes" : "converted") << r.name;
+  }
   std::vector<double> got = nll(load_model(tmp_ / "q.gguf"), *ids_);
   EXPECT_EQ(got, want);
   std::printf("group-32 codes, f16 scales: dir ppl %.6f, gguf q4_0 %.6f\n", ppl(want), ppl(got));
@@ -400,19 +476,69 @@ TEST_F(Export, GgufQ4_0CarriesGroup32CodesExactly) {
   EXPECT_LT(std::fabs(b / a - 1), 1e-3);
   std::printf("group-32 codes, f32 scales: dir ppl %.6f, gguf q4_0 %.6f\n", a, b);
 
-  // Codes of another bit width, or that no longer match the weights, are not carried.
+  // 4-bit symmetric codes fit q8_0 blocks too (q in [-8, 7]): carried, and as exact.
   o.type = GgmlType::Q8_0;
   o.codes_path = qdir + "/quantized.safetensors";
   GgufExportStats s8 = export_gguf(qm, tmp_ / "q8.gguf", o);
-  EXPECT_EQ(s8.from_codes, 0);
-  EXPECT_EQ(s8.notes.size(), 30u);
+  EXPECT_EQ(s8.from_codes, 30);
+  EXPECT_EQ(nll(load_model(tmp_ / "q8.gguf"), *ids_), want);
+  // q4_1 holds them as code * d + m with m = -8 d: exact as long as -8 d is (it is: a power of 2).
+  o.type = GgmlType::Q4_1;
+  EXPECT_EQ(export_gguf(qm, tmp_ / "q41.gguf", o).from_codes, 30);
+  EXPECT_EQ(nll(load_model(tmp_ / "q41.gguf"), *ids_), want);
+
+  // Codes that no longer match the weights are not carried, and the report says why.
   Model edited = qm;
   edited.weights.set(layer_name(0, "self_attn.q_proj.weight"), Matrix(64, 64, 0.5f));
   o.type = GgmlType::Q4_0;
   GgufExportStats se = export_gguf(edited, tmp_ / "e.gguf", o);
   EXPECT_EQ(se.from_codes, 29);
-  ASSERT_EQ(se.notes.size(), 1u);
-  EXPECT_NE(se.notes[0].find("do not reproduce"), std::string::npos) << se.notes[0];
+  EXPECT_EQ(se.requantized, 1);
+  for (const GgufTensorReport& r : se.tensors)
+    if (r.name == "blk.0.attn_q.weight") {
+      EXPECT_EQ(r.how, "requantized");
+      EXPECT_NE(r.note.find("do not reproduce"), std::string::npos) << r.note;
+      EXPECT_EQ(r.max_abs_error, 0);  // a constant row is exact in q4_0 (d = -0.5 / -8, code 0)
+    }
+}
+
+// Asymmetric group-32 codes: q4_1 carries them exactly; q4_0 cannot and re-rounds, saying why.
+TEST_F(Export, GgufQ4_1CarriesAsymmetricCodes) {
+  const std::string qdir = tmp_ / "asym";
+  write_group32_model(src_dir(), qdir, /*f16_scales=*/true, /*asymmetric=*/true);
+  Model qm = load_model(qdir);
+  std::vector<double> want = nll(qm, *ids_);
+  GgufExportOptions o;
+  o.type = GgmlType::Q4_1;
+  o.edge_type = GgmlType::F32;
+  o.codes_path = qdir + "/quantized.safetensors";
+  GgufExportStats s = export_gguf(qm, tmp_ / "a.gguf", o);
+  EXPECT_EQ(s.from_codes, 30);
+  std::vector<double> got = nll(load_model(tmp_ / "a.gguf"), *ids_);
+  EXPECT_EQ(got, want);
+  std::printf("asymmetric group-32 codes: dir ppl %.6f, gguf q4_1 %.6f\n", ppl(want), ppl(got));
+
+  // The q4_1 blocks hold the codes themselves: the first block of blk.1.attn_v is its codes.
+  SpecFile f = parse_gguf(tmp_ / "a.gguf");
+  const SpecTensor& t = f.tensors["blk.1.attn_v.weight"];
+  EXPECT_EQ(t.type, 3u);
+  SafetensorsFile codes(qdir + "/quantized.safetensors");
+  const TensorInfo& c = codes.tensors().at(layer_name(1, "self_attn.v_proj.weight") + ".codes");
+  const uint8_t* blk = reinterpret_cast<const uint8_t*>(f.bytes.data() + f.data_start + t.offset);
+  for (int j = 0; j < 16; ++j) {  // element j low nibble, j + 16 high; codes packed two per byte
+    EXPECT_EQ(blk[4 + j] & 0xF, (c.data[j / 2] >> (4 * (j % 2))) & 0xF) << j;
+    EXPECT_EQ(blk[4 + j] >> 4, (c.data[(j + 16) / 2] >> (4 * (j % 2))) & 0xF) << j;
+  }
+
+  o.type = GgmlType::Q4_0;
+  GgufExportStats s0 = export_gguf(qm, tmp_ / "a0.gguf", o);
+  EXPECT_EQ(s0.from_codes, 0);
+  EXPECT_EQ(s0.requantized, 30);
+  for (const GgufTensorReport& r : s0.tensors)
+    if (r.type == "q4_0") {
+      EXPECT_NE(r.note.find("asymmetric"), std::string::npos) << r.note;
+      EXPECT_GT(r.rel_rms_error, 0) << r.name;
+    }
 }
 
 // Rotated with R1/R2 only, a model is a plain checkpoint: its f32 GGUF computes the same NLLs.
@@ -441,9 +567,25 @@ TEST_F(Export, GgufQ4_0FromGptqGroup32) {
                         " --rotation quarot --no-online-hadamard --w-bits 4 --w-method gptq --w-group 32 --w-f16-scales --calib " +
                         kData + "/tinystories/calib.txt --nsamples 16 --calib-seqlen 256", tmp_);
   ASSERT_EQ(q.exit_code, 0) << q.err;
-  CliResult e = run_cli("export --model " + qdir + " --format gguf --gguf-type q4_0 --out " + out, tmp_);
+  const std::string report = tmp_ / "export.json";
+  CliResult e = run_cli("export --model " + qdir + " --format gguf --gguf-type q4_0 --gguf-embed-type f32 --out " +
+                        out + " --json " + report, tmp_);
   ASSERT_EQ(e.exit_code, 0) << e.err;
-  EXPECT_NE(e.out.find("30 tensors from the model's codes, 0 re-rounded"), std::string::npos) << e.out;
+  EXPECT_NE(e.out.find("30 tensors from the model's codes, 0 requantized"), std::string::npos) << e.out;
+  EXPECT_EQ(std::count(e.out.begin(), e.out.end(), '\n'), 1) << e.out;  // one summary line
+  EXPECT_EQ(e.err, "");
+  json rep = json::parse(slurp(report));
+  ASSERT_EQ(rep["tensors"].size(), 37u);  // rotated: the classifier is no longer the embedding
+  EXPECT_EQ(rep["tensors"][1]["name"], "blk.0.attn_q.weight");
+  EXPECT_EQ(rep["tensors"][1]["how"], "codes");
+  EXPECT_EQ(rep["tensors"][1]["max_abs_error"], 0.0);
+
+  // q8_0 of the same 4-bit model: the codes fit q8_0 blocks, and stdout is still one line.
+  CliResult e8 = run_cli("export --model " + qdir + " --format gguf --gguf-type q8_0 --out " + (tmp_ / "q8.gguf"), tmp_);
+  ASSERT_EQ(e8.exit_code, 0) << e8.err;
+  EXPECT_EQ(std::count(e8.out.begin(), e8.out.end(), '\n'), 1) << e8.out;
+  EXPECT_NE(e8.out.find("30 tensors from the model's codes, 2 requantized, 5 converted, token_embd q8_0, output q8_0"),
+            std::string::npos) << e8.out;
 
   SafetensorsFile codes(qdir + "/quantized.safetensors");
   int64_t scales = 0, not_f16 = 0;
@@ -535,24 +677,29 @@ TEST_F(Export, CliGgufEvalMatchesSource) {
   std::string a = eval(src_dir()), b = eval(out);
   EXPECT_EQ(a.rfind("ppl ", 0), 0u) << a;
   EXPECT_EQ(a, b);
+
+  // llama-perplexity's protocol on the same windows: BOS first in each window, second half scored.
+  json r = cli_eval("--model " + out + " --ppl " + kValid + " --seqlen 64 --max-windows 3 --protocol llama.cpp", tmp_);
+  Model g = load_model(out);
+  std::vector<int32_t> ids = g.tokenizer->encode(slurp(kValid), true);  // as eval tokenizes
+  ASSERT_EQ(ids[0], 1);
+  std::vector<int32_t> wins(ids.begin(), ids.begin() + 3 * 64);
+  for (int w = 0; w < 3; ++w) wins[size_t(w * 64)] = 1;
+  std::vector<double> v = next_token_nll(g, wins, 3, 64);
+  double sum = 0;
+  int n = 0;
+  for (int w = 0; w < 3; ++w)
+    for (int p = 32; p < 63; ++p, ++n) sum += v[size_t(w * 63 + p)];  // logits at 32..62 predict tokens 33..63
+  EXPECT_EQ(r["protocol"], "llama.cpp");
+  EXPECT_EQ(r["tokens"], n);
+  EXPECT_NEAR(r["mean_nll"].get<double>(), sum / n, 1e-6 * sum / n);  // the CLI ran with --threads 1
 }
 
 // A synthetic Llama-3-style model: untied classifier, llama3 rope scaling (rope_freqs), and an HF
 // byte-level BPE tokenizer carried in tokenizer.huggingface.json.
 TEST_F(Export, GgufLlama3RopeUntiedHeadAndHfTokenizer) {
-  const std::string tok = kData + "/hf/smollm2-135m-instruct/tokenizer.json";
-  Model m;
-  m.tokenizer = load_tokenizer(tok);
-  m.tokenizer_path = tok;
+  Model m = random_model(kData + "/hf/smollm2-135m-instruct/tokenizer.json", 64, 2);
   ModelConfig& c = m.config;
-  c.vocab_size = int(m.tokenizer->vocab_size());
-  c.hidden_size = 64;
-  c.intermediate_size = 80;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 16;
-  c.max_seq = 256;
   c.rope_theta = 500000.f;
   c.rope_factor = 8.f;
   c.rope_low_freq = 1.f;
@@ -561,28 +708,6 @@ TEST_F(Export, GgufLlama3RopeUntiedHeadAndHfTokenizer) {
   c.extra = c.to_json();
   c.extra["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0},
                              {"high_freq_factor", 4.0}, {"original_max_position_embeddings", 8192}};
-  std::mt19937 rng(7);
-  std::normal_distribution<float> nd(0.f, 0.08f);
-  auto rnd = [&](int64_t r, int64_t k, float base = 0.f) {
-    Matrix x(r, k);
-    for (float& v : x.data) v = base + nd(rng);
-    return x;
-  };
-  m.weights.set("model.embed_tokens.weight", rnd(c.vocab_size, 64));
-  m.weights.set("lm_head.weight", rnd(c.vocab_size, 64));
-  m.weights.set("model.norm.weight", rnd(1, 64, 1.f));
-  for (int l = 0; l < 2; ++l) {
-    m.weights.set(layer_name(l, "input_layernorm.weight"), rnd(1, 64, 1.f));
-    m.weights.set(layer_name(l, "post_attention_layernorm.weight"), rnd(1, 64, 1.f));
-    m.weights.set(layer_name(l, "self_attn.q_proj.weight"), rnd(64, 64));
-    m.weights.set(layer_name(l, "self_attn.k_proj.weight"), rnd(32, 64));
-    m.weights.set(layer_name(l, "self_attn.v_proj.weight"), rnd(32, 64));
-    m.weights.set(layer_name(l, "self_attn.o_proj.weight"), rnd(64, 64));
-    m.weights.set(layer_name(l, "mlp.gate_proj.weight"), rnd(80, 64));
-    m.weights.set(layer_name(l, "mlp.up_proj.weight"), rnd(80, 64));
-    m.weights.set(layer_name(l, "mlp.down_proj.weight"), rnd(64, 80));
-  }
-  m.source = "synthetic";
   const std::string out = tmp_ / "l3.gguf";
   export_gguf(m, out);
 
@@ -617,6 +742,291 @@ TEST_F(Export, GgufLlama3RopeUntiedHeadAndHfTokenizer) {
   EXPECT_EQ(g.tokenizer->encode(text, true), ids);
   ids.resize(128);
   EXPECT_EQ(next_token_nll(g, ids, 1, 128), next_token_nll(m, ids, 1, 128));
+}
+
+// ---- tokenizer metadata per family, read back with the parser above ----
+
+// The keys llama.cpp reads for a tokenizer, as this file's parser finds them.
+struct TokKeys {
+  std::string model, pre;
+  std::vector<std::string> tokens;
+  std::vector<double> scores, types;
+  std::map<std::string, double> ids;  // bos/eos/unknown/padding_token_id present
+  bool add_bos = false, add_eos = false;
+  int add_space_prefix = -1;  // -1: absent
+  std::string chat_template;
+};
+
+TokKeys tok_keys(const std::string& gguf) {
+  SpecFile f = parse_gguf(gguf);
+  TokKeys k;
+  k.model = need_key(f, "tokenizer.ggml.model").strs.at(0);
+  k.pre = need_key(f, "tokenizer.ggml.pre").strs.at(0);
+  k.tokens = need_key(f, "tokenizer.ggml.tokens").strs;
+  if (f.kv.count("tokenizer.ggml.scores")) k.scores = f.kv["tokenizer.ggml.scores"].nums;
+  k.types = need_key(f, "tokenizer.ggml.token_type").nums;
+  for (const char* id : {"bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"})
+    if (f.kv.count(std::string("tokenizer.ggml.") + id)) {
+      EXPECT_EQ(f.kv[std::string("tokenizer.ggml.") + id].type, 4u) << id;  // u32
+      k.ids[id] = f.kv[std::string("tokenizer.ggml.") + id].nums.at(0);
+    }
+  EXPECT_EQ(need_key(f, "tokenizer.ggml.add_bos_token").type, 7u);
+  k.add_bos = need_key(f, "tokenizer.ggml.add_bos_token").nums.at(0) != 0;
+  k.add_eos = need_key(f, "tokenizer.ggml.add_eos_token").nums.at(0) != 0;
+  if (f.kv.count("tokenizer.ggml.add_space_prefix")) k.add_space_prefix = int(f.kv["tokenizer.ggml.add_space_prefix"].nums.at(0));
+  if (f.kv.count("tokenizer.chat_template")) k.chat_template = f.kv["tokenizer.chat_template"].strs.at(0);
+  return k;
+}
+
+// A tokenizer variant from tests/fixtures/tokenizer/variants.json (or `set` applied to a base),
+// written as DIR/tokenizer.json.
+std::string variant_tokenizer(const ScratchDir& tmp, const std::string& name, const json& variant) {
+  fs::create_directories(tmp / name);
+  json base = json::parse(slurp(kData + "/hf/" + variant["base"].get<std::string>() + "/tokenizer.json"));
+  spit(tmp / name + "/tokenizer.json", apply_tokenizer_variant(base, variant).dump());
+  return tmp / name + "/tokenizer.json";
+}
+
+json fixture_variant(const std::string& name) {
+  json all = json::parse(slurp(std::string(DQ_SOURCE_DIR) + "/tests/fixtures/tokenizer/variants.json"))["variants"];
+  for (const json& v : all)
+    if (v["name"] == name) return v;
+  throw std::runtime_error("no variant " + name);
+}
+
+TEST_F(Export, GgufTokenizerKeysPerFamily) {
+  // stories260K (llama2.c vocabulary): SentencePiece, BOS/EOS spelled as SentencePiece does.
+  export_gguf(load_model(src_dir()), tmp_ / "stories.gguf");
+  TokKeys st = tok_keys(tmp_ / "stories.gguf");
+  EXPECT_EQ(st.model, "llama");
+  EXPECT_EQ(st.pre, "default");
+  EXPECT_EQ(st.tokens.at(1), "<s>");
+  EXPECT_EQ(st.tokens.at(2), "</s>");
+  EXPECT_EQ(st.ids["bos_token_id"], 1);
+  EXPECT_EQ(st.ids["eos_token_id"], 2);
+  EXPECT_EQ(st.ids["unknown_token_id"], 0);
+  EXPECT_TRUE(st.add_bos);
+  EXPECT_FALSE(st.add_eos);
+  EXPECT_EQ(st.add_space_prefix, 1);
+
+  struct Family {
+    std::string name, tokenizer, model, pre;
+    bool add_bos;
+    int space_prefix;
+    int bos, eos, pad;  // -1: absent
+  };
+  const std::string hf = kData + "/hf/";
+  std::vector<Family> families = {
+      {"smollm2", hf + "smollm2-135m-instruct/tokenizer.json", "gpt2", "smollm", false, -1, 1, 2, -1},
+      {"tinyllama", hf + "tinyllama-1.1b-chat-v1.0/tokenizer.json", "llama", "default", true, 1, 1, 2, 2},
+      {"llama2", hf + "llama-2-7b-hf/tokenizer.json", "llama", "default", true, 1, 1, 2, -1},
+      {"mistral", hf + "mistral-7b-v0.1/tokenizer.json", "llama", "default", true, 1, 1, 2, -1},
+      {"llama3_split", variant_tokenizer(tmp_, "l3", fixture_variant("llama3_split")), "gpt2", "llama-bpe", true, -1, 0, 0, -1},
+      {"qwen_split", variant_tokenizer(tmp_, "qw", fixture_variant("qwen_split")), "gpt2", "qwen2", false, -1, -1, 0, -1},
+  };
+  // (The variants sit without a config.json: BOS is the template's, EOS the conventional text token.)
+  // GPT-2's own pre-tokenizer (ByteLevel with its regex) and Llama-3's split without ignore_merges.
+  json gpt2 = {{"base", "smollm2-135m-instruct"},
+               {"set", {{"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}}}}}};
+  families.push_back({"gpt2", variant_tokenizer(tmp_, "g2", gpt2), "gpt2", "gpt-2", false, -1, -1, 0, -1});
+  json smaug = fixture_variant("llama3_split");
+  smaug["model"]["ignore_merges"] = false;
+  families.push_back({"smaug", variant_tokenizer(tmp_, "sm", smaug), "gpt2", "smaug-bpe", true, -1, 0, 0, -1});
+
+  for (const Family& fam : families) {
+    SCOPED_TRACE(fam.name);
+    Model m = random_model(fam.tokenizer, 32, 1);
+    const std::string out = tmp_ / (fam.name + ".gguf");
+    GgufExportStats stats = export_gguf(m, out);
+    // Mistral's Metaspace leaves text that starts with a space alone; llama.cpp prefixes all text.
+    EXPECT_EQ(stats.notes.size(), fam.name == "mistral" ? 1u : 0u);
+    TokKeys k = tok_keys(out);
+    EXPECT_EQ(k.model, fam.model);
+    EXPECT_EQ(k.pre, fam.pre);
+    EXPECT_EQ(k.add_bos, fam.add_bos);
+    EXPECT_FALSE(k.add_eos);
+    EXPECT_EQ(k.add_space_prefix, fam.space_prefix);
+    EXPECT_EQ(k.ids.count("bos_token_id") ? int(k.ids["bos_token_id"]) : -1, fam.bos);
+    EXPECT_EQ(k.ids.count("eos_token_id") ? int(k.ids["eos_token_id"]) : -1, fam.eos);
+    EXPECT_EQ(k.ids.count("padding_token_id") ? int(k.ids["padding_token_id"]) : -1, fam.pad);
+    ASSERT_EQ(k.tokens.size(), m.tokenizer->vocab_size());
+    // The chat template is tokenizer_config.json's, when it has one.
+    const std::string cfg = fs::path(fam.tokenizer).parent_path() / "tokenizer_config.json";
+    json tc = fs::exists(cfg) ? json::parse(slurp(cfg)) : json::object();
+    EXPECT_EQ(k.chat_template, tc.value("chat_template", std::string()));
+    if (fam.model == "llama") {
+      // llama.cpp merges the pair whose result scores highest: each normal token scores minus the
+      // rank of the first merge making it, so that order is tokenizer.json's merge order.
+      json tj = json::parse(slurp(fam.tokenizer));
+      std::map<std::string, double> first_rank;
+      const json& merges = tj["model"]["merges"];
+      for (size_t r = 0; r < merges.size(); ++r) {
+        std::string ab = merges[r].is_string() ? merges[r].get<std::string>()
+                                               : merges[r][0].get<std::string>() + " " + merges[r][1].get<std::string>();
+        std::string t = ab.substr(0, ab.find(' ')) + ab.substr(ab.find(' ') + 1);
+        if (!first_rank.count(t)) first_rank[t] = double(r);
+      }
+      ASSERT_EQ(k.scores.size(), k.tokens.size());
+      size_t checked = 0;
+      for (size_t i = 0; i < k.tokens.size(); ++i) {
+        if (k.types[i] != 1) continue;
+        auto it = first_rank.find(k.tokens[i]);
+        EXPECT_EQ(k.scores[i], it == first_rank.end() ? -1e9f : -float(it->second)) << k.tokens[i];
+        checked += it != first_rank.end();
+      }
+      EXPECT_GT(checked, k.tokens.size() / 2);
+    }
+    // Our reader rebuilds the same tokenizer from the file.
+    const std::string text = slurp(kValid).substr(0, 2000) + " 12345 don't\n\n  x";
+    EXPECT_EQ(load_model(out).tokenizer->encode(text, true), m.tokenizer->encode(text, true));
+  }
+  EXPECT_FALSE(tok_keys(tmp_ / "tinyllama.gguf").chat_template.empty());
+
+  // Pre-tokenizers llama.cpp has no name for are refused, naming the tokenizer file.
+  for (const char* name : {"gpt2_prefix_space", "metaspace_always_split", "digits_runs_no_regex", "split_behaviors"}) {
+    SCOPED_TRACE(name);
+    const std::string tok = variant_tokenizer(tmp_, name, fixture_variant(name));
+    try {
+      export_gguf(random_model(tok, 32, 1), tmp_ / "refused.gguf");
+      ADD_FAILURE() << "exported";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(tok + ": cannot export the tokenizer to GGUF"), std::string::npos) << e.what();
+    }
+    EXPECT_FALSE(fs::exists(tmp_ / "refused.gguf"));
+  }
+}
+
+// Qwen2 (q/k/v biases): llama.cpp's "qwen2" architecture, whose RoPE pairs (i, i + d/2) as HF
+// does, so q/k rows are written as they are; the biases are F32 vectors.
+TEST_F(Export, GgufQwen2WithBiases) {
+  ScratchDir dir;
+  const std::string model_dir = dir / "qwen";
+  SynthOptions so;
+  so.dtype = DType::F32;
+  so.seed = 3;
+  synth_model(small_qwen_config(dir), model_dir, so);
+  Model m = load_model(model_dir, kTok512);
+  ASSERT_TRUE(m.config.qkv_bias);
+  const std::string out = tmp_ / "qwen.gguf";
+  export_gguf(m, out);
+  SpecFile f = parse_gguf(out);
+  EXPECT_EQ(need_key(f, "general.architecture").strs.at(0), "qwen2");
+  EXPECT_EQ(need_key(f, "qwen2.embedding_length").nums.at(0), 128);
+  EXPECT_EQ(need_key(f, "qwen2.attention.head_count_kv").nums.at(0), 2);
+  EXPECT_EQ(need_key(f, "qwen2.block_count").nums.at(0), 2);
+  EXPECT_FALSE(f.kv.count("llama.block_count"));
+  auto data = [&](const std::string& name) {
+    const SpecTensor& t = f.tensors.at(name);
+    EXPECT_EQ(t.type, 0u) << name;
+    uint64_t n = 1;
+    for (uint64_t d : t.dims) n *= d;
+    std::vector<float> v(n);
+    std::memcpy(v.data(), f.bytes.data() + f.data_start + t.offset, n * 4);
+    return v;
+  };
+  for (const char* b : {"attn_q.bias", "attn_k.bias", "attn_v.bias"}) {
+    ASSERT_TRUE(f.tensors.count(std::string("blk.1.") + b)) << b;
+    EXPECT_EQ(f.tensors[std::string("blk.1.") + b].dims.size(), 1u) << b;
+  }
+  EXPECT_EQ(data("blk.1.attn_q.bias"), m.weights.get(layer_name(1, "self_attn.q_proj.bias")).data);
+  EXPECT_EQ(data("blk.1.attn_k.weight"), m.weights.get(layer_name(1, "self_attn.k_proj.weight")).data);  // not permuted
+
+  Model g = load_model(out);
+  EXPECT_EQ(g.config.architecture, "Qwen2ForCausalLM");
+  EXPECT_TRUE(g.config.qkv_bias);
+  std::vector<int32_t> ids = m.tokenizer->encode(slurp(kValid).substr(0, 3000), true);
+  ids.resize(128);
+  EXPECT_EQ(next_token_nll(g, ids, 1, 128), next_token_nll(m, ids, 1, 128));
+}
+
+// Mistral's sliding window: llama.cpp converts Mistral as "llama" and attends over the whole
+// context, so the export says up to where outputs agree instead of refusing.
+TEST_F(Export, GgufMistralSlidingWindowIsNoted) {
+  ScratchDir dir;
+  SynthOptions so;
+  so.dtype = DType::F32;
+  synth_model(cut_config(dir, "mistral-7b-v0.1",
+                         {{"hidden_size", 64}, {"intermediate_size", 96}, {"num_attention_heads", 4},
+                          {"num_key_value_heads", 2}, {"num_hidden_layers", 1}, {"vocab_size", 512},
+                          {"max_position_embeddings", 512}, {"sliding_window", 64}},
+                         "mistral"),
+              dir / "m", so);
+  Model m = load_model(dir / "m", kTok512);
+  ASSERT_EQ(m.config.sliding_window, 64);
+  GgufExportStats s = export_gguf(m, tmp_ / "mistral.gguf");
+  ASSERT_EQ(s.notes.size(), 1u);
+  EXPECT_NE(s.notes[0].find("up to 64 tokens"), std::string::npos) << s.notes[0];
+  SpecFile f = parse_gguf(tmp_ / "mistral.gguf");
+  EXPECT_EQ(need_key(f, "general.architecture").strs.at(0), "llama");
+  // Within the window the GGUF computes what the model does.
+  std::vector<int32_t> ids = m.tokenizer->encode(slurp(kValid).substr(0, 2000), true);
+  ids.resize(64);
+  EXPECT_EQ(next_token_nll(load_model(tmp_ / "mistral.gguf"), ids, 1, 64), next_token_nll(m, ids, 1, 64));
+}
+
+// Mixtral: llama.cpp's "llama" with the experts of each layer stacked in one 3-D tensor (experts
+// outermost) and the router as ffn_gate_inp; the GGUF computes what the model does.
+TEST_F(Export, GgufMixtralStacksExperts) {
+  ScratchDir dir;
+  SynthOptions so;
+  so.dtype = DType::F32;
+  so.seed = 5;
+  synth_model(cut_config(dir, "mixtral-8x7b-v0.1",
+                         {{"hidden_size", 64}, {"intermediate_size", 64}, {"num_attention_heads", 4},
+                          {"num_key_value_heads", 2}, {"num_hidden_layers", 2}, {"num_local_experts", 4},
+                          {"num_experts_per_tok", 2}, {"max_position_embeddings", 256}, {"sliding_window", nullptr}},
+                         "mixtral"),
+              dir / "m", so);
+  Model m = load_model(dir / "m");
+  ASSERT_EQ(m.config.num_experts, 4);
+  const std::string out = tmp_ / "mixtral.gguf";
+  export_gguf(m, out);
+
+  SpecFile f = parse_gguf(out);
+  EXPECT_EQ(need_key(f, "general.architecture").strs.at(0), "llama");
+  EXPECT_EQ(need_key(f, "llama.expert_count").nums.at(0), 4);
+  EXPECT_EQ(need_key(f, "llama.expert_used_count").nums.at(0), 2);
+  EXPECT_EQ(f.tensors.at("blk.1.ffn_gate_inp.weight").dims, (std::vector<uint64_t>{64, 4}));
+  EXPECT_EQ(f.tensors.at("blk.1.ffn_gate_exps.weight").dims, (std::vector<uint64_t>{64, 64, 4}));
+  EXPECT_EQ(f.tensors.at("blk.1.ffn_down_exps.weight").dims, (std::vector<uint64_t>{64, 64, 4}));
+  EXPECT_FALSE(f.tensors.count("blk.1.ffn_gate.weight"));
+  const SpecTensor& down = f.tensors.at("blk.1.ffn_down_exps.weight");
+  std::vector<float> e2(64 * 64);  // expert 2's w2, the third 64 x 64 slab
+  std::memcpy(e2.data(), f.bytes.data() + f.data_start + down.offset + 2 * e2.size() * 4, e2.size() * 4);
+  EXPECT_EQ(e2, m.weights.get(layer_name(1, "block_sparse_moe.experts.2.w2.weight")).data);
+
+  Model g = load_model(out);
+  EXPECT_EQ(g.config.architecture, "MixtralForCausalLM");
+  std::vector<int32_t> ids = m.tokenizer->encode(slurp(kValid).substr(0, 2000), true);
+  ids.resize(96);
+  EXPECT_EQ(next_token_nll(g, ids, 1, 96), next_token_nll(m, ids, 1, 96));
+
+  // q4_0: the router stays f32, the experts are requantized as one tensor each.
+  GgufExportOptions o;
+  o.type = GgmlType::Q4_0;
+  GgufExportStats s = export_gguf(m, tmp_ / "mixtral_q4.gguf", o);
+  SpecFile q = parse_gguf(tmp_ / "mixtral_q4.gguf");
+  EXPECT_EQ(q.tensors.at("blk.0.ffn_gate_inp.weight").type, 0u);
+  EXPECT_EQ(q.tensors.at("blk.0.ffn_up_exps.weight").type, 2u);
+  EXPECT_EQ(s.requantized, 2 * 7 + 2);  // q k v o + 3 expert stacks per layer, token_embd (q4_0), output (q8_0)
+  EXPECT_EQ(q.tensors.at("output.weight").type, 8u);
+}
+
+// quantize --target gguf refuses what a GGUF cannot hold before any work is done.
+TEST_F(Export, QuantizeTargetGgufRefusesRunTimeTransformsUpFront) {
+  const std::string base = "quantize --model " + src_dir() + " --out " + (tmp_ / "q") + " --target gguf --w-bits 4 ";
+  CliResult r = run_cli(base + "--rotation quarot", tmp_);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("--no-online-hadamard"), std::string::npos) << r.err;
+  CliResult a = run_cli(base + "--a-bits 4 --kv-bits 8", tmp_);
+  EXPECT_NE(a.exit_code, 0);
+  EXPECT_NE(a.err.find("4-bit activations"), std::string::npos) << a.err;
+  EXPECT_NE(a.err.find("8-bit KV cache"), std::string::npos) << a.err;
+  EXPECT_FALSE(fs::exists(tmp_ / "q"));
+  EXPECT_FALSE(fs::exists(tmp_ / "q.partial"));
+  CliResult ok = run_cli(base + "--rotation quarot --no-online-hadamard --w-group 32 --w-f16-scales", tmp_);
+  EXPECT_EQ(ok.exit_code, 0) << ok.err;
+  EXPECT_EQ(ok.err.find("note: --target gguf"), std::string::npos) << ok.err;
 }
 
 }  // namespace

@@ -44,16 +44,9 @@ using Scratch = test::ScratchDir;
 
 // Mixtral-8x7B's config cut down (8 experts, top-2 kept), with its tokenizer beside it.
 std::string small_mixtral(const Scratch& s) {
-  json j = json::parse(slurp(kMixtral + "/config.json"));
-  j["hidden_size"] = 64;
-  j["intermediate_size"] = 128;
-  j["num_attention_heads"] = 4;
-  j["num_key_value_heads"] = 2;
-  j["num_hidden_layers"] = 2;
-  fs::create_directories(s.path() / "cfg_mixtral");
-  test::spit(s / "cfg_mixtral/config.json", j.dump(2));
-  fs::copy_file(kMixtral + "/tokenizer.json", s / "cfg_mixtral/tokenizer.json");
-  return s / "cfg_mixtral/config.json";
+  return test::cut_config(s, "mixtral-8x7b-v0.1", {{"hidden_size", 64}, {"intermediate_size", 128}, {"num_attention_heads", 4},
+                                                   {"num_key_value_heads", 2}, {"num_hidden_layers", 2}},
+                          "cfg_mixtral");
 }
 
 // DeepSeek-MoE-16B's structure scaled down: a dense first layer, 8 fine-grained routed experts

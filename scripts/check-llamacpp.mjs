@@ -1,0 +1,185 @@
+#!/usr/bin/env node
+// dartquant's GGUF exports checked in llama.cpp through node-llama-cpp, whose npm package ships a
+// prebuilt llama.cpp (no compiler, no llama.cpp checkout needed). Not part of CI. Setup, outside
+// the project:
+//   mkdir -p /tmp/nlc && cd /tmp/nlc && npm init -y && npm i -E node-llama-cpp@3.21.1
+// Run from the project root (build/dartquant built):
+//   NODE_PATH=/tmp/nlc/node_modules node scripts/check-llamacpp.mjs [LINES] [WINDOWS] > table.md
+// Prints the tables of docs/LLAMACPP.md:
+// 1. Tokenizer ids: for each tokenizer family dartquant reads, a one-layer model with that
+//    tokenizer is exported to GGUF; the first LINES (default 300) non-empty lines of WikiText-2
+//    test are tokenized by `dartquant tokenize` (no special tokens) and by llama.cpp's
+//    tokenizer on the GGUF (no special tokens); the table counts lines with equal ids.
+// 2. Perplexity and greedy text for stories260K and synthetic SmolLM2-135M / Llama-3.2-1B /
+//    Qwen2.5-0.5B shapes (2 layers, seeded weights), exported as f32, f16, q8_0, q4_0, q4_1.
+//    Protocol (llama-perplexity's, which `dartquant eval --protocol llama.cpp` follows): the
+//    whole text tokenized once with BOS first, cut into non-overlapping windows of C tokens, the
+//    first WINDOWS (default 4) of them; BOS put first in each window; only the second half of each
+//    window scored. llama.cpp's side evaluates each window in a fresh sequence and reads the
+//    probability of the actual next token from its full next-token distribution (temperature 1,
+//    no top-k/top-p/min-p); dartquant's is `eval --protocol llama.cpp`. Greedy text: 24 tokens
+//    after the same prompt, `dartquant generate --temperature 0` against llama.cpp's argmax.
+import {execFileSync} from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import {createRequire} from "node:module";
+
+const require = createRequire(path.join(process.env.NODE_PATH || ".", "x.js"));
+const {getLlama, LlamaLogLevel} = await import(require.resolve("node-llama-cpp"));
+
+const LINES = Number(process.argv[2] || 300), WINDOWS = Number(process.argv[3] || 4);
+const DQ = "build/dartquant", DATA = "../shared/data";
+const work = fs.mkdtempSync(path.join(os.tmpdir(), "dq-llamacpp-"));
+const dq = (...args) => execFileSync(DQ, ["--threads", "1", ...args], {encoding: "utf8", maxBuffer: 1 << 28});
+const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error});
+
+// A tokenizer.json variant from tests/fixtures/tokenizer/variants.json, in its own directory.
+function variant(name) {
+  const v = JSON.parse(fs.readFileSync("tests/fixtures/tokenizer/variants.json", "utf8")).variants.find(x => x.name === name);
+  const t = JSON.parse(fs.readFileSync(`${DATA}/hf/${v.base}/tokenizer.json`, "utf8"));
+  Object.assign(t, v.set || {});
+  Object.assign(t.model, v.model || {});
+  const dir = path.join(work, "tok-" + name);
+  fs.mkdirSync(dir, {recursive: true});
+  fs.writeFileSync(path.join(dir, "tokenizer.json"), JSON.stringify(t));
+  return dir;
+}
+
+// A directory holding the family's tokenizer.json (and tokenizer_config.json where it has one).
+function familyDir(fam) {
+  const src = {smollm2: "smollm2-135m-instruct", tinyllama: "tinyllama-1.1b-chat-v1.0", "llama-2": "llama-2-7b-hf",
+               mistral: "mistral-7b-v0.1"}[fam];
+  if (!src) return variant(fam === "llama-3" ? "llama3_split" : "qwen_split");
+  const dir = path.join(work, "tok-" + fam);
+  fs.mkdirSync(dir, {recursive: true});
+  for (const f of ["tokenizer.json", "tokenizer_config.json"])
+    if (fs.existsSync(`${DATA}/hf/${src}/${f}`)) fs.copyFileSync(`${DATA}/hf/${src}/${f}`, path.join(dir, f));
+  return dir;
+}
+
+// config.json beside the tokenizer: a base config (or a tiny Llama) with the tokenizer's vocabulary.
+function writeConfig(dir, base, layers) {
+  const t = JSON.parse(fs.readFileSync(path.join(dir, "tokenizer.json"), "utf8"));
+  const ids = Object.values(t.model.vocab).concat((t.added_tokens || []).map(a => a.id));
+  const c = base ? JSON.parse(fs.readFileSync(base, "utf8")) :
+    {architectures: ["LlamaForCausalLM"], model_type: "llama", hidden_size: 64, intermediate_size: 128,
+     num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 512, rms_norm_eps: 1e-5,
+     rope_theta: 10000.0, tie_word_embeddings: false};
+  c.num_hidden_layers = layers;
+  c.vocab_size = Math.max(...ids) + 1;
+  fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify(c, null, 1));
+}
+
+const ggufString = (file, key) => {  // a string value from a GGUF header
+  const b = fs.readFileSync(file), k = Buffer.from(key);
+  const i = b.indexOf(k) + k.length + 4;
+  return b.subarray(i + 8, i + 8 + Number(b.readBigUInt64LE(i))).toString();
+};
+
+// ---- 1. tokenizer ids ----
+const lines = fs.readFileSync(`${DATA}/wikitext2/wiki.test.raw`, "utf8").split("\n").filter(l => l.trim()).slice(0, LINES);
+fs.writeFileSync(path.join(work, "lines.txt"), lines.join("\n") + "\n");
+console.log("| tokenizer family | tokenizer.ggml.model / pre | lines | equal ids | equal ids, leading spaces stripped |\n|---|---|---|---|---|");
+const stripped = lines.map(l => l.trimStart());
+fs.writeFileSync(path.join(work, "stripped.txt"), stripped.join("\n") + "\n");
+for (const fam of ["stories260K", "smollm2", "tinyllama", "llama-2", "mistral", "llama-3", "qwen2"]) {
+  const gguf = path.join(work, fam + ".gguf");
+  let tok;
+  if (fam === "stories260K") {
+    tok = `${DATA}/stories260K/tok512.bin`;
+    dq("export", "--model", `${DATA}/stories260K/stories260K.bin`, "--format", "gguf", "--out", gguf);
+  } else {
+    const dir = familyDir(fam);
+    writeConfig(dir, null, 1);
+    dq("synth", "--config", path.join(dir, "config.json"), "--out", path.join(work, "m-" + fam), "--dtype", "f32");
+    dq("export", "--model", path.join(work, "m-" + fam), "--format", "gguf", "--out", gguf);
+    tok = path.join(dir, "tokenizer.json");
+  }
+  const model = await llama.loadModel({modelPath: gguf});
+  const equal = file => {
+    const ours = dq("tokenize", "--tokenizer", tok, "--text-file", path.join(work, file)).trim().split("\n");
+    const text = fs.readFileSync(path.join(work, file), "utf8").split("\n");
+    return ours.filter((o, i) => JSON.stringify(Array.from(model.tokenize(text[i], false))) === o.replace(/ /g, "")).length;
+  };
+  const a = equal("lines.txt"), b = equal("stripped.txt");
+  await model.dispose();
+  console.log(`| ${fam} | ${ggufString(gguf, "tokenizer.ggml.model")} / ${ggufString(gguf, "tokenizer.ggml.pre")} | ${lines.length} | ${a} | ${b} |`);
+}
+console.log();
+
+// ---- 2. perplexity and greedy text ----
+const F32_KV = {experimentalKvCacheKeyType: "F32", experimentalKvCacheValueType: "F32"};  // dartquant's cache is f32
+async function llamaPpl(gguf, text, ctx) {
+  const model = await llama.loadModel({modelPath: gguf});
+  const context = await model.createContext({contextSize: ctx, batchSize: ctx, sequences: 1, ...F32_KV});
+  // tokenize() adds no BOS itself: the GGUF's add_bos_token says whether llama.cpp puts one first.
+  const bos = model.tokens.bos, addBos = model.tokens.shouldPrependBosToken;
+  const all = (addBos ? [bos] : []).concat(Array.from(model.tokenize(fs.readFileSync(text, "utf8"), false)));
+  let sum = 0, n = 0;
+  const seq = context.getSequence();
+  for (let w = 0; w < WINDOWS; ++w) {
+    await seq.clearHistory();  // each window on its own, as llama-perplexity clears the KV cache
+    const win = all.slice(w * ctx, (w + 1) * ctx);
+    if (addBos) win[0] = bos;
+    const input = win.map((t, i) => i >= ctx / 2 && i < ctx - 1
+      ? [t, {generateNext: {probabilities: true, options: {temperature: 1, topK: 0, topP: 1, minP: 0}}}] : t);
+    const out = await seq.controlledEvaluate(input);
+    for (let i = ctx / 2; i < ctx - 1; ++i, ++n) sum -= Math.log(out[i].next.probabilities.get(win[i + 1]));
+  }
+  await context.dispose();
+  await model.dispose();
+  return Math.exp(sum / n);
+}
+
+async function llamaGreedy(gguf, prompt, n) {
+  const model = await llama.loadModel({modelPath: gguf});
+  const context = await model.createContext({contextSize: 256, sequences: 1, ...F32_KV});
+  const seq = context.getSequence();
+  const ids = (model.tokens.shouldPrependBosToken ? [model.tokens.bos] : []).concat(Array.from(model.tokenize(prompt, false)));
+  const out = [];
+  let input = ids;
+  for (let i = 0; i < n; ++i) {
+    const last = input.length - 1;
+    const r = await seq.controlledEvaluate(input.map((t, j) => j === last ? [t, {generateNext: {token: true, options: {temperature: 0}}}] : t));
+    const next = r[last].next.token;
+    if (next === model.tokens.eos) break;  // as dartquant generate stops
+    out.push(next);
+    input = [next];
+  }
+  const text = model.detokenize([...ids, ...out]).trim();
+  await context.dispose();
+  await model.dispose();
+  return text;
+}
+
+console.log("| model | type | ctx x windows | dartquant eval --protocol llama.cpp | llama.cpp | rel. diff | greedy text equal |");
+console.log("|---|---|---|---|---|---|---|");
+const shapes = {"smollm2-135m": ["smollm2", "smollm2-135m-instruct"], "llama-3.2-1b": ["llama-3", "llama-3.2-1b"],
+                "qwen2.5-0.5b": ["qwen2", "qwen2.5-0.5b"]};
+for (const name of ["stories260K", ...Object.keys(shapes)]) {
+  let src = `${DATA}/stories260K/stories260K.bin`, text = `${DATA}/tinystories/valid.txt`, ctx = 256, prompt = "Once upon a time";
+  if (name !== "stories260K") {
+    const [fam, cfg] = shapes[name];
+    const dir = familyDir(fam);
+    writeConfig(dir, `${DATA}/hf/${cfg}/config.json`, 2);
+    src = path.join(work, "s-" + name);
+    dq("synth", "--config", path.join(dir, "config.json"), "--out", src, "--dtype", "f32", "--seed", "1");
+    text = `${DATA}/wikitext2/wiki.test.raw`; ctx = 128; prompt = "The history of the city";
+  }
+  for (const type of ["f32", "f16", "q8_0", "q4_0", "q4_1"]) {
+    const gguf = path.join(work, `${name}-${type}.gguf`);
+    dq("export", "--model", src, "--format", "gguf", "--gguf-type", type, "--out", gguf);
+    const report = path.join(work, "eval.json");
+    dq("eval", "--model", gguf, "--ppl", text, "--seqlen", String(ctx), "--max-windows", String(WINDOWS),
+       "--protocol", "llama.cpp", "--json", report);
+    const ours = JSON.parse(fs.readFileSync(report, "utf8")).ppl;
+    const theirs = await llamaPpl(gguf, text, ctx);
+    const a = dq("generate", "--model", gguf, "--prompt", prompt, "-n", "24", "--temperature", "0").trim();
+    const b = await llamaGreedy(gguf, prompt, 24);
+    console.log(`| ${name} | ${type} | ${ctx} x ${WINDOWS} | ${ours.toFixed(4)} | ${theirs.toFixed(4)} | ` +
+                `${Math.abs(ours / theirs - 1).toExponential(1)} | ${a === b ? "yes" : "no"} |`);
+    fs.rmSync(gguf);
+  }
+}
+fs.rmSync(work, {recursive: true, force: true});
