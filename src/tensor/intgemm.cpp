@@ -287,13 +287,14 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y) {
       for (int64_t c = w.bounds[size_t(b)]; c < w.bounds[size_t(b) + 1]; ++c) s += a.codes[size_t(t * a.cols + c)];
       asum[size_t(t * nb + b)] = s;
     }
-  // Tokens in chunks small enough that their codes stay in cache while every weight row passes.
+  // Tokens in chunks small enough that their codes stay in cache while the weight rows pass; one
+  // parallel region over (chunk, row), and none for small products (waking threads costs more).
   constexpr int64_t kTokenChunk = 32;
-  for (int64_t t0 = 0; t0 < T; t0 += kTokenChunk) {
-    const int64_t t1 = std::min(T, t0 + kTokenChunk);
-#pragma omp parallel for schedule(static) if ((t1 - t0) * R * w.cols > kParallelMinWork)
+  const int64_t chunks = (T + kTokenChunk - 1) / kTokenChunk;
+#pragma omp parallel for collapse(2) schedule(static) if (T * R * w.cols > (int64_t(1) << 22))
+  for (int64_t tc = 0; tc < chunks; ++tc) {
     for (int64_t r = 0; r < R; ++r) {
-      for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t t = tc * kTokenChunk; t < std::min(T, (tc + 1) * kTokenChunk); ++t) {
         const uint8_t* at = a.codes.data() + t * a.cols;
         float acc = 0.f;
         for (int64_t b = 0; b < nb; ++b) {
