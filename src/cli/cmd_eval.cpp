@@ -16,6 +16,7 @@ struct EvalArgs {
   std::string model, tokenizer, ppl, json, tasks, tasks_dir = "../shared/data/zeroshot", protocol = "gptq";
   int seqlen = 0, max_windows = 0, limit = 0;
   bool force = false;
+  bool fake_quant = false;
 };
 
 int run_eval(const EvalArgs& a) {
@@ -25,8 +26,10 @@ int run_eval(const EvalArgs& a) {
   const std::vector<std::string> task_names =
       a.tasks.empty() ? std::vector<std::string>{} : resolve_tasks(a.tasks, a.tasks_dir);
   Model m = load_model(a.model, a.tokenizer);
+  const std::string why_not = a.fake_quant ? "--fake-quant" : use_integer_runtime(m);
   RuntimeHooks runtime(m);
-  nlohmann::json report = {{"model", a.model}, {"quantization", m.quantization}};
+  nlohmann::json report = {{"model", a.model}, {"quantization", m.quantization}, {"path", runtime.path()}};
+  if (!m.quantization.is_null() && !why_not.empty()) report["integer_unavailable"] = why_not;
   if (!a.ppl.empty()) {
     int seqlen = a.seqlen > 0 ? a.seqlen : std::min(2048, m.config.max_seq);
     std::vector<int32_t> ids = tokenize_file(m, a.ppl);
@@ -35,8 +38,8 @@ int run_eval(const EvalArgs& a) {
     if (!ids.empty() && ids[0] == m.tokenizer->bos_id()) protocol.bos = ids[0];  // the tokenizer adds BOS
     PplResult r = perplexity(m, ids, seqlen, a.max_windows, runtime.hooks(),
                              [](int done, int total) { progress_line("perplexity windows", done, total); }, protocol);
-    std::printf("ppl %.4f  (%s, %d windows x %d tokens, %.0f tokens/s)\n", r.ppl, a.ppl.c_str(),
-                r.windows, r.seqlen, r.tokens_per_second);
+    std::printf("ppl %.4f  (%s, %d windows x %d tokens, %.0f tokens/s, %s%s)\n", r.ppl, a.ppl.c_str(),
+                r.windows, r.seqlen, r.tokens_per_second, runtime.path(), kernels_note().c_str());
     report["ppl"] = r.ppl;
     report["mean_nll"] = r.mean_nll;
     report["tokens"] = r.tokens;
@@ -61,6 +64,7 @@ int run_eval(const EvalArgs& a) {
     }
     report["tasks"] = tasks;
   }
+  report["kernels"] = int_kernels_used();
   report["peak_rss_mib"] = peak_rss_mib();
   if (!a.json.empty()) {
     plan.write(a.json, [&](const std::string& path) { write_json(path, report); });
@@ -89,6 +93,8 @@ RegisterCommand reg("eval", "perplexity of a model (llama2.c .bin, HF directory,
       ->check(CLI::IsMember({"gptq", "llama.cpp"}));
   app.add_option("--json", a->json, "write a JSON report here");
   app.add_flag("--force", a->force, "replace a report that exists (only one dartquant wrote)");
+  app.add_flag("--fake-quant", a->fake_quant,
+               "run a quantized model on the f32 fake-quant reference path instead of the integer kernels");
   return [a] { return run_eval(*a); };
 });
 

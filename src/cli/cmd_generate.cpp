@@ -16,12 +16,15 @@ struct GenerateArgs {
   int n = 64;
   float temperature = 0.f;
   uint64_t seed = 0;
+  bool fake_quant = false;
 };
 
 int run_generate(const GenerateArgs& a) {
   Model m = load_model(a.model, a.tokenizer);
   if (!m.tokenizer) throw Error(a.model + ": no tokenizer found; pass --tokenizer");
+  if (!a.fake_quant) use_integer_runtime(m);
   RuntimeHooks runtime(m);
+  if (!m.quantization.is_null()) std::fprintf(stderr, "generate: %s path\n", runtime.path());
   std::vector<int32_t> ids = m.tokenizer->encode(a.prompt, true);
   if (ids.empty()) throw Error("the prompt is empty and the tokenizer adds no BOS token");
   if (int64_t(ids.size()) >= m.config.max_seq)
@@ -30,9 +33,11 @@ int run_generate(const GenerateArgs& a) {
   std::mt19937_64 rng(a.seed);
   Matrix head = m.weights.get(lm_head_name(m));
   std::string printed;
+  // The prompt goes through in one pass, then each new token alone against the KV cache.
+  KvCache cache;
+  std::vector<int32_t> fresh = ids;
   for (int i = 0; i < a.n && int(ids.size()) < m.config.max_seq; ++i) {
-    // Recomputes the whole sequence each step: simple, and fast enough for the models we sample.
-    Matrix x = forward(m, ids, 1, int(ids.size()), runtime.hooks());
+    Matrix x = forward(m, fresh, 1, int(fresh.size()), runtime.hooks(), &cache);
     Matrix lp = log_probs(m, head, x, x.rows - 1, 1);
     for (float v : lp.data)
       if (!std::isfinite(v))
@@ -50,6 +55,7 @@ int run_generate(const GenerateArgs& a) {
     }
     if (next == m.tokenizer->eos_id()) break;
     ids.push_back(next);
+    fresh = {next};
     // Prints the text as it grows; decoding the whole sequence keeps multi-byte pieces whole.
     std::string text = m.tokenizer->decode(ids);
     std::fwrite(text.data() + printed.size(), 1, text.size() - std::min(text.size(), printed.size()), stdout);
@@ -57,6 +63,8 @@ int run_generate(const GenerateArgs& a) {
     printed = text;
   }
   std::printf("\n");
+  const std::string kernels = kernels_note();
+  if (!kernels.empty()) std::fprintf(stderr, "generate: %s\n", kernels.c_str() + 2);
   return 0;
 }
 
@@ -68,6 +76,8 @@ RegisterCommand reg("generate", "generate text from a prompt", [](CLI::App& app)
   app.add_option("-n", a->n, "tokens to generate")->check(int_in(1, 1 << 24));
   app.add_option("--temperature", a->temperature, "0 = greedy")->check(real_in(0, 1000));
   app.add_option("--seed", a->seed, "sampling seed");
+  app.add_flag("--fake-quant", a->fake_quant,
+               "run a quantized model on the f32 fake-quant reference path instead of the integer kernels");
   return [a] { return run_generate(*a); };
 });
 

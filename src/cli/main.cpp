@@ -7,6 +7,7 @@
 
 #include "cli/command.h"
 #include "cli/validators.h"
+#include "tensor/intgemm.h"
 #include "tensor/kernels.h"
 #include "tensor/tensor.h"
 
@@ -32,6 +33,12 @@ void progress_line(const std::string& stage, int done, int total) {
   if (!show_progress()) return;
   std::fprintf(stderr, "\r%s: %d/%d", stage.c_str(), done, total);
   if (done == total) std::fprintf(stderr, "\n");
+}
+
+std::string kernels_note() {
+  std::string s;
+  for (const std::string& k : dq::int_kernels_used()) s += (s.empty() ? ", kernels " : "+") + k;
+  return s;
 }
 
 }  // namespace dq::cli

@@ -1,7 +1,9 @@
 #include "eval/runtime.h"
 
 #include <cmath>
+#include <filesystem>
 
+#include "quant/intlinear.h"
 #include "quant/quantize_model.h"
 #include "rotate/rotate.h"
 
@@ -49,18 +51,47 @@ struct SectionReader {
 
 }  // namespace
 
+std::string use_integer_runtime(Model& m, IntPath path) {
+  const json& q = m.quantization;
+  if (q.is_null()) return "not a quantized model";
+  const SectionReader r{m.source};
+  if (!q.is_object()) r.fail("not an object");
+  const json& w = r.object(q, "weights");
+  const json& act = r.object(q, "activations");
+  QuantSpec weights, acts;
+  weights.bits = r.bits(w, "weights");
+  acts.bits = r.bits(act, "activations");
+  acts.symmetric = false;
+  acts.clip_ratio = r.clip(act, "activations", 0.9f);
+  if (w.contains("group")) {
+    if (!w["group"].is_number_integer() || w["group"].get<int64_t>() < 0 || w["group"].get<int64_t>() > (1 << 20))
+      r.fail("weights.group is not a group size");
+    weights.group = int(w["group"].get<int64_t>());
+  }
+  if (weights.bits == 16) return "weights are not quantized";
+  if (acts.bits == 16) return "activations are not quantized";
+  for (int l = 0; l < m.config.num_layers; ++l)
+    if (!router_name(m.config, l).empty()) return "mixture-of-experts models run on the fake-quant path";
+  const std::string codes = (std::filesystem::path(m.source) / "quantized.safetensors").string();
+  if (!std::filesystem::is_regular_file(codes)) return "no quantized.safetensors beside the model";
+  load_integer_weights(m, codes, weights, acts, path);
+  return "";
+}
+
 RuntimeHooks::RuntimeHooks(const Model& m) {
   const json& q = m.quantization;
   if (q.is_null()) return;
   const SectionReader r{m.source};
   if (!q.is_object()) r.fail("not an object");
+  const bool integer = m.weights.has_packed();
+  path_ = integer ? "integer" : "fake-quant";
   const json& online = r.object(q, "online");
   const bool r3 = r.flag(online, "r3"), r4 = r.flag(online, "r4");
   if (r3 || r4) owned_.push_back(std::make_unique<OnlineHadamard>(m.config, r3, r4));
   const json& act = r.object(q, "activations");
   const json& kv = r.object(q, "kv_cache");
   ActQuantConfig a;
-  a.bits = r.bits(act, "activations");
+  a.bits = integer ? 16 : r.bits(act, "activations");  // integer linears quantize their inputs
   a.clip_ratio = r.clip(act, "activations", 0.9f);
   a.kv_bits = r.bits(kv, "kv_cache");
   a.kv_clip_ratio = r.clip(kv, "kv_cache", 1.f);

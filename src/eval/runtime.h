@@ -1,22 +1,36 @@
 // The hooks a model's quantization section asks for at run time: online Hadamards (R3 on Q/K,
-// R4 on the down_proj input) and activation / KV-cache fake quantization.
+// R4 on the down_proj input) and activation / KV-cache fake quantization; and the switch of a
+// quantized model directory onto the integer runtime.
 #pragma once
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "model/forward.h"
+#include "tensor/intgemm.h"
 
 namespace dq {
 
+// Loads the packed weights of a quantized model directory (m.source) so its linears run on the
+// integer kernels (quant/intlinear.h) on `path`. Returns "" on success, or why the model cannot
+// run there (then m is unchanged): it needs weights and activations of 2..8 bits, a dense MLP and
+// the directory's quantized.safetensors.
+std::string use_integer_runtime(Model& m, IntPath path = best_int_path());
+
 class RuntimeHooks {
  public:
+  // For a model with packed weights (use_integer_runtime) the linears quantize their own inputs,
+  // so activation fake quantization is left out; K/V are still quantized per head by a hook.
   explicit RuntimeHooks(const Model& m);
   ~RuntimeHooks();
   const Hooks& hooks() const { return hooks_; }
+  // "integer", "fake-quant" (quantized model on the f32 reference path) or "fp".
+  const char* path() const { return path_; }
 
  private:
   std::vector<std::unique_ptr<Hook>> owned_;
   Hooks hooks_;
+  const char* path_ = "fp";
 };
 
 }  // namespace dq

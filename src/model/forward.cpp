@@ -50,17 +50,29 @@ LayerWeights load_layer(const Model& m, int layer) {
     if (!finite) throw Error(m.source + ": tensor '" + name + "' contains NaN or Inf");
     return t;
   };
+  // A packed linear leaves its f32 matrix empty.
+  auto load = [&](const std::string& name, Matrix& f32, PackedPtr* packed) {
+    if (packed && (*packed = m.weights.packed(name))) return;
+    f32 = get(name);
+  };
   LayerWeights w;
   Matrix* slots[] = {&w.attn_norm, &w.q, &w.k, &w.v, &w.o, &w.q_bias, &w.k_bias, &w.v_bias,
                      &w.mlp_norm};
+  PackedPtr* packed[] = {nullptr, &w.q_packed, &w.k_packed, &w.v_packed, &w.o_packed, nullptr, nullptr, nullptr,
+                         nullptr};
   for (size_t i = 0; i < std::size(kLayerTensors); ++i) {
     std::string name = layer_name(layer, kLayerTensors[i]);
     if (!m.weights.has(name) && std::strstr(kLayerTensors[i], "bias")) continue;
-    *slots[i] = get(name);
+    load(name, *slots[i], packed[i]);
   }
   const std::string router = router_name(m.config, layer);
   if (!router.empty()) w.router = get(router);
-  for (const ExpertSpec& e : mlp_experts(m.config, layer)) w.experts.push_back({get(e.gate), get(e.up), get(e.down)});
+  for (const ExpertSpec& e : mlp_experts(m.config, layer)) {
+    ExpertWeights& x = w.experts.emplace_back();
+    load(e.gate, x.gate, &x.gate_packed);
+    load(e.up, x.up, &x.up_packed);
+    load(e.down, x.down, &x.down_packed);
+  }
   return w;
 }
 
@@ -114,14 +126,15 @@ static std::vector<double> rope_inv_freq(const ModelConfig& c) {
   return f;
 }
 
-static void apply_rope(const ModelConfig& c, Matrix& x, int heads, int seq) {
+// Row r holds the token at position past + r % seq.
+static void apply_rope(const ModelConfig& c, Matrix& x, int heads, int seq, int64_t past) {
   const int hd = c.head_dim, half = hd / 2;
   std::vector<double> inv = rope_inv_freq(c);
   std::vector<float> cs(size_t(seq) * half), sn(size_t(seq) * half);
   for (int t = 0; t < seq; ++t)
     for (int i = 0; i < half; ++i) {
-      cs[size_t(t) * half + i] = float(std::cos(t * inv[size_t(i)]));
-      sn[size_t(t) * half + i] = float(std::sin(t * inv[size_t(i)]));
+      cs[size_t(t) * half + i] = float(std::cos(double(past + t) * inv[size_t(i)]));
+      sn[size_t(t) * half + i] = float(std::sin(double(past + t) * inv[size_t(i)]));
     }
   const int64_t stride_pair = c.rope_interleaved ? 1 : half;  // distance between a pair's elements
 #pragma omp parallel for schedule(static) if (int64_t(x.size()) > kParallelMinWork)
@@ -153,8 +166,10 @@ static void add_bias(Matrix& x, const Matrix& b) {
 // against only the keys it can see (up to its last row, from its first row's sliding-window start):
 // the masked upper triangle is neither multiplied nor exponentiated, and the scores stay cache-sized.
 // `out` is reshaped to [tokens, q_dim], reusing its storage; every element is overwritten.
+// With `past` > 0 (one sequence, decoding with a KV cache) k and v hold past + seq rows and query
+// row t is the token at position past + t.
 static void attention(const ModelConfig& c, const Matrix& q, const Matrix& k, const Matrix& v,
-                      int batch, int seq, Matrix& out) {
+                      int batch, int seq, int64_t past, Matrix& out) {
   constexpr int kAttnBlock = 256;
   const int hd = c.head_dim, group = c.num_heads / c.num_kv_heads;
   const int64_t qd = c.q_dim(), kvd = c.kv_dim();
@@ -168,31 +183,40 @@ static void attention(const ModelConfig& c, const Matrix& q, const Matrix& k, co
   set_num_threads(1);  // BLAS inside the loop below; the loop itself keeps `threads`
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> scores(size_t(std::min(seq, kAttnBlock)) * size_t(seq));
+    std::vector<float> scores(size_t(std::min(seq, kAttnBlock)) * size_t(past + seq));
 #pragma omp for schedule(dynamic, 1)
     for (int bh = 0; bh < batch * c.num_heads; ++bh) {
       const int b = bh / c.num_heads, h = bh % c.num_heads;
-      const int64_t r0 = int64_t(b) * seq, kvh = h / group;
+      const int64_t r0 = int64_t(b) * seq, k0 = int64_t(b) * (past + seq), kvh = h / group;
       for (int t0 = 0; t0 < seq; t0 += kAttnBlock) {
         const int nt = std::min(kAttnBlock, seq - t0);
-        const int lo = c.sliding_window > 0 ? std::max(0, t0 - c.sliding_window + 1) : 0;
-        const int nk = t0 + nt - lo;  // keys [lo, t0 + nt)
+        const int64_t p0 = past + t0;  // position of the block's first query
+        const int64_t lo = c.sliding_window > 0 ? std::max<int64_t>(0, p0 - c.sliding_window + 1) : 0;
+        const int64_t nk = p0 + nt - lo;  // keys [lo, p0 + nt)
         float* sc = scores.data();
-        sgemm(false, true, nt, nk, hd, scale, q.row(r0 + t0) + h * hd, qd, k.row(r0 + lo) + kvh * hd, kvd,
+        sgemm(false, true, nt, nk, hd, scale, q.row(r0 + t0) + h * hd, qd, k.row(k0 + lo) + kvh * hd, kvd,
               0.f, sc, nk);
         for (int i = 0; i < nt; ++i) {
-          const int t = t0 + i;
+          const int64_t t = p0 + i;
           float* s = sc + int64_t(i) * nk;
-          const int first = (c.sliding_window > 0 ? std::max(0, t - c.sliding_window + 1) : 0) - lo;
+          const int64_t first = (c.sliding_window > 0 ? std::max<int64_t>(0, t - c.sliding_window + 1) : 0) - lo;
           std::fill(s, s + first, 0.f);
           softmax(s + first, t + 1 - lo - first);
           std::fill(s + (t + 1 - lo), s + nk, 0.f);
         }
-        sgemm(false, false, nt, hd, nk, 1.f, sc, nk, v.row(r0 + lo) + kvh * hd, kvd, 0.f,
+        sgemm(false, false, nt, hd, nk, 1.f, sc, nk, v.row(k0 + lo) + kvh * hd, kvd, 0.f,
               out.row(r0 + t0) + h * hd, qd);
       }
     }
   }
+}
+
+// Y = X Wᵀ, through the packed form when the layer has one.
+static void project(const Matrix& x, const Matrix& w, const PackedPtr& packed, Matrix& y) {
+  if (packed)
+    packed->apply(x, y);
+  else
+    linear(x, w, y);
 }
 
 static void add_into(Matrix& x, const Matrix& y) {
@@ -261,11 +285,11 @@ static void mlp_forward(const ModelConfig& c, const LayerWeights& w, int layer, 
     Matrix& in = always ? h : gathered;
     run_expert_hooks(hooks, Site::ExpertIn, layer, e, in);
     const ExpertWeights& ew = w.experts[size_t(e)];
-    linear(in, ew.gate, gate);
-    linear(in, ew.up, up);
+    project(in, ew.gate, ew.gate_packed, gate);
+    project(in, ew.up, ew.up_packed, up);
     swiglu(gate, up);
     run_expert_hooks(hooks, Site::DownIn, layer, e, gate);
-    linear(gate, ew.down, out);
+    project(gate, ew.down, ew.down_packed, out);
     if (always) {
       add_into(acc, out);
       continue;
@@ -282,27 +306,49 @@ static void mlp_forward(const ModelConfig& c, const LayerWeights& w, int layer, 
   if (routed > 0) add_into(x, y);
 }
 
+// Appends new rows to a cached matrix (keeping the ones before).
+static void append_rows(Matrix& cache, const Matrix& rows) {
+  Matrix grown(cache.rows + rows.rows, rows.cols);
+  std::copy(cache.data.begin(), cache.data.end(), grown.data.begin());
+  std::copy(rows.data.begin(), rows.data.end(), grown.data.begin() + std::ptrdiff_t(cache.size()));
+  cache = std::move(grown);
+}
+
 void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matrix& x, int batch,
-                   int seq, const Hooks& hooks) {
+                   int seq, const Hooks& hooks, KvCache* cache) {
+  if (cache && batch != 1) throw Error("layer_forward: a KV cache holds one sequence");
+  if (cache && int(cache->k.size()) < c.num_layers) {
+    cache->k.resize(size_t(c.num_layers));
+    cache->v.resize(size_t(c.num_layers));
+  }
+  const int64_t past = cache ? cache->k[size_t(layer)].rows : 0;
   Matrix h = x;
   rmsnorm(h, w.attn_norm.data.data(), c.rms_eps);
   run_hooks(hooks, Site::AttnIn, layer, h);
   Matrix q, k, v;
-  linear(h, w.q, q);
-  linear(h, w.k, k);
-  linear(h, w.v, v);
+  project(h, w.q, w.q_packed, q);
+  project(h, w.k, w.k_packed, k);
+  project(h, w.v, w.v_packed, v);
   add_bias(q, w.q_bias);
   add_bias(k, w.k_bias);
   add_bias(v, w.v_bias);
-  apply_rope(c, q, c.num_heads, seq);
-  apply_rope(c, k, c.num_kv_heads, seq);
+  apply_rope(c, q, c.num_heads, seq, past);
+  apply_rope(c, k, c.num_kv_heads, seq, past);
   run_hooks(hooks, Site::Q, layer, q);
   run_hooks(hooks, Site::K, layer, k);
   run_hooks(hooks, Site::V, layer, v);
   Matrix& att = h;  // h is spent once q, k, v exist: the attention output takes its storage
-  attention(c, q, k, v, batch, seq, att);
+  if (cache) {
+    // The K/V hooks work per token (R3, per-head quantization), so the cached rows are exactly
+    // what recomputing the whole sequence would give them.
+    append_rows(cache->k[size_t(layer)], k);
+    append_rows(cache->v[size_t(layer)], v);
+    attention(c, q, cache->k[size_t(layer)], cache->v[size_t(layer)], 1, seq, past, att);
+  } else {
+    attention(c, q, k, v, batch, seq, 0, att);
+  }
   run_hooks(hooks, Site::OprojIn, layer, att);
-  linear(att, w.o, q);  // so does q's for the o_proj output
+  project(att, w.o, w.o_packed, q);  // so does q's for the o_proj output
   add_into(x, q);
 
   h = x;
@@ -319,12 +365,12 @@ void final_norm(const Model& m, Matrix& x, const Hooks& hooks) {
 }
 
 Matrix forward(const Model& m, const std::vector<int32_t>& tokens, int batch, int seq,
-               const Hooks& hooks) {
+               const Hooks& hooks, KvCache* cache) {
   if (tokens.size() != size_t(batch) * size_t(seq)) throw Error("forward: token count != batch * seq");
   Matrix x = embed(m, tokens);
   for (int l = 0; l < m.config.num_layers; ++l) {
     LayerWeights w = load_layer(m, l);
-    layer_forward(m.config, w, l, x, batch, seq, hooks);
+    layer_forward(m.config, w, l, x, batch, seq, hooks, cache);
     release_layer(m, l);
   }
   final_norm(m, x, hooks);

@@ -5,6 +5,7 @@
 // Activations are matrices with one row per token, sequence-major: row b * seq + t.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "model/model.h"
@@ -33,12 +34,17 @@ struct Hook {
 };
 using Hooks = std::vector<Hook*>;
 
-// One layer's weights as f32 (converted from their stored dtype when loaded).
+// One layer's weights as f32 (converted from their stored dtype when loaded). A linear the model
+// holds packed (Weights::packed, the integer runtime) has its packed form set instead and its
+// f32 matrix left empty.
+using PackedPtr = std::shared_ptr<const PackedLinear>;
 struct ExpertWeights {
   Matrix gate, up, down;
+  PackedPtr gate_packed, up_packed, down_packed;
 };
 struct LayerWeights {
   Matrix attn_norm, q, k, v, o, q_bias, k_bias, v_bias, mlp_norm;
+  PackedPtr q_packed, k_packed, v_packed, o_packed;
   Matrix router;                      // [routed experts, hidden]; empty for a dense MLP
   std::vector<ExpertWeights> experts;  // as mlp_experts(): routed ones (router rows) first
 };
@@ -57,15 +63,23 @@ void release_layer(const Model& m, int layer);  // hands the mapped pages back
 // (biases where present), router, then each expert's gate, up and down.
 std::vector<std::string> layer_tensor_names(const Model& m, int layer);
 
+// One sequence's keys and values so far, per layer, as attention reads them (after RoPE and the
+// K/V hooks: R3 and the KV quantization), for decoding a token at a time.
+struct KvCache {
+  std::vector<Matrix> k, v;  // [layer]: [tokens so far, kv_dim]
+  int64_t tokens() const { return k.empty() ? 0 : k[0].rows; }
+};
+
 Matrix embed(const Model& m, const std::vector<int32_t>& tokens);
-// Runs one decoder layer in place on x (batch sequences of seq tokens).
+// Runs one decoder layer in place on x (batch sequences of seq tokens). With a cache (batch 1),
+// x holds the tokens that follow the cached ones, whose keys and values are appended.
 void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matrix& x, int batch,
-                   int seq, const Hooks& hooks);
+                   int seq, const Hooks& hooks, KvCache* cache = nullptr);
 // Applies the final norm (and the FinalNorm hooks) in place.
 void final_norm(const Model& m, Matrix& x, const Hooks& hooks);
 // The whole decoder: returns the final-norm output for batch x seq tokens.
 Matrix forward(const Model& m, const std::vector<int32_t>& tokens, int batch, int seq,
-               const Hooks& hooks = {});
+               const Hooks& hooks = {}, KvCache* cache = nullptr);
 
 // Log-probabilities over the vocabulary of rows [row0, row0 + n) of the final-norm output.
 Matrix log_probs(const Model& m, const Matrix& lm_head, const Matrix& x, int64_t row0, int64_t n);

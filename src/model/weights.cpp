@@ -89,6 +89,11 @@ std::vector<std::string> Weights::names() const {
   return out;
 }
 
+std::shared_ptr<const PackedLinear> Weights::packed(const std::string& name) const {
+  auto it = packed_.find(name);
+  return it == packed_.end() ? nullptr : it->second;
+}
+
 std::string layer_name(int layer, const std::string& suffix) {
   return "model.layers." + std::to_string(layer) + "." + suffix;
 }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "io/safetensors.h"
+#include "tensor/intgemm.h"
 #include "tensor/tensor.h"
 
 namespace dq {
@@ -29,6 +30,11 @@ class Weights {
   // Returns the mapped pages behind a tensor to the kernel (streaming layer by layer).
   void release(const std::string& name) const;
   std::vector<std::string> names() const;
+  // A backend's packed form of a linear weight (the integer runtime's codes): the forward pass
+  // runs it instead of the f32 tensor, which stays registered (shapes) but is not read.
+  void set_packed(const std::string& name, std::shared_ptr<const PackedLinear> p) { packed_[name] = std::move(p); }
+  std::shared_ptr<const PackedLinear> packed(const std::string& name) const;
+  bool has_packed() const { return !packed_.empty(); }
 
  private:
   struct Entry {
@@ -38,6 +44,7 @@ class Weights {
   };
   const Entry& entry(const std::string& name) const;
   std::map<std::string, Entry> entries_;
+  std::map<std::string, std::shared_ptr<const PackedLinear>> packed_;
 };
 
 // The HF name of a layer tensor, e.g. layer_name(3, "self_attn.q_proj.weight").

@@ -114,3 +114,30 @@ TEST(Forward, LayerByLayerMatchesForwardAndSiteShapes) {
   ASSERT_EQ(hook.seen.size(), 2 * want.size());
   for (const auto& [s, shape] : hook.seen) EXPECT_EQ(shape, want.at(s)) << site_name(s);
 }
+
+// Decoding a token at a time against the KV cache gives the greedy tokens (and, within float
+// rounding, the final hidden states) of recomputing the whole sequence each step.
+TEST(KvCache, IncrementalDecodingMatchesRecomputation) {
+  const Model m = load_model(dq::test::kStories);
+  const Matrix head = m.weights.get(lm_head_name(m));
+  auto greedy = [&](const Matrix& x) {
+    const Matrix lp = log_probs(m, head, x, x.rows - 1, 1);
+    int32_t best = 0;
+    for (int64_t j = 1; j < lp.cols; ++j)
+      if (lp(0, j) > lp(0, best)) best = int32_t(j);
+    return best;
+  };
+  std::vector<int32_t> full{1, 403, 407, 261}, cached = full;
+  KvCache cache;
+  std::vector<int32_t> fresh = full;
+  for (int i = 0; i < 40; ++i) {
+    const Matrix a = forward(m, full, 1, int(full.size()));
+    const Matrix b = forward(m, fresh, 1, int(fresh.size()), {}, &cache);
+    ASSERT_EQ(cache.tokens(), int64_t(full.size()));
+    for (int64_t j = 0; j < a.cols; ++j) ASSERT_NEAR(b(b.rows - 1, j), a(a.rows - 1, j), 1e-4) << i;
+    const int32_t na = greedy(a), nb = greedy(b);
+    ASSERT_EQ(na, nb) << "step " << i;
+    full.push_back(na);
+    fresh = {nb};
+  }
+}

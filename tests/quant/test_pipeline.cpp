@@ -130,10 +130,20 @@ TEST(PipelineCli, StoredW4A4Kv4QuarotModelReevaluatesToTheIdenticalPerplexity) {
   EXPECT_EQ(sec.at("activations").at("bits"), 4);
   EXPECT_EQ(sec.at("kv_cache").at("bits"), 4);
 
-  const CliRun re = cli("quarot_w4a4kv4_eval", "eval --model " + dir + kPplArgs);
+  // The f32 fake-quant path reproduces quantize's own evaluation exactly.
+  const CliRun re = cli("quarot_w4a4kv4_eval", "eval --fake-quant --model " + dir + kPplArgs);
   ASSERT_EQ(re.exit_code, 0) << re.err;
   EXPECT_EQ(re.report.at("ppl").get<double>(), ppl) << "reloaded model evaluates differently";
   EXPECT_EQ(re.report.at("windows").get<int>(), 20);
+  EXPECT_EQ(re.report.at("path"), "fake-quant");
+  // By default the directory runs on the integer kernels, close to the reference (their sums are
+  // exact where the reference rounds, and a 4-bit code that lands on the other side of a rounding
+  // boundary moves the rest of the window: tests/eval/test_intruntime.cpp has the tight checks).
+  const CliRun integer = cli("quarot_w4a4kv4_int_eval", "eval --model " + dir + kPplArgs);
+  ASSERT_EQ(integer.exit_code, 0) << integer.err;
+  EXPECT_EQ(integer.report.at("path"), "integer");
+  EXPECT_FALSE(integer.report.at("kernels").empty());
+  EXPECT_NEAR(integer.report.at("ppl").get<double>() / ppl, 1.0, 5e-3);
 
   // Control: the same weights without the run-time section are a different model (the section is
   // what makes the PPLs agree, not luck).

@@ -1,0 +1,39 @@
+// The integer runtime's linear layers: a quantized model's weight codes repacked once at load into
+// the kernels' layout (tensor/intgemm.h, docs/FORMAT.md), and activations quantized on the fly to
+// the same codes the fake-quant reference rounds them to (quantize() of quantizer.h).
+#pragma once
+#include <memory>
+#include <string>
+
+#include "model/model.h"
+#include "quant/quantizer.h"
+#include "tensor/intgemm.h"
+
+namespace dq {
+
+class IntLinear : public PackedLinear {
+ public:
+  IntLinear(IntWeights w, const QuantSpec& act, IntPath path);
+  void apply(const Matrix& x, Matrix& y) const override;
+  size_t bytes() const override { return w_.bytes(); }
+  const IntWeights& weights() const { return w_; }
+
+ private:
+  IntWeights w_;
+  QuantSpec act_;
+  IntPath path_;
+};
+
+// Activation codes of x under spec (per token, per spec.group columns when set): the codes and
+// parameters fake_quantize rounds x to.
+IntActs quantize_activations(const Matrix& x, const QuantSpec& spec);
+
+// Replaces every quantized linear of m (quantized_linears()) by an IntLinear built from
+// `codes_path` (a model directory's quantized.safetensors), weights quantized as `weights`
+// (bits, group), inputs quantized as `acts` (the o_proj input one group per head), running on
+// `path`. The f32 weights are then never read. Returns the packed bytes resident. Malformed
+// codes are an Error naming the file and tensor.
+size_t load_integer_weights(Model& m, const std::string& codes_path, const QuantSpec& weights,
+                            const QuantSpec& acts, IntPath path);
+
+}  // namespace dq

@@ -1,0 +1,206 @@
+// Integer kernels against naive integer references: every activation x weight bit width, odd sizes
+// and group tails, the scalar path and every path this CPU supports, worst-case magnitudes.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "tensor/intgemm.h"
+
+using namespace dq;
+
+namespace {
+
+std::vector<uint8_t> random_codes(int64_t n, int bits, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> d(0, (1 << bits) - 1);
+  std::vector<uint8_t> c(static_cast<size_t>(n));
+  for (auto& v : c) v = uint8_t(d(rng));
+  return c;
+}
+
+// Per-group scales in (0.5, 1.5) and code zeros anywhere in [0, maxq].
+struct Params {
+  std::vector<float> scales, zeros;
+};
+Params random_params(int64_t n, int bits, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> s(0.5f, 1.5f);
+  std::uniform_int_distribution<int> z(0, (1 << bits) - 1);
+  Params p;
+  for (int64_t i = 0; i < n; ++i) {
+    p.scales.push_back(s(rng));
+    p.zeros.push_back(float(z(rng)));
+  }
+  return p;
+}
+
+int offset(int bits) { return bits <= 4 ? 8 : 1 << (bits - 1); }
+
+IntWeights pack(const std::vector<uint8_t>& codes, int64_t rows, int64_t cols, int bits, int64_t group,
+                int64_t act_group, uint64_t seed) {
+  const int64_t g = group > 0 ? group : cols, ng = (cols + g - 1) / g;
+  const Params p = random_params(rows * ng, bits, seed);
+  return IntWeights::pack(codes.data(), rows, cols, bits, group, p.scales.data(), p.zeros.data(), act_group);
+}
+
+int64_t naive_dot(const uint8_t* a, const std::vector<uint8_t>& codes, int64_t row, int64_t cols, int bits,
+                  int64_t c0, int64_t c1) {
+  int64_t s = 0;
+  for (int64_t c = c0; c < c1; ++c) s += int64_t(a[c]) * (int64_t(codes[size_t(row * cols + c)]) - offset(bits));
+  return s;
+}
+
+const int64_t kSizes[] = {64, 172, 576, 11008};
+
+}  // namespace
+
+TEST(IntGemm, ScalarPathAlwaysOffered) {
+  const std::vector<IntPath> p = supported_int_paths();
+  ASSERT_FALSE(p.empty());
+  EXPECT_EQ(p.front(), IntPath::Scalar);
+  EXPECT_EQ(best_int_path(), p.back());
+  for (IntPath q : p) std::printf("[ supported ] %s\n", int_path_name(q));
+}
+
+TEST(IntGemm, PackedValuesAreCodesMinusOffset) {
+  for (int bits = 2; bits <= 8; ++bits)
+    for (int64_t cols : {1, 31, 33, 172}) {
+      const auto codes = random_codes(3 * cols, bits, uint64_t(bits * 100 + cols));
+      const IntWeights w = pack(codes, 3, cols, bits, 0, 0, 1);
+      EXPECT_EQ(w.nibbles, bits <= 4);
+      for (int64_t r = 0; r < 3; ++r)
+        for (int64_t c = 0; c < cols; ++c)
+          ASSERT_EQ(w.value(r, c), int(codes[size_t(r * cols + c)]) - offset(bits)) << bits << " " << c;
+      // Resident bytes: half a byte per weight for 4-bit codes (runs of 32), one for 8-bit.
+      EXPECT_EQ(w.row_bytes, bits <= 4 ? (cols + 31) / 32 * 16 : cols);
+    }
+}
+
+TEST(IntGemm, DotEqualsNaiveSumOnEveryPathBitWidthAndRange) {
+  for (int64_t cols : kSizes)
+    for (int wb = 2; wb <= 8; ++wb) {
+      const int64_t rows = 2;
+      const auto codes = random_codes(rows * cols, wb, uint64_t(cols * 10 + wb));
+      const IntWeights w = pack(codes, rows, cols, wb, 0, 0, 7);
+      for (int ab = 2; ab <= 8; ++ab) {
+        const auto a = random_codes(cols, ab, uint64_t(cols + ab));
+        // Whole rows, a range starting mid-run (odd), and one inside a single run.
+        const std::pair<int64_t, int64_t> ranges[] = {{0, cols}, {1, cols - 3}, {33, std::min<int64_t>(cols, 61)}};
+        for (IntPath p : supported_int_paths())
+          for (int64_t r = 0; r < rows; ++r)
+            for (auto [c0, c1] : ranges)
+              ASSERT_EQ(int64_t(int_dot(p, ab, w, r, a.data(), c0, c1)), naive_dot(a.data(), codes, r, cols, wb, c0, c1))
+                  << int_path_name(p) << " a" << ab << " w" << wb << " cols " << cols << " [" << c0 << "," << c1 << ")";
+      }
+    }
+}
+
+TEST(IntGemm, WorstCaseMagnitudesDoNotSaturate) {
+  // Largest activation codes against the most negative (and the largest) weight values: where
+  // maddubs would saturate (a = 8 with 8-bit weights) the dispatcher must route around it.
+  const int64_t cols = 11008;
+  for (int wb = 2; wb <= 8; ++wb)
+    for (int ab = 2; ab <= 8; ++ab) {
+      std::vector<uint8_t> codes(size_t(2 * cols));
+      for (int64_t c = 0; c < cols; ++c) {
+        codes[size_t(c)] = 0;                                // most negative value
+        codes[size_t(cols + c)] = uint8_t((1 << wb) - 1);  // largest
+      }
+      const IntWeights w = pack(codes, 2, cols, wb, 0, 0, 3);
+      const std::vector<uint8_t> a(size_t(cols), uint8_t((1 << ab) - 1));
+      for (IntPath p : supported_int_paths())
+        for (int64_t r = 0; r < 2; ++r)
+          ASSERT_EQ(int64_t(int_dot(p, ab, w, r, a.data(), 0, cols)), naive_dot(a.data(), codes, r, cols, wb, 0, cols))
+              << int_path_name(p) << " a" << ab << " w" << wb;
+    }
+}
+
+TEST(IntGemm, GemmEqualsDequantizedProductAndIsIdenticalAcrossPaths) {
+  // Weight groups (per channel, 32, a partial last group of 50, 128) against per-token and
+  // per-head (64) activation groups, on odd shapes.
+  struct Case {
+    int ab, wb;
+    int64_t tokens, rows, cols, wgroup, agroup;
+  };
+  const Case cases[] = {{8, 8, 5, 7, 576, 0, 0},     {8, 4, 3, 9, 172, 50, 0},    {4, 4, 33, 5, 576, 128, 64},
+                        {4, 8, 2, 3, 11008, 128, 0}, {8, 3, 4, 6, 172, 32, 64},  {6, 7, 3, 4, 64, 0, 0},
+                        {8, 7, 2, 5, 576, 0, 64},     {2, 2, 3, 3, 172, 50, 64}, {8, 8, 1, 4, 11008, 0, 0}};
+  for (const Case& k : cases) {
+    const auto codes = random_codes(k.rows * k.cols, k.wb, uint64_t(k.cols + k.wb));
+    const IntWeights w = pack(codes, k.rows, k.cols, k.wb, k.wgroup, k.agroup, 11);
+    IntActs a;
+    a.rows = k.tokens;
+    a.cols = k.cols;
+    a.bits = k.ab;
+    a.group = k.agroup > 0 ? k.agroup : k.cols;
+    a.codes = random_codes(k.tokens * k.cols, k.ab, 5);
+    const Params ap = random_params(k.tokens * a.groups(), k.ab, 9);
+    a.scales = ap.scales;
+    for (float z : ap.zeros) a.zeros.push_back(int32_t(z));
+    const int64_t wg = k.wgroup > 0 ? k.wgroup : k.cols, nwg = (k.cols + wg - 1) / wg;
+    const Params wp = random_params(k.rows * nwg, k.wb, 11);
+    Matrix first;
+    for (IntPath p : supported_int_paths()) {
+      Matrix y;
+      int_gemm(a, w, p, y);
+      ASSERT_EQ(y.rows, k.tokens);
+      ASSERT_EQ(y.cols, k.rows);
+      for (int64_t t = 0; t < k.tokens; ++t)
+        for (int64_t r = 0; r < k.rows; ++r) {
+          double ref = 0, mag = 0;
+          for (int64_t c = 0; c < k.cols; ++c) {
+            const int64_t ai = t * a.groups() + c / a.group, wi = r * nwg + c / wg;
+            const double av = double(a.scales[size_t(ai)]) * (a.codes[size_t(t * k.cols + c)] - a.zeros[size_t(ai)]);
+            const double wv = double(wp.scales[size_t(wi)]) * (double(codes[size_t(r * k.cols + c)]) - wp.zeros[size_t(wi)]);
+            ref += av * wv;
+            mag += std::fabs(av * wv);
+          }
+          ASSERT_NEAR(y(t, r), ref, 1e-5 * mag + 1e-6) << int_path_name(p) << " a" << k.ab << " w" << k.wb;
+        }
+      if (first.empty())
+        first = y;
+      else
+        EXPECT_EQ(y.data, first.data) << int_path_name(p) << " differs from scalar";
+    }
+  }
+}
+
+TEST(IntGemm, KernelsUsedAreNamed) {
+  const auto codes = random_codes(2 * 64, 8, 1);
+  const IntWeights w = pack(codes, 2, 64, 8, 0, 0, 1);
+  IntActs a;
+  a.rows = 1;
+  a.cols = 64;
+  a.bits = 8;
+  a.group = 64;
+  a.codes = random_codes(64, 8, 2);
+  a.scales = {1.f};
+  a.zeros = {3};
+  Matrix y;
+  int_gemm(a, w, IntPath::Scalar, y);
+  const std::vector<std::string> used = int_kernels_used();
+  EXPECT_NE(std::find(used.begin(), used.end(), "scalar"), used.end());
+  if (supported_int_paths().size() > 1) {
+    int_gemm(a, w, IntPath::Avx2, y);  // 8-bit activations x 8-bit weights: maddubs would saturate
+    const std::vector<std::string> now = int_kernels_used();
+    EXPECT_NE(std::find(now.begin(), now.end(), "avx2-madd16"), now.end());
+  }
+}
+
+TEST(IntGemm, RejectsMismatchedGroupsAndWidths) {
+  const auto codes = random_codes(2 * 64, 4, 1);
+  const IntWeights w = pack(codes, 2, 64, 4, 0, 32, 1);
+  IntActs a;
+  a.rows = 1;
+  a.cols = 64;
+  a.bits = 4;
+  a.group = 64;  // the weight's blocks were made for groups of 32
+  a.codes.assign(64, 1);
+  a.scales = {1.f};
+  a.zeros = {0};
+  Matrix y;
+  EXPECT_THROW(int_gemm(a, w, IntPath::Scalar, y), Error);
+  std::vector<uint8_t> wide(size_t(65537), 0);
+  std::vector<float> s{1.f}, z{8.f};
+  EXPECT_THROW(IntWeights::pack(wide.data(), 1, 65537, 4, 0, s.data(), z.data(), 0), Error);
+}
