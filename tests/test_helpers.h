@@ -98,7 +98,10 @@ inline std::map<std::string, std::string> tree_snapshot(const fs::path& dir) {
   for (const auto& e : fs::recursive_directory_iterator(dir)) {
     const std::string rel = fs::relative(e.path(), dir).string();
     if (rel.rfind("cli.", 0) == 0) continue;
-    files[rel] = e.is_regular_file() ? slurp(e.path().string()) : "<dir>";
+    if (e.is_symlink()) files[rel] = "<link " + fs::read_symlink(e.path()).string() + ">";
+    else if (e.is_directory()) files[rel] = "<dir>";
+    else if (e.is_regular_file()) files[rel] = slurp(e.path().string());
+    else files[rel] = "<special>";  // a FIFO or device: never opened (it could block)
   }
   return files;
 }

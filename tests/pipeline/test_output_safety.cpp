@@ -18,27 +18,6 @@ using namespace dq::test;
 
 namespace {
 
-// Every path under `root` (relative) with a digest of its contents ("dir" for directories).
-std::map<std::string, std::string> snapshot(const fs::path& root) {
-  std::map<std::string, std::string> s;
-  for (const auto& e : fs::recursive_directory_iterator(root)) {
-    const std::string rel = fs::relative(e.path(), root).string();
-    if (e.is_symlink()) s[rel] = "link " + fs::read_symlink(e.path()).string();
-    else if (e.is_directory()) s[rel] = "dir";
-    else if (e.is_regular_file()) s[rel] = std::to_string(std::hash<std::string>()(slurp(e.path().string())));
-    else s[rel] = "special";
-  }
-  return s;
-}
-
-void expect_one_line_error(const CliResult& r, const std::string& names, const std::string& problem) {
-  EXPECT_EQ(r.exit_code, 1) << r.err;
-  EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << "not one line:\n" << r.err;
-  EXPECT_EQ(r.err.rfind("dartquant: error: ", 0), 0u) << r.err;
-  EXPECT_NE(r.err.find(names), std::string::npos) << "does not name " << names << ": " << r.err;
-  EXPECT_NE(r.err.find(problem), std::string::npos) << "does not say '" << problem << "': " << r.err;
-}
-
 // A work area W (inside the scratch dir, apart from the CLI's logs) holding the inputs: stories260K
 // and its tokenizer, a converted HF directory, its GGUF, and a calibration text.
 class OutputSafety : public ::testing::Test {
@@ -56,10 +35,10 @@ class OutputSafety : public ::testing::Test {
 
   // Runs args and expects a refusal naming `names` and saying `problem`, with W unchanged.
   void expect_refused(const std::string& args, const std::string& names, const std::string& problem) {
-    const auto before = snapshot(w_);
+    const auto before = tree_snapshot(w_);
     CliResult r = cli(args);
     expect_one_line_error(r, names, problem);
-    EXPECT_EQ(snapshot(w_), before) << "a refused run changed files: dartquant " << args;
+    EXPECT_EQ(tree_snapshot(w_), before) << "a refused run changed files: dartquant " << args;
   }
 
   ScratchDir dir_;
@@ -147,7 +126,7 @@ TEST_F(OutputSafety, OutputThatIsContainsOrIsInsideAnInputIsRefused) {
                  "overlaps the other output");
   // `--out .` and `--out ..` (run from inside W).
   for (const char* out : {".", "..", "./", "sub/.."}) {
-    const auto before = snapshot(w_);
+    const auto before = tree_snapshot(w_);
     const std::string cmd = "cd " + w_.string() + " && " + DQ_BINARY + " convert --model stories.bin --out " + out +
                             " --force 2>" + (dir_ / "err") + " >/dev/null";
     const int status = std::system(cmd.c_str());
@@ -155,7 +134,7 @@ TEST_F(OutputSafety, OutputThatIsContainsOrIsInsideAnInputIsRefused) {
     const std::string err = slurp(dir_ / "err");
     EXPECT_EQ(err.rfind("dartquant: error: ", 0), 0u) << err;
     EXPECT_EQ(err.find('\n'), err.size() - 1) << err;
-    EXPECT_EQ(snapshot(w_), before) << out;
+    EXPECT_EQ(tree_snapshot(w_), before) << out;
   }
 }
 
@@ -218,9 +197,9 @@ TEST_F(OutputSafety, FifoInputsAreRefusedInsteadOfBlocking) {
                                   "eval --model " + w("fifo") + " --tokenizer " + w("tokenizer.bin") + " --ppl " + w("calib.txt"),
                                   "eval --model " + w("m.gguf") + " --tokenizer " + w("fifo") + " --ppl " + w("calib.txt"),
                                   "tokenize --tokenizer " + w("tokenizer.bin") + " --text-file " + w("fifo")}) {
-    const auto before = snapshot(w_);
+    const auto before = tree_snapshot(w_);
     expect_one_line_error(run(args), w("fifo"), "not a regular file");
-    EXPECT_EQ(snapshot(w_), before);
+    EXPECT_EQ(tree_snapshot(w_), before);
   }
 }
 
@@ -267,7 +246,7 @@ TEST_F(OutputSafety, SignalsLeaveNoLitter) {
   fs::create_directories(w("cfg"));
   spit(w("cfg/config.json"), c.dump());
   ASSERT_EQ(cli("synth --config " + w("cfg/config.json") + " --out " + w("big") + " --dtype f32").exit_code, 0);
-  const auto inputs = snapshot(w_);
+  const auto inputs = tree_snapshot(w_);
   struct Case {
     std::string args, out, ready;
   };
@@ -283,7 +262,7 @@ TEST_F(OutputSafety, SignalsLeaveNoLitter) {
     for (const Case& k : cases) {
       const int status = interrupt_when(k.args, k.ready, sig);
       EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == sig) << k.args << ": status " << status;
-      EXPECT_EQ(snapshot(w_), inputs) << "litter or changes after signal " << sig << ": " << k.args;
+      EXPECT_EQ(tree_snapshot(w_), inputs) << "litter or changes after signal " << sig << ": " << k.args;
     }
 }
 
@@ -300,10 +279,10 @@ TEST_F(OutputSafety, InterruptedQuantizeKeepsItsCheckpointAndResumes) {
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_FALSE(fs::exists(w("q.partial")));
   // An option refused late (here: --calib missing for GPTQ) leaves no OUT.partial.
-  const auto before = snapshot(w_);
+  const auto before = tree_snapshot(w_);
   CliResult late = cli("quantize --model " + w("hf") + " --w-method gptq --out " + w("late"));
   EXPECT_EQ(late.exit_code, 1);
-  EXPECT_EQ(snapshot(w_), before);
+  EXPECT_EQ(tree_snapshot(w_), before);
 }
 
 TEST(CliErrors, ParseErrorsAndUnknownCommandsAreOneLine) {
