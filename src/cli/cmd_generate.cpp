@@ -33,12 +33,11 @@ int run_generate(const GenerateArgs& a) {
   std::vector<int32_t> fresh = ids;
   for (int i = 0; i < a.n && int(ids.size()) < m.config.max_seq; ++i) {
     Matrix x = forward(m, fresh, 1, int(fresh.size()), runtime.hooks(), &cache);
-    Matrix lp = log_probs(m, head, x, x.rows - 1, 1);
     int32_t next = 0;
     if (a.temperature <= 0) {
-      for (int64_t j = 1; j < lp.cols; ++j)
-        if (lp(0, j) > lp(0, next)) next = int32_t(j);
+      next = greedy_next(m, head, x);
     } else {
+      const Matrix lp = log_probs(m, head, x, x.rows - 1, 1);
       std::vector<double> p(size_t(lp.cols));
       for (int64_t j = 0; j < lp.cols; ++j) p[size_t(j)] = std::exp(double(lp(0, j)) / a.temperature);
       next = int32_t(std::discrete_distribution<int64_t>(p.begin(), p.end())(rng));
