@@ -43,9 +43,7 @@ int run_generate(const GenerateArgs& a) {
       if (!std::isfinite(v))
         fail_non_finite(m, "the next-token distribution", runtime.hooks(),
                         [&](const Hooks& h) { forward(m, ids, 1, int(ids.size()), h); });
-    int32_t next = 0;
-    for (int64_t j = 1; j < lp.cols; ++j)
-      if (lp(0, j) > lp(0, next)) next = int32_t(j);
+    int32_t next = most_likely(lp);
     if (a.temperature > 0) {
       // Relative to the most likely token, so a small temperature cannot underflow every weight to 0.
       const double top = lp(0, next);

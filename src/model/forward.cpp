@@ -394,6 +394,17 @@ Matrix log_probs(const Model& m, const Matrix& lm_head, const Matrix& x, int64_t
   return out;
 }
 
+int32_t most_likely(const Matrix& lp) {
+  int32_t best = 0;
+  for (int64_t j = 1; j < lp.cols; ++j)
+    if (lp(0, j) > lp(0, best)) best = int32_t(j);
+  return best;
+}
+
+int32_t greedy_next(const Model& m, const Matrix& lm_head, const Matrix& x) {
+  return most_likely(log_probs(m, lm_head, x, x.rows - 1, 1));
+}
+
 std::vector<double> next_token_nll(const Model& m, const std::vector<int32_t>& tokens, int batch,
                                    int seq, const Hooks& hooks) {
   Matrix x = forward(m, tokens, batch, seq, hooks);

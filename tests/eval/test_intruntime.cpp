@@ -172,13 +172,7 @@ TEST(IntRuntime, CachedDecodingMatchesRecomputation) {
   ASSERT_EQ(use_integer_runtime(m), "");
   RuntimeHooks rt(m);
   const Matrix head = m.weights.get(lm_head_name(m));
-  auto greedy = [&](const Matrix& x) {
-    const Matrix lp = log_probs(m, head, x, x.rows - 1, 1);
-    int32_t best = 0;
-    for (int64_t j = 1; j < lp.cols; ++j)
-      if (lp(0, j) > lp(0, best)) best = int32_t(j);
-    return best;
-  };
+  auto greedy = [&](const Matrix& x) { return greedy_next(m, head, x); };
   std::vector<int32_t> full{1, 403, 407}, fresh = full;
   KvCache cache;
   for (int i = 0; i < 16; ++i) {

@@ -50,6 +50,19 @@ int64_t naive_dot(const uint8_t* a, const std::vector<uint8_t>& codes, int64_t r
   return s;
 }
 
+// One token's codes in one group of scale 1.
+IntActs one_token(std::vector<uint8_t> codes, int bits, int64_t group, int32_t zero) {
+  IntActs a;
+  a.rows = 1;
+  a.cols = int64_t(codes.size());
+  a.bits = bits;
+  a.group = group;
+  a.codes = std::move(codes);
+  a.scales.assign(size_t(a.groups()), 1.f);
+  a.zeros.assign(size_t(a.groups()), zero);
+  return a;
+}
+
 const int64_t kSizes[] = {64, 172, 576, 11008};
 
 }  // namespace
@@ -168,14 +181,7 @@ TEST(IntGemm, GemmEqualsDequantizedProductAndIsIdenticalAcrossPaths) {
 TEST(IntGemm, KernelsUsedAreNamed) {
   const auto codes = random_codes(2 * 64, 8, 1);
   const IntWeights w = pack(codes, 2, 64, 8, 0, 0, 1);
-  IntActs a;
-  a.rows = 1;
-  a.cols = 64;
-  a.bits = 8;
-  a.group = 64;
-  a.codes = random_codes(64, 8, 2);
-  a.scales = {1.f};
-  a.zeros = {3};
+  const IntActs a = one_token(random_codes(64, 8, 2), 8, 64, 3);
   Matrix y;
   int_gemm(a, w, IntPath::Scalar, y);
   const std::vector<std::string> used = int_kernels_used();
@@ -190,14 +196,7 @@ TEST(IntGemm, KernelsUsedAreNamed) {
 TEST(IntGemm, RejectsMismatchedGroupsAndWidths) {
   const auto codes = random_codes(2 * 64, 4, 1);
   const IntWeights w = pack(codes, 2, 64, 4, 0, 32, 1);
-  IntActs a;
-  a.rows = 1;
-  a.cols = 64;
-  a.bits = 4;
-  a.group = 64;  // the weight's blocks were made for groups of 32
-  a.codes.assign(64, 1);
-  a.scales = {1.f};
-  a.zeros = {0};
+  const IntActs a = one_token(std::vector<uint8_t>(64, 1), 4, 64, 0);  // blocks were made for groups of 32
   Matrix y;
   EXPECT_THROW(int_gemm(a, w, IntPath::Scalar, y), Error);
   std::vector<uint8_t> wide(size_t(65537), 0);
