@@ -297,6 +297,8 @@ void OutputPlan::add(const std::string& out_arg, OutputKind kind, bool resume) {
     std::fprintf(stderr, "note: removing %s, left by a killed run (pid %s)\n", partial.c_str(),
                  owner_pid(partial).c_str());
     remove_entries(fd, false, true);
+  } else if (!empty) {
+    remove_entries(fd, true, true);  // a checkpoint to resume: a killed run's temporaries go
   }
   // Written in place, not through a temporary: a kill at any instant leaves either no .owner (an
   // empty OUT.partial) or one, so OUT.partial stays recognisably ours.
