@@ -13,6 +13,7 @@ BIN=build/dartquant
 DATA=../shared/data
 WORK=$(mktemp -d /tmp/dq-soak-XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
+fail() { echo "FAIL: $*"; trap - EXIT; echo "kept $WORK"; exit 1; }
 head -c 100000 $DATA/tinystories/calib.txt >"$WORK/calib.txt"  # short: a run's time goes to the job
 run() {  # run OUT: the quantize command, resuming whatever OUT.partial holds
   exec "$BIN" --threads 1 quantize --model $DATA/stories260K/stories260K.bin --calib "$WORK/calib.txt" \
@@ -33,15 +34,15 @@ while (( kills < KILLS && SECONDS < MAX_SECONDS )); do
     kill -9 $pid 2>/dev/null || true
     rc=0; wait $pid 2>/dev/null || rc=$?
     if (( rc == 0 )); then finished_before_kill=$((finished_before_kill + 1)); done=1; break; fi
-    if (( rc != 137 )); then echo "FAIL: resumed run failed in chain $chains: $(cat "$out.err")"; exit 1; fi
+    if (( rc != 137 )); then fail "resumed run failed in chain $chains: $(cat "$out.err")"; fi
     kills=$((kills + 1))
     if [[ -d $out ]]; then done_at_kill=$((done_at_kill + 1)); done=1; break; fi
   done
   if (( ! done )); then
-    (run "$out") || { echo "FAIL: final resume failed in chain $chains: $(cat "$out.err")"; exit 1; }
+    (run "$out") || fail "final resume failed in chain $chains: $(cat "$out.err")"
   fi
-  if ! diff -r "$WORK/whole" "$out" >/dev/null; then echo "FAIL: chain $chains differs from the uninterrupted run"; exit 1; fi
-  if [[ -e $out.partial/state.json ]]; then echo "FAIL: chain $chains kept a checkpoint after finishing"; exit 1; fi
+  if ! diff -r "$WORK/whole" "$out" >/dev/null; then fail "chain $chains differs: $(diff -rq "$WORK/whole" "$out" | head -3)"; fi
+  if [[ -e $out.partial/state.json ]]; then fail "chain $chains kept a checkpoint after finishing"; fi
   rm -rf "$out" "$out.partial" "$out.err"
 done
 echo "kill-resume soak: $kills SIGKILLs at random instants in $chains chains (one run ${whole_ms} ms; $finished_before_kill runs finished before their kill, $done_at_kill kills hit a finished run); all $chains outputs byte-identical to the uninterrupted run; ${SECONDS} s"

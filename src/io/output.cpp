@@ -297,8 +297,19 @@ void OutputPlan::add(const std::string& out_arg, OutputKind kind, bool resume) {
     std::fprintf(stderr, "note: removing %s, left by a killed run (pid %s)\n", partial.c_str(),
                  owner_pid(partial).c_str());
     remove_entries(fd, false, true);
+  } else if (!empty) {
+    remove_entries(fd, true, true);  // a checkpoint to resume: a killed run's temporaries go
   }
-  write_file_atomic(partial + "/" + kOwner, [](OutStream& s) { s.write(std::to_string(getpid()) + "\n"); });
+  // Written in place, not through a temporary: a kill at any instant leaves either no .owner (an
+  // empty OUT.partial) or one, so OUT.partial stays recognisably ours.
+  const int owner = openat(fd, kOwner, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  const std::string pid = std::to_string(getpid()) + "\n";
+  const bool written = owner >= 0 && ::write(owner, pid.data(), pid.size()) == ssize_t(pid.size());
+  if (owner >= 0) ::close(owner);
+  if (!written) {
+    ::close(fd);
+    throw Error(partial + ": cannot write (" + std::strerror(errno) + ")");
+  }
 
   int slot = 0;
   while (slot < int(std::size(g_slots)) && g_slots[slot].state.load() != 0) ++slot;

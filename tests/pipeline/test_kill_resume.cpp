@@ -27,10 +27,11 @@ std::vector<std::string> quantize_args(const std::string& out, const std::string
           "--w-method", "gptq", "--a-bits", "4", "--out", out, "--resume"};
 }
 
-pid_t spawn(const std::vector<std::string>& args) {
+// Runs args with stderr to `err`.
+pid_t spawn(const std::vector<std::string>& args, const std::string& err) {
   const pid_t pid = fork();
   if (pid == 0) {
-    if (!freopen("/dev/null", "w", stdout) || !freopen("/dev/null", "w", stderr)) _exit(127);
+    if (!freopen("/dev/null", "w", stdout) || !freopen(err.c_str(), "w", stderr)) _exit(127);
     std::vector<char*> argv;
     for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
     argv.push_back(nullptr);
@@ -53,7 +54,7 @@ TEST(KillAtRandomInstants, ResumeAlwaysFinishesWithIdenticalBytes) {
   spit(calib, slurp(kCalib).substr(0, 100000));
   const auto t0 = Clock::now();
   int status = 0;
-  waitpid(spawn(quantize_args(dir / "whole", calib)), &status, 0);
+  waitpid(spawn(quantize_args(dir / "whole", calib), dir / "err"), &status, 0);
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   const double whole_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   const auto expected = files_of(dir / "whole");
@@ -65,18 +66,19 @@ TEST(KillAtRandomInstants, ResumeAlwaysFinishesWithIdenticalBytes) {
   // A resumed run has less left to do than a whole one: delays up to a third of a whole run give
   // several kills per chain before it finishes.
   std::uniform_real_distribution<double> delay(0.0, whole_seconds / 3);
-  const double budget = 35.0;  // seconds of kills, then the chains in progress finish
+  const double budget = 25.0;  // seconds of kills, then the chains in progress finish
   int kills = 0, chains = 0;
   while (std::chrono::duration<double>(Clock::now() - t0).count() < budget) {
     const std::string out = dir / ("chain" + std::to_string(chains++));
     bool done = false;
     for (int k = 0; k < 6 && !done; ++k) {  // up to six kills per chain
-      const pid_t pid = spawn(quantize_args(out, calib));
+      const pid_t pid = spawn(quantize_args(out, calib), dir / "err");
       std::this_thread::sleep_for(std::chrono::duration<double>(delay(rng)));
       kill(pid, SIGKILL);
       waitpid(pid, &status, 0);
       if (WIFEXITED(status)) {  // finished (or failed) before the kill
-        ASSERT_EQ(WEXITSTATUS(status), 0) << "a resumed run failed after " << kills << " kills in " << out;
+        ASSERT_EQ(WEXITSTATUS(status), 0) << "a resumed run failed after " << kills << " kills in " << out << ": "
+                                          << slurp(dir / "err");
         done = true;
       } else {
         ++kills;
@@ -84,8 +86,8 @@ TEST(KillAtRandomInstants, ResumeAlwaysFinishesWithIdenticalBytes) {
       }
     }
     if (!done) {
-      waitpid(spawn(quantize_args(out, calib)), &status, 0);
-      ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "resume failed in " << out;
+      waitpid(spawn(quantize_args(out, calib), dir / "err"), &status, 0);
+      ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "resume failed in " << out << ": " << slurp(dir / "err");
     }
     ASSERT_TRUE(fs::exists(out));
     EXPECT_TRUE(files_of(out) == expected) << out << " differs from the uninterrupted run";
