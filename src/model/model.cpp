@@ -1,8 +1,9 @@
 #include "model/model.h"
 
+#include <unistd.h>
+
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <set>
 
 #include "io/file.h"
@@ -25,9 +26,11 @@ static std::string find_tokenizer_beside(const fs::path& dir) {
 }
 
 static bool has_gguf_magic(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
+  const int fd = open_regular_file(path);  // a FIFO is refused, not waited on
   char magic[4] = {};
-  return f.read(magic, 4) && std::string_view(magic, 4) == "GGUF";
+  const bool gguf = ::read(fd, magic, 4) == 4 && std::string_view(magic, 4) == "GGUF";
+  ::close(fd);
+  return gguf;
 }
 
 static Model load_llama2c_model(const std::string& path) {
