@@ -50,15 +50,6 @@ struct Capture : Hook {
 
 const std::vector<int32_t> kTokens{1, 403, 407, 261, 378, 275, 3, 9, 14, 300, 120, 45, 77, 2, 411, 89};
 
-Capture run(const Model& m) {
-  RuntimeHooks rt(m);
-  Capture c;
-  Hooks hooks{&c};
-  hooks.insert(hooks.end(), rt.hooks().begin(), rt.hooks().end());
-  forward(m, kTokens, 2, 8, hooks);
-  return c;
-}
-
 double rel_diff(const Matrix& a, const Matrix& b) {
   double d = 0, n = 0;
   for (size_t i = 0; i < a.size(); ++i) {
