@@ -4,8 +4,9 @@
 // the project:
 //   mkdir -p /tmp/nlc && cd /tmp/nlc && npm init -y && npm i -E node-llama-cpp@3.21.1
 // Run from the project root (build/dartquant built):
-//   NODE_PATH=/tmp/nlc/node_modules node scripts/check-llamacpp.mjs [LINES] [WINDOWS] > table.md
-// Prints the tables of docs/LLAMACPP.md:
+//   NODE_PATH=/tmp/nlc/node_modules node scripts/check-llamacpp.mjs [LINES] [WINDOWS] [ONLY] > table.md
+// ONLY (a regular expression) keeps the tokenizer rows whose family and the perplexity rows whose
+// "model type" it matches, e.g. 'llama-3.2-1b (f32|q4_0)'. Prints the tables of docs/EXPORT.md:
 // 1. Tokenizer ids: for each tokenizer family dartquant reads, a one-layer model with that
 //    tokenizer is exported to GGUF; the first LINES (default 300) non-empty lines of WikiText-2
 //    test are tokenized by `dartquant tokenize` (no special tokens) and by llama.cpp's
@@ -29,6 +30,7 @@ const require = createRequire(path.join(process.env.NODE_PATH || ".", "x.js"));
 const {getLlama, LlamaLogLevel} = await import(require.resolve("node-llama-cpp"));
 
 const LINES = Number(process.argv[2] || 300), WINDOWS = Number(process.argv[3] || 4);
+const ONLY = new RegExp(process.argv[4] || "");
 const DQ = "build/dartquant", DATA = "../shared/data";
 const work = fs.mkdtempSync(path.join(os.tmpdir(), "dq-llamacpp-"));
 const dq = (...args) => execFileSync(DQ, ["--threads", "1", ...args], {encoding: "utf8", maxBuffer: 1 << 28});
@@ -68,6 +70,8 @@ function writeConfig(dir, base, layers) {
      rope_theta: 10000.0, tie_word_embeddings: false};
   c.num_hidden_layers = layers;
   c.vocab_size = Math.max(...ids) + 1;
+  // BOS/EOS ids of the base config's own, larger vocabulary: use the tokenizer's.
+  for (const k of ["bos_token_id", "eos_token_id"]) if (c[k] >= c.vocab_size) delete c[k];
   fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify(c, null, 1));
 }
 
@@ -84,6 +88,7 @@ console.log("| tokenizer family | tokenizer.ggml.model / pre | lines | equal ids
 const stripped = lines.map(l => l.trimStart());
 fs.writeFileSync(path.join(work, "stripped.txt"), stripped.join("\n") + "\n");
 for (const fam of ["stories260K", "smollm2", "tinyllama", "llama-2", "mistral", "llama-3", "qwen2"]) {
+  if (!ONLY.test(fam)) continue;
   const gguf = path.join(work, fam + ".gguf");
   let tok;
   if (fam === "stories260K") {
@@ -148,9 +153,11 @@ async function llamaGreedy(gguf, prompt, n) {
     input = [next];
   }
   const text = model.detokenize([...ids, ...out]).trim();
+  // llama.cpp leaves special tokens out of the text; dartquant decodes as transformers does, with them.
+  const bos = model.tokens.shouldPrependBosToken ? model.detokenize([model.tokens.bos], true) : "";
   await context.dispose();
   await model.dispose();
-  return text;
+  return {text, bos};
 }
 
 console.log("| model | type | ctx x windows | dartquant eval --protocol llama.cpp | llama.cpp | rel. diff | greedy text equal |");
@@ -168,6 +175,7 @@ for (const name of ["stories260K", ...Object.keys(shapes)]) {
     text = `${DATA}/wikitext2/wiki.test.raw`; ctx = 128; prompt = "The history of the city";
   }
   for (const type of ["f32", "f16", "q8_0", "q4_0", "q4_1"]) {
+    if (!ONLY.test(`${name} ${type}`)) continue;
     const gguf = path.join(work, `${name}-${type}.gguf`);
     dq("export", "--model", src, "--format", "gguf", "--gguf-type", type, "--out", gguf);
     const report = path.join(work, "eval.json");
@@ -175,8 +183,9 @@ for (const name of ["stories260K", ...Object.keys(shapes)]) {
        "--protocol", "llama.cpp", "--json", report);
     const ours = JSON.parse(fs.readFileSync(report, "utf8")).ppl;
     const theirs = await llamaPpl(gguf, text, ctx);
-    const a = dq("generate", "--model", gguf, "--prompt", prompt, "-n", "24", "--temperature", "0").trim();
-    const b = await llamaGreedy(gguf, prompt, 24);
+    const generated = dq("generate", "--model", gguf, "--prompt", prompt, "-n", "24", "--temperature", "0").trim();
+    const {text: b, bos} = await llamaGreedy(gguf, prompt, 24);
+    const a = bos && generated.startsWith(bos) ? generated.slice(bos.length).trim() : generated;
     console.log(`| ${name} | ${type} | ${ctx} x ${WINDOWS} | ${ours.toFixed(4)} | ${theirs.toFixed(4)} | ` +
                 `${Math.abs(ours / theirs - 1).toExponential(1)} | ${a === b ? "yes" : "no"} |`);
     fs.rmSync(gguf);

@@ -1,5 +1,6 @@
 #include "model/export.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -262,6 +263,34 @@ json tokenizer_config(const std::string& tokenizer_path) {
   return json::parse(read_file(p.string()), nullptr, false);
 }
 
+// llama.cpp puts bos_token_id first when add_bos_token is set (and eos_token_id last with
+// add_eos_token), so BOS/EOS are the tokens encode() itself adds around a text, whatever id
+// config.json gives (a checkpoint may name ids of another vocabulary). Ids outside the vocabulary
+// are not written: llama.cpp would replace them with defaults of its own.
+void special_tokens_as_encoded(const Tokenizer& t, const std::string& file, GgufTokenizerKeys& k) {
+  VocabInfo& v = k.vocab;
+  const std::vector<int32_t> plain = t.encode("a", false), wrapped = t.encode("a", true);
+  auto at = std::search(wrapped.begin(), wrapped.end(), plain.begin(), plain.end());
+  if (at == wrapped.end())
+    throw Error(file + ": cannot export the tokenizer to GGUF: its special tokens change how the text itself is split");
+  const std::vector<int32_t> prefix(wrapped.begin(), at), suffix(at + std::ptrdiff_t(plain.size()), wrapped.end());
+  auto place = [&](const std::vector<int32_t>& added, int32_t& id, bool& add, const std::string& name,
+                   const std::string& where) {
+    add = added.size() == 1;
+    if (add) id = added[0];
+    if (added.size() > 1)
+      k.notes.push_back(file + ": the tokenizer adds " + std::to_string(added.size()) + " tokens " + where +
+                        " a text, llama.cpp adds at most one: ids differ when special tokens are added");
+    if (id >= int32_t(v.tokens.size())) {
+      k.notes.push_back(file + ": " + name + " id " + std::to_string(id) + " is outside the vocabulary (" +
+                        std::to_string(v.tokens.size()) + " tokens): not written");
+      id = -1;
+    }
+  };
+  place(prefix, v.bos, v.add_bos, "BOS", "before");
+  place(suffix, v.eos, v.add_eos, "EOS", "after");
+}
+
 }  // namespace
 
 GgufTokenizerKeys gguf_tokenizer_keys(const Tokenizer& t, const std::string& tokenizer_path) {
@@ -277,6 +306,7 @@ GgufTokenizerKeys gguf_tokenizer_keys(const Tokenizer& t, const std::string& tok
     throw Error((tokenizer_path.empty() ? std::string("the tokenizer") : tokenizer_path) +
                 ": cannot name its pre-tokenizer for llama.cpp without its tokenizer.json; pass --tokenizer");
   }  // else a llama2.c tokenizer.bin: SentencePiece with the dummy prefix
+  special_tokens_as_encoded(t, tokenizer_path.empty() ? std::string("the tokenizer") : tokenizer_path, k);
   json cfg = tokenizer_config(tokenizer_path);
   if (cfg.is_object()) {
     // transformers' own flags override what the post-processor template shows.

@@ -832,6 +832,11 @@ TEST_F(Export, GgufTokenizerKeysPerFamily) {
   json smaug = fixture_variant("llama3_split");
   smaug["model"]["ignore_merges"] = false;
   families.push_back({"smaug", variant_tokenizer(tmp_, "sm", smaug), "gpt2", "smaug-bpe", true, -1, 0, 0, -1});
+  // Beside a config.json whose BOS/EOS ids belong to another vocabulary (Llama-3.2's, as the
+  // synthetic Llama-3.2 shapes have): BOS is the token the template adds, the EOS id is left out.
+  const std::string l3ids = variant_tokenizer(tmp_, "l3ids", fixture_variant("llama3_split"));
+  spit(tmp_ / "l3ids/config.json", json{{"bos_token_id", 128000}, {"eos_token_id", 128001}}.dump());
+  families.push_back({"llama3_foreign_ids", l3ids, "gpt2", "llama-bpe", true, -1, 0, -1, -1});
 
   for (const Family& fam : families) {
     SCOPED_TRACE(fam.name);
@@ -839,7 +844,11 @@ TEST_F(Export, GgufTokenizerKeysPerFamily) {
     const std::string out = tmp_ / (fam.name + ".gguf");
     GgufExportStats stats = export_gguf(m, out);
     // Mistral's Metaspace leaves text that starts with a space alone; llama.cpp prefixes all text.
-    EXPECT_EQ(stats.notes.size(), fam.name == "mistral" ? 1u : 0u);
+    // The foreign EOS id is not written, and said so.
+    EXPECT_EQ(stats.notes.size(), fam.name == "mistral" || fam.name == "llama3_foreign_ids" ? 1u : 0u);
+    if (fam.name == "llama3_foreign_ids") {
+      EXPECT_NE(stats.notes.at(0).find("EOS id 128001"), std::string::npos);
+    }
     TokKeys k = tok_keys(out);
     EXPECT_EQ(k.model, fam.model);
     EXPECT_EQ(k.pre, fam.pre);
