@@ -31,7 +31,7 @@ const {getLlama, LlamaLogLevel} = await import(require.resolve("node-llama-cpp")
 
 const LINES = Number(process.argv[2] || 300), WINDOWS = Number(process.argv[3] || 4);
 const ONLY = new RegExp(process.argv[4] || "");
-const DQ = "build/dartquant", DATA = "../shared/data";
+const DQ = process.env.DQ || "build/dartquant", DATA = "../shared/data";  // DQ: another build
 const work = fs.mkdtempSync(path.join(os.tmpdir(), "dq-llamacpp-"));
 const dq = (...args) => execFileSync(DQ, ["--threads", "1", ...args], {encoding: "utf8", maxBuffer: 1 << 28});
 const llama = await getLlama({gpu: false, build: "never", logLevel: LlamaLogLevel.error});

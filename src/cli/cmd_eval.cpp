@@ -8,6 +8,7 @@
 #include "io/report.h"
 #include "eval/runtime.h"
 #include "eval/zeroshot.h"
+#include "model/llamacpp_rounding.h"
 
 namespace dq::cli {
 namespace {
@@ -36,7 +37,11 @@ int run_eval(const EvalArgs& a) {
     PplProtocol protocol;
     protocol.llama_cpp = a.protocol == "llama.cpp";
     if (!ids.empty() && ids[0] == m.tokenizer->bos_id()) protocol.bos = ids[0];  // the tokenizer adds BOS
-    PplResult r = perplexity(m, ids, seqlen, a.max_windows, runtime.hooks(),
+    // llama.cpp rounds activations to the weights' dot-product type (quantized GGUF weights).
+    Hooks hooks = runtime.hooks();
+    std::unique_ptr<Hook> rounding = protocol.llama_cpp ? llama_cpp_activation_rounding(m) : nullptr;
+    if (rounding) hooks.push_back(rounding.get());
+    PplResult r = perplexity(m, ids, seqlen, a.max_windows, hooks,
                              [](int done, int total) { progress_line("perplexity windows", done, total); }, protocol);
     std::printf("ppl %.4f  (%s, %d windows x %d tokens, %.0f tokens/s, %s%s)\n", r.ppl, a.ppl.c_str(),
                 r.windows, r.seqlen, r.tokens_per_second, runtime.path(), kernels_note().c_str());
@@ -88,7 +93,8 @@ RegisterCommand reg("eval", "perplexity of a model (llama2.c .bin, HF directory,
       ->check(int_in(0, INT32_MAX));
   app.add_option("--protocol", a->protocol,
                  "gptq: every token of each window scored; llama.cpp: llama-perplexity's (BOS first in each "
-                 "window, second half scored), to compare with llama.cpp on the same GGUF")
+                 "window, second half scored; a GGUF's activations rounded as llama.cpp's CPU kernels round them for "
+                 "its weight types), to compare with llama.cpp on the same GGUF")
       ->capture_default_str()
       ->check(CLI::IsMember({"gptq", "llama.cpp"}));
   app.add_option("--json", a->json, "write a JSON report here");

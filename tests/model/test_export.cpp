@@ -13,6 +13,7 @@
 #include "io/safetensors.h"
 #include "model/export.h"
 #include "model/forward.h"
+#include "model/llamacpp_rounding.h"
 #include "model/save.h"
 #include "model/synth.h"
 #include "fixtures/tokenizer/variant.h"
@@ -1039,3 +1040,101 @@ TEST_F(Export, QuantizeTargetGgufRefusesRunTimeTransformsUpFront) {
 }
 
 }  // namespace
+
+// ---- activations rounded as llama.cpp's CPU kernels round them (eval --protocol llama.cpp) ----
+
+namespace {
+
+// f16 rounding by the compiler's own _Float16, independent of the project's f32_to_f16.
+float via_f16(float x) { return float(static_cast<_Float16>(x)); }
+
+}  // namespace
+
+TEST(LlamaCppRounding, Q8BlocksAsGgmlQuantizesActivations) {
+  // One block with amax 127 (d = 1, so codes are the rounded values: halves go to even), one of
+  // random values, one of zeros.
+  Matrix x(1, 96);
+  const float ties[] = {2.5f, 3.5f, -2.5f, 0.5f, 1.5f, -126.5f};
+  for (int i = 0; i < 6; ++i) x.data[size_t(i)] = ties[i];
+  x.data[10] = -127.f;
+  std::mt19937 rng{3};
+  std::normal_distribution<float> nd(0.f, 2.f);
+  for (int i = 32; i < 64; ++i) x.data[size_t(i)] = nd(rng);
+  const Matrix in = x;
+  for (GgmlType t : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1}) {
+    Matrix y = in;
+    round_activations_like_ggml(t, y);
+    const float want_ties[] = {2.f, 4.f, -2.f, 0.f, 2.f, -126.f};
+    for (int i = 0; i < 6; ++i) EXPECT_EQ(y.data[size_t(i)], want_ties[i]) << i;
+    EXPECT_EQ(y.data[10], -127.f);
+    float amax = 0.f;
+    for (int i = 32; i < 64; ++i) amax = std::max(amax, std::fabs(in.data[size_t(i)]));
+    const float d = via_f16(amax / 127.f);
+    for (int i = 32; i < 64; ++i) {
+      const float v = in.data[size_t(i)], got = y.data[size_t(i)];
+      const float code = std::round(v * (127.f / amax));  // ggml multiplies by 127 / amax; no halves here
+      EXPECT_EQ(got, code * d) << i;
+      EXPECT_LE(std::fabs(code), 127.f);
+      EXPECT_NEAR(got, v, amax / 127.f);
+    }
+    for (int i = 64; i < 96; ++i) EXPECT_EQ(y.data[size_t(i)], 0.f);
+  }
+  Matrix h = in;
+  round_activations_like_ggml(GgmlType::F16, h);
+  for (size_t i = 0; i < h.data.size(); ++i) EXPECT_EQ(h.data[i], via_f16(in.data[i]));
+  Matrix f = in;
+  round_activations_like_ggml(GgmlType::F32, f);
+  EXPECT_EQ(f.data, in.data);
+  Matrix odd(1, 40);
+  EXPECT_THROW(round_activations_like_ggml(GgmlType::Q4_0, odd), Error);
+}
+
+namespace {
+
+// Records, per site, whether the activations the other hooks left were on a q8 grid.
+struct GridProbe : Hook {
+  std::map<Site, bool> on_q8_grid;
+  void at(Site site, int, Matrix& x) override {
+    bool grid = true;
+    for (size_t b = 0; b < x.data.size() && grid; b += 32) {
+      float amax = 0.f;
+      for (size_t i = b; i < b + 32; ++i) amax = std::max(amax, std::fabs(x.data[i]));
+      const float d = via_f16(amax / 127.f);
+      for (size_t i = b; i < b + 32 && amax > 0; ++i) grid &= std::fabs(x.data[i] / d - std::round(x.data[i] / d)) < 1e-3f;
+    }
+    on_q8_grid[site] = grid;
+  }
+};
+
+}  // namespace
+
+TEST_F(Export, LlamaCppRoundingFollowsTheGgufTypes) {
+  Model m = random_model(kData + "/hf/smollm2-135m-instruct/tokenizer.json", 64, 1);
+  const std::string f32 = tmp_ / "r32.gguf", q4 = tmp_ / "r4.gguf";
+  export_gguf(m, f32);
+  GgufExportOptions o;
+  o.type = GgmlType::Q4_0;
+  export_gguf(m, q4, o);
+  EXPECT_EQ(llama_cpp_activation_rounding(load_model(f32)), nullptr);  // nothing to round
+  EXPECT_EQ(llama_cpp_activation_rounding(m), nullptr);                // not a GGUF
+  Model g = load_model(q4);
+  std::unique_ptr<Hook> rounding = llama_cpp_activation_rounding(g);
+  ASSERT_TRUE(rounding);
+  std::vector<int32_t> ids = g.tokenizer->encode(slurp(kValid).substr(0, 2000), false);
+  ids.resize(64);
+  GridProbe before, after;
+  std::vector<double> plain = next_token_nll(g, ids, 1, 64, {&before});
+  std::vector<double> rounded = next_token_nll(g, ids, 1, 64, {rounding.get(), &after});
+  // The inputs of a q4_0 file's weights (classifier q8_0) are rounded to q8 blocks; down_proj's
+  // rows of 80 are not whole blocks, so it is f32 in the file and its input is left alone.
+  for (Site s : {Site::AttnIn, Site::OprojIn, Site::MlpIn, Site::FinalNorm}) {
+    EXPECT_FALSE(before.on_q8_grid.at(s)) << site_name(s);
+    EXPECT_TRUE(after.on_q8_grid.at(s)) << site_name(s);
+  }
+  EXPECT_FALSE(after.on_q8_grid.at(Site::DownIn));
+  EXPECT_FALSE(after.on_q8_grid.at(Site::Q));
+  double sum_plain = 0, sum_rounded = 0;
+  for (size_t i = 0; i < plain.size(); ++i) sum_plain += plain[i], sum_rounded += rounded[i];
+  EXPECT_NE(sum_plain, sum_rounded);
+  EXPECT_NEAR(sum_rounded / sum_plain, 1.0, 1e-2);
+}
