@@ -48,8 +48,33 @@ function variant(name) {
   return dir;
 }
 
+// Qwen2.5's tokenizer.json rebuilt from its vocab.json, merges.txt and tokenizer_config.json
+// (../shared/data has no tokenizer.json for it) as Qwen2's tokenizer.json files are laid out,
+// except their NFC normalizer, which dartquant does not implement (no-op on NFC text such as
+// WikiText-2's).
+function qwen25Dir() {
+  const src = `${DATA}/hf/qwen2.5-0.5b`, dir = path.join(work, "tok-qwen2.5");
+  const cfg = JSON.parse(fs.readFileSync(`${src}/tokenizer_config.json`, "utf8"));
+  const merges = fs.readFileSync(`${src}/merges.txt`, "utf8").split("\n").filter(l => l && !l.startsWith("#version"));
+  const byteLevel = {type: "ByteLevel", add_prefix_space: false, trim_offsets: false, use_regex: false};
+  const split = JSON.parse(fs.readFileSync("tests/fixtures/tokenizer/variants.json", "utf8")).variants
+    .find(x => x.name === "qwen_split").set.pre_tokenizer.pretokenizers[0];
+  const t = {version: "1.0", truncation: null, padding: null,
+    added_tokens: Object.entries(cfg.added_tokens_decoder).map(([id, a]) => ({id: Number(id), ...a})),
+    normalizer: null, pre_tokenizer: {type: "Sequence", pretokenizers: [split, byteLevel]},
+    post_processor: byteLevel, decoder: byteLevel,
+    model: {type: "BPE", dropout: null, unk_token: null, continuing_subword_prefix: "", end_of_word_suffix: "",
+            fuse_unk: false, byte_fallback: false, ignore_merges: false,
+            vocab: JSON.parse(fs.readFileSync(`${src}/vocab.json`, "utf8")), merges}};
+  fs.mkdirSync(dir, {recursive: true});
+  fs.writeFileSync(path.join(dir, "tokenizer.json"), JSON.stringify(t));
+  fs.copyFileSync(`${src}/tokenizer_config.json`, path.join(dir, "tokenizer_config.json"));
+  return dir;
+}
+
 // A directory holding the family's tokenizer.json (and tokenizer_config.json where it has one).
 function familyDir(fam) {
+  if (fam === "qwen2.5") return qwen25Dir();
   const src = {smollm2: "smollm2-135m-instruct", tinyllama: "tinyllama-1.1b-chat-v1.0", "llama-2": "llama-2-7b-hf",
                mistral: "mistral-7b-v0.1"}[fam];
   if (!src) return variant(fam === "llama-3" ? "llama3_split" : "qwen_split");
@@ -69,7 +94,7 @@ function writeConfig(dir, base, layers) {
      num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 512, rms_norm_eps: 1e-5,
      rope_theta: 10000.0, tie_word_embeddings: false};
   c.num_hidden_layers = layers;
-  c.vocab_size = Math.max(...ids) + 1;
+  c.vocab_size = ids.reduce((a, b) => Math.max(a, b), 0) + 1;
   // BOS/EOS ids of the base config's own, larger vocabulary: use the tokenizer's.
   for (const k of ["bos_token_id", "eos_token_id"]) if (c[k] >= c.vocab_size) delete c[k];
   fs.writeFileSync(path.join(dir, "config.json"), JSON.stringify(c, null, 1));
@@ -87,7 +112,7 @@ fs.writeFileSync(path.join(work, "lines.txt"), lines.join("\n") + "\n");
 console.log("| tokenizer family | tokenizer.ggml.model / pre | lines | equal ids | equal ids, leading spaces stripped |\n|---|---|---|---|---|");
 const stripped = lines.map(l => l.trimStart());
 fs.writeFileSync(path.join(work, "stripped.txt"), stripped.join("\n") + "\n");
-for (const fam of ["stories260K", "smollm2", "tinyllama", "llama-2", "mistral", "llama-3", "qwen2"]) {
+for (const fam of ["stories260K", "smollm2", "tinyllama", "llama-2", "mistral", "llama-3", "qwen2", "qwen2.5"]) {
   if (!ONLY.test(fam)) continue;
   const gguf = path.join(work, fam + ".gguf");
   let tok;
@@ -178,7 +203,7 @@ for (const name of ["stories260K", ...Object.keys(shapes)]) {
     if (!ONLY.test(`${name} ${type}`)) continue;
     const gguf = path.join(work, `${name}-${type}.gguf`);
     dq("export", "--model", src, "--format", "gguf", "--gguf-type", type, "--out", gguf);
-    const report = path.join(work, "eval.json");
+    const report = path.join(work, `${name}-${type}.eval.json`);  // dartquant never replaces a file
     dq("eval", "--model", gguf, "--ppl", text, "--seqlen", String(ctx), "--max-windows", String(WINDOWS),
        "--protocol", "llama.cpp", "--json", report);
     const ours = JSON.parse(fs.readFileSync(report, "utf8")).ppl;
