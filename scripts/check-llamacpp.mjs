@@ -7,9 +7,9 @@
 //   NODE_PATH=/tmp/nlc/node_modules node scripts/check-llamacpp.mjs [LINES] [WINDOWS] [ONLY] > table.md
 // ONLY (a regular expression) keeps the tokenizer rows whose family and the perplexity rows whose
 // "model type" it matches, e.g. 'llama-3.2-1b (f32|q4_0)'. Prints the tables of docs/EXPORT.md:
-// 1. Tokenizer ids: for each tokenizer family dartquant reads, a one-layer model with that
-//    tokenizer is exported to GGUF; the first LINES (default 300) non-empty lines of WikiText-2
-//    test are tokenized by `dartquant tokenize` (no special tokens) and by llama.cpp's
+// 1. Tokenizer ids: for each tokenizer family dartquant reads (Qwen2.5: its real vocabulary), a
+//    one-layer model with that tokenizer is exported to GGUF; the first LINES (default 300)
+//    non-empty lines of WikiText-2 test are tokenized by `dartquant tokenize` (no special tokens) and by llama.cpp's
 //    tokenizer on the GGUF (no special tokens); the table counts lines with equal ids.
 // 2. Perplexity and greedy text for stories260K and synthetic SmolLM2-135M / Llama-3.2-1B /
 //    Qwen2.5-0.5B shapes (2 layers, seeded weights), exported as f32, f16, q8_0, q4_0, q4_1.
@@ -18,8 +18,10 @@
 //    first WINDOWS (default 4) of them; BOS put first in each window; only the second half of each
 //    window scored. llama.cpp's side evaluates each window in a fresh sequence and reads the
 //    probability of the actual next token from its full next-token distribution (temperature 1,
-//    no top-k/top-p/min-p); dartquant's is `eval --protocol llama.cpp`. Greedy text: 24 tokens
-//    after the same prompt, `dartquant generate --temperature 0` against llama.cpp's argmax.
+//    no top-k/top-p/min-p); dartquant's is `eval --protocol llama.cpp`, which also rounds the
+//    activations at each weight's input as llama.cpp's CPU kernels do for the weight's type.
+//    Greedy text: 24 tokens after the same prompt, `dartquant generate --temperature 0` against
+//    llama.cpp's argmax.
 import {execFileSync} from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
