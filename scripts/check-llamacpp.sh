@@ -68,6 +68,9 @@ else:
          "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False}
 c["vocab_size"] = n
 c["torch_dtype"] = "float32"
+for k in ("bos_token_id", "eos_token_id"):  # ids of the base config's own, larger vocabulary
+    if isinstance(c.get(k), int) and c[k] >= n:
+        del c[k]
 json.dump(c, open(f"{d}/config.json", "w"), indent=1)
 EOF
 }
@@ -135,8 +138,8 @@ for model in stories260K smollm2-135m llama-3.2-1b qwen2.5-0.5b; do
     g=$WORK/$model-$type.gguf
     $DQ export --model "$src" --format gguf --gguf-type "$type" --out "$g" >/dev/null
     $DQ eval --model "$g" --ppl "$text" --seqlen "$ctx" --max-windows "$CHUNKS" --protocol llama.cpp \
-      --json "$WORK/eval.json" >/dev/null
-    ours=$(python3 -c "import json,sys; print('%.4f' % json.load(open(sys.argv[1]))['ppl'])" "$WORK/eval.json")
+      --json "$WORK/$model-$type.eval.json" >/dev/null  # dartquant never replaces a file
+    ours=$(python3 -c "import json,sys; print('%.4f' % json.load(open(sys.argv[1]))['ppl'])" "$WORK/$model-$type.eval.json")
     theirs=$("$BIN/llama-perplexity" -m "$g" -f "$text" -c "$ctx" -b "$ctx" --chunks "$CHUNKS" -ctk f32 -ctv f32 \
       -t 2 2>&1 | sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p')
     rel=$(python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print('%.1e' % abs(a/b-1))" "$ours" "${theirs:-nan}")
