@@ -10,6 +10,7 @@
 #include <sys/resource.h>
 #include <time.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -41,12 +42,14 @@ double process_cpu_seconds() {
   return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
 }
 
-// Resident memory now, in bytes (/proc/self/statm's second field, in pages).
-double resident_bytes() {
-  std::ifstream f("/proc/self/statm");
-  double size = 0, resident = 0;
-  f >> size >> resident;
-  return resident * double(sysconf(_SC_PAGESIZE));
+// A "Name:  N kB" field of /proc/self/status, in bytes: VmRSS (resident now), RssAnon (heap: packed
+// weights, f32 copies), RssFile (pages of mapped model files touched).
+double status_bytes(const std::string& field) {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind(field + ":", 0) == 0) return std::stod(line.substr(field.size() + 1)) * 1024.0;
+  return 0;
 }
 
 struct Sample {
@@ -124,7 +127,15 @@ int run_bench(const BenchArgs& a) {
       else f32_linears += 4.0 * double(m.weights.shape(name).at(0) * m.weights.shape(name).at(1));
     }
   const std::string head_name = lm_head_name(m);
-  const Matrix head = m.weights.get(head_name);
+  // The f32 classifier decoding multiplies by, copied in row chunks whose mapped pages are handed
+  // back after each: the copy's size stays resident, not twice it.
+  const std::vector<int64_t> head_shape = m.weights.shape(head_name);
+  Matrix head(head_shape.at(0), head_shape.at(1));
+  for (int64_t r0 = 0; r0 < head.rows; r0 += 4096) {
+    const Matrix part = m.weights.get_rows(head_name, r0, std::min<int64_t>(4096, head.rows - r0));
+    std::copy(part.data.begin(), part.data.end(), head.row(r0));
+    m.weights.release(head_name);
+  }
   const double head_bytes = 4.0 * double(head.data.size());
   for (const std::string& name : m.weights.names()) {
     if (name == head_name || name.find(".layers.") != std::string::npos) continue;
@@ -165,7 +176,8 @@ int run_bench(const BenchArgs& a) {
   for (const std::string& k : kernels) kernel_list += (kernel_list.empty() ? "" : "+") + k;
   if (kernel_list.empty()) kernel_list = "f32";
   const double kv = kv_cache_bytes(c, kv_bits_of(m), std::max(a.prompt, a.gen));
-  const double peak = peak_rss_mib() * 1048576.0, now = resident_bytes();
+  const double peak = peak_rss_mib() * 1048576.0, now = status_bytes("VmRSS");
+  const double anon = status_bytes("RssAnon"), file = status_bytes("RssFile");
   const double weights = packed + f32_linears + head_bytes + other;
   double load[3] = {0, 0, 0};
   getloadavg(load, 3);
@@ -183,6 +195,8 @@ int run_bench(const BenchArgs& a) {
                            {"kv_cache_bytes", kv},
                            {"peak_rss_bytes", peak},
                            {"rss_bytes", now},
+                           {"rss_anon_bytes", anon},
+                           {"rss_file_bytes", file},
                            {"load_average", {load[0], load[1], load[2]}}};
   if (!m.quantization.is_null() && !why_not.empty()) report["integer_unavailable"] = why_not;
   std::printf("| %-28s | %-10s | %-24s | %7s | %8s | %20s | %12s | %9s |\n", "model", "path", "kernels", "threads",
@@ -217,9 +231,9 @@ int run_bench(const BenchArgs& a) {
                                {"avg_cpu_share", mean(share)}});
   }
   const double mib = 1048576.0;
-  std::printf("memory: peak RSS %.1f MiB (now %.1f); weights %.1f MiB (packed %.1f, f32 linears %.1f, "
+  std::printf("memory: peak RSS %.1f MiB (now %.1f: %.1f heap, %.1f mapped files); weights %.1f MiB (packed %.1f, f32 linears %.1f, "
               "f32 lm_head %.1f, f32 embedding+norms %.1f); KV cache at %d tokens %.2f MiB\n",
-              peak / mib, now / mib, weights / mib, packed / mib, f32_linears / mib, head_bytes / mib, other / mib,
+              peak / mib, now / mib, anon / mib, file / mib, weights / mib, packed / mib, f32_linears / mib, head_bytes / mib, other / mib,
               std::max(a.prompt, a.gen), kv / mib);
   if (!a.json.empty()) plan.write(a.json, [&](const std::string& path) { write_json(path, report); });
   return 0;
