@@ -2,7 +2,8 @@
 // eval and generate would run it on (f32, fake-quant or integer), after llama-bench's conventions:
 // pp<P> is one forward pass over P tokens (plus the next-token logits of the last one), tg<N> is N
 // tokens decoded one at a time against the KV cache from an empty context, each with its logits.
-// Tokens are random ids (fixed seed). Every test runs once untimed (warm-up), then -r timed times;
+// Tokens are random ids (fixed seed). Every test first runs untimed on a few tokens (warm-up: pages
+// of the weights touched, buffers allocated; 16 prompt tokens, 2 generated), then -r timed times;
 // t/s is the mean ± standard deviation over those repetitions. Wall clock is what t/s counts; the
 // process CPU time is reported beside it because this kind of machine is often shared: cpu_share =
 // CPU seconds / (wall seconds × threads) well below 1 means other processes had the cores, and
@@ -76,15 +77,15 @@ double stddev(const std::vector<double>& v) {
   return std::sqrt(s / double(v.size() - 1));
 }
 
-// Runs fn once untimed, then reps times timed.
+// Runs fn(warmup) once untimed, then fn(n) reps times timed.
 template <class Fn>
-std::vector<Sample> measure(int reps, Fn fn) {
-  fn();
+std::vector<Sample> measure(int reps, int n, int warmup, Fn fn) {
+  fn(warmup);
   std::vector<Sample> out;
   for (int i = 0; i < reps; ++i) {
     const double c0 = process_cpu_seconds();
     const auto t0 = std::chrono::steady_clock::now();
-    fn();
+    fn(n);
     const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     out.push_back({wall, process_cpu_seconds() - c0});
   }
@@ -151,23 +152,23 @@ int run_bench(const BenchArgs& a) {
   if (a.prompt > 0) {
     std::vector<int32_t> ids(size_t(a.prompt));
     for (int32_t& t : ids) t = token(rng);
-    auto pp = [&] {
-      Matrix x = forward(m, ids, 1, a.prompt, runtime.hooks());
+    auto pp = [&](int n) {
+      Matrix x = forward(m, std::vector<int32_t>(ids.begin(), ids.begin() + n), 1, n, runtime.hooks());
       greedy_next(m, head, x);
     };
-    tests.push_back({"pp" + std::to_string(a.prompt), a.prompt, measure(a.reps, pp)});
+    tests.push_back({"pp" + std::to_string(a.prompt), a.prompt, measure(a.reps, a.prompt, std::min(a.prompt, 16), pp)});
   }
   if (a.gen > 0) {
     const int32_t first = token(rng);
-    auto tg = [&] {
+    auto tg = [&](int n) {
       KvCache cache;
       int32_t next = first;
-      for (int i = 0; i < a.gen; ++i) {
+      for (int i = 0; i < n; ++i) {
         Matrix x = forward(m, {next}, 1, 1, runtime.hooks(), &cache);
         next = greedy_next(m, head, x);
       }
     };
-    tests.push_back({"tg" + std::to_string(a.gen), a.gen, measure(a.reps, tg)});
+    tests.push_back({"tg" + std::to_string(a.gen), a.gen, measure(a.reps, a.gen, std::min(a.gen, 2), tg)});
   }
 
   const int threads = num_threads();
