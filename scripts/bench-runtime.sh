@@ -5,7 +5,7 @@
 # for f32, fake-quant W4A4KV4 and integer W4A4KV4 / W4A8 / W8A8 at each thread count, all in one run;
 # prints one markdown table per model.
 #
-# Usage: scripts/bench-runtime.sh [prepare|bench|all]    (default all)
+# Usage: scripts/bench-runtime.sh [prepare|bench|table|all]    (default all; table: only print the results there are)
 # Environment (defaults in brackets):
 #   BUILD [build]   MODELS ["smollm2-135m-instruct llama-3.2-1b"]   WORK [/tmp/dq-bench-runtime]
 #   P [512] N [128] R [3]   prompt tokens, generated tokens, repetitions
