@@ -5,6 +5,9 @@
 // Counter FLOP/s = 2 m n k per iteration. The fast Hadamard transform against the dense product is
 // in bench_linalg, not repeated here.
 //
+// BM_IntGemmTilesVsRows: the integer kernels (tensor/intgemm.h), register tiles against the row by
+// row dots they replaced and against sgemm at the same shape, one thread, interleaved.
+//
 // Args: m (tokens), n (out features), k (in features); BM_*Attn take seq and head_dim.
 #include <benchmark/benchmark.h>
 #include <cblas.h>
@@ -12,6 +15,9 @@
 #include <chrono>
 #include <random>
 
+#include <time.h>
+
+#include "tensor/intgemm.h"
 #include "tensor/kernels.h"
 
 namespace {
@@ -109,6 +115,71 @@ void BM_GemmVsCblas(benchmark::State& state) {
   state.counters["linear_reuse/sgemm"] = t[0] / t[3];
 }
 
+double thread_cpu_seconds() {
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
+
+// int_gemm with tiles, int_gemm row by row, and f32 sgemm at the same shape, in rotating order in
+// every iteration, on one thread (timed in thread CPU time: steadier than wall time on a loaded
+// machine). Weights of `wbits`, activations of `abits` per token; path: 0 = the best this CPU has,
+// 1 = AVX2 (what an AVX2-only CPU such as Zen 3 runs). Counters: each rate in G(FL)OP/s, and
+// tiles/rows and tiles/sgemm as speed ratios.
+void BM_IntGemmTilesVsRows(benchmark::State& state) {
+  const int64_t m = state.range(0), n = state.range(1), k = state.range(2);
+  const int wbits = int(state.range(3)), abits = int(state.range(4));
+  const std::vector<dq::IntPath> paths = dq::supported_int_paths();
+  if (paths.size() < 2) {
+    state.SkipWithError("no vector path on this CPU");
+    return;
+  }
+  const dq::IntPath path = state.range(5) == 0 ? paths.back() : dq::IntPath::Avx2;
+  state.SetLabel(dq::int_path_name(path));
+  const int threads = dq::num_threads();
+  dq::set_num_threads(1);
+  std::mt19937_64 rng(3);
+  std::vector<uint8_t> codes(size_t(n * k));
+  for (uint8_t& c : codes) c = uint8_t(rng() % (1u << wbits));
+  std::vector<float> scales(size_t(n), 0.01f), zeros(size_t(n), float(1 << (wbits - 1)));
+  const dq::IntWeights w = dq::IntWeights::pack(codes.data(), n, k, wbits, 0, scales.data(), zeros.data(), 0);
+  dq::IntActs a;
+  a.rows = m;
+  a.cols = k;
+  a.bits = abits;
+  a.group = k;
+  a.codes.resize(size_t(m * k));
+  for (uint8_t& c : a.codes) c = uint8_t(rng() % (1u << abits));
+  a.scales.assign(size_t(m), 0.02f);
+  a.zeros.assign(size_t(m), 1 << (abits - 1));
+  const dq::Matrix X = random_matrix(m, k, 1), W = random_matrix(n, k, 2);
+  dq::Matrix tiles, rows, C(m, n);
+  double t[3] = {0, 0, 0};
+  int64_t it = 0;
+  for (auto _ : state) {
+    for (int j = 0; j < 3; ++j) {
+      const int which = int((it + j) % 3);
+      const double c0 = thread_cpu_seconds();
+      if (which == 0) dq::int_gemm(a, w, path, tiles, dq::IntTiling::Tiles);
+      else if (which == 1) dq::int_gemm(a, w, path, rows, dq::IntTiling::Rows);
+      else dq::sgemm(false, true, m, n, k, 1.f, X.data.data(), k, W.data.data(), k, 0.f, C.data.data(), n);
+      benchmark::ClobberMemory();
+      const double d = thread_cpu_seconds() - c0;
+      t[which] += d;
+      if (which == 0) state.SetIterationTime(d);
+    }
+    ++it;
+  }
+  dq::set_num_threads(threads);
+  if (tiles.data != rows.data) state.SkipWithError("tiles and rows differ");
+  const double ops = 2.0 * double(m) * double(n) * double(k) * double(it);
+  state.counters["tiles_GOP/s"] = ops / t[0] / 1e9;
+  state.counters["rows_GOP/s"] = ops / t[1] / 1e9;
+  state.counters["sgemm_GFLOP/s"] = ops / t[2] / 1e9;
+  state.counters["tiles/rows"] = t[1] / t[0];
+  state.counters["tiles/sgemm"] = t[2] / t[0];
+}
+
 // One head's attention products at sequence length `seq`: scores = Q Kᵀ (seq x seq x hd) and
 // out = P V (seq x hd x seq), strided inside [seq, heads * hd] activations as forward.cpp does.
 void BM_HeadAttnGemms(benchmark::State& state) {
@@ -138,6 +209,18 @@ void shapes(benchmark::internal::Benchmark* b) {
   b->Unit(benchmark::kMillisecond);
 }
 
+// Prefill (512 tokens) and decode (1 token) at SmolLM2-135M and Llama-3.2-1B linear shapes, for
+// W4A8, W4A4 and W8A8, on the best path and on AVX2.
+void int_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"m", "n", "k", "wb", "ab", "avx2"});
+  for (int path : {0, 1})
+    for (auto bits : std::vector<std::pair<int, int>>{{4, 8}, {4, 4}, {8, 8}})
+      for (int m : {512, 1})
+        for (auto nk : std::vector<std::pair<int, int>>{{1536, 576}, {576, 1536}, {2048, 2048}, {8192, 2048}})
+          b->Args({m, nk.first, nk.second, bits.first, bits.second, path});
+  b->Unit(benchmark::kMillisecond);
+}
+
 }  // namespace
 
 BENCHMARK(BM_GemmVsCblas)->Apply(shapes)->UseManualTime();
@@ -145,4 +228,5 @@ BENCHMARK(BM_CblasSgemm)->Apply(shapes)->UseRealTime();
 BENCHMARK(BM_Gemm)->Apply(shapes)->UseRealTime();
 BENCHMARK(BM_Linear)->Apply(shapes)->UseRealTime();
 BENCHMARK(BM_HeadAttnGemms)->ArgNames({"seq", "hd"})->Args({2048, 64})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_IntGemmTilesVsRows)->Apply(int_shapes)->UseManualTime();
 BENCHMARK_MAIN();

@@ -87,8 +87,15 @@ struct IntActs {
 int32_t int_dot(IntPath p, int act_bits, const IntWeights& w, int64_t row, const uint8_t* a,
                 int64_t c0, int64_t c1);
 
+// How int_gemm walks the product on a vector path: register tiles of 4 tokens x 2 (AVX2, AVX-VNNI)
+// or 4 (AVX-512) weight rows over int8 weights (nibble rows expanded once per 32-token chunk), or
+// one (token, row) dot at a time (the earlier kernels; kept to compare against, in tests and
+// bench_gemm; single tokens, as in decoding, always go this way and read each packed byte once).
+// The scalar path is always row by row. Both give the same bits.
+enum class IntTiling { Tiles, Rows };
+
 // Y[t, r] = Σ_c deq(a)[t, c] · deq(w)[r, c], computed as above. a.group must be w.act_group.
-void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y);
+void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTiling tiling = IntTiling::Tiles);
 
 // The kernel names int_gemm ran since start (e.g. "avx2-maddubs"), in a fixed order.
 std::vector<std::string> int_kernels_used();

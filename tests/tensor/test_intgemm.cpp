@@ -203,3 +203,70 @@ TEST(IntGemm, RejectsMismatchedGroupsAndWidths) {
   std::vector<float> s{1.f}, z{8.f};
   EXPECT_THROW(IntWeights::pack(wide.data(), 1, 65537, 4, 0, s.data(), z.data(), 0), Error);
 }
+
+namespace {
+
+// tokens x cols activation codes with random per-group scales and zeros (or all codes at `fill`).
+IntActs random_acts(int64_t tokens, int64_t cols, int bits, int64_t group, uint64_t seed, int fill = -1) {
+  IntActs a;
+  a.rows = tokens;
+  a.cols = cols;
+  a.bits = bits;
+  a.group = group > 0 ? group : cols;
+  a.codes = fill < 0 ? random_codes(tokens * cols, bits, seed) : std::vector<uint8_t>(size_t(tokens * cols), uint8_t(fill));
+  const Params p = random_params(tokens * a.groups(), bits, seed + 1);
+  a.scales = p.scales;
+  for (float z : p.zeros) a.zeros.push_back(int32_t(z));
+  return a;
+}
+
+// int_gemm on every path, tiled and row by row, gives exactly the scalar path's output.
+void expect_scalar_bits(const IntActs& a, const IntWeights& w, const std::string& what) {
+  Matrix ref;
+  int_gemm(a, w, IntPath::Scalar, ref);
+  for (IntPath p : supported_int_paths())
+    for (IntTiling tiling : {IntTiling::Tiles, IntTiling::Rows}) {
+      Matrix y;
+      int_gemm(a, w, p, y, tiling);
+      ASSERT_EQ(y.data, ref.data) << int_path_name(p) << (tiling == IntTiling::Tiles ? " tiles " : " rows ") << what;
+    }
+}
+
+}  // namespace
+
+TEST(IntGemm, TilesGiveTheScalarBitsForEveryWidthSizeGroupTailAndOddCounts) {
+  // 9 tokens x 9 rows: two whole 4-token tiles and a leftover token, whole row tiles (2 or 4 rows)
+  // and a leftover row. Weight groups per channel and of 50 (a partial last group), activations
+  // per token and per head of 64; group boundaries inside 32-column runs included.
+  for (int64_t cols : kSizes)
+    for (int wb = 2; wb <= 8; ++wb)
+      for (int ab = 2; ab <= 8; ++ab) {
+        const bool grouped = (wb + ab + cols) % 2 == 0;  // alternate to keep the test fast at 11008
+        const int64_t wgroup = grouped ? 50 : 0, agroup = grouped && cols % 64 == 0 ? 64 : 0;
+        const int64_t rows = 9, tokens = 9;
+        const auto codes = random_codes(rows * cols, wb, uint64_t(cols * 100 + wb * 10 + ab));
+        const IntWeights w = pack(codes, rows, cols, wb, wgroup, agroup, 3);
+        expect_scalar_bits(random_acts(tokens, cols, ab, agroup, uint64_t(ab + cols)), w,
+                           "a" + std::to_string(ab) + " w" + std::to_string(wb) + " cols " + std::to_string(cols));
+      }
+  // Token counts across the 32-token chunks, and the other grouping at 576.
+  for (int64_t tokens : {1, 3, 4, 5, 32, 37})
+    for (int wb : {4, 8}) {
+      const auto codes = random_codes(7 * 576, wb, uint64_t(tokens + wb));
+      const IntWeights w = pack(codes, 7, 576, wb, 50, 64, 5);
+      expect_scalar_bits(random_acts(tokens, 576, 8, 64, uint64_t(tokens)), w, "tokens " + std::to_string(tokens));
+    }
+}
+
+TEST(IntGemm, TilesAtWorstCaseMagnitudesGiveTheScalarBits) {
+  // The largest activation codes against the most negative and the largest weight values, where a
+  // wrongly chosen maddubs would saturate (8-bit activations x 8-bit weights).
+  const int64_t cols = 11008;
+  for (int wb = 2; wb <= 8; ++wb)
+    for (int ab = 2; ab <= 8; ++ab) {
+      std::vector<uint8_t> codes(size_t(4 * cols));
+      for (int64_t c = 0; c < 4 * cols; ++c) codes[size_t(c)] = (c / cols) % 2 ? uint8_t((1 << wb) - 1) : 0;
+      const IntWeights w = pack(codes, 4, cols, wb, 0, 0, 3);
+      expect_scalar_bits(random_acts(4, cols, ab, 0, 1, (1 << ab) - 1), w, "a" + std::to_string(ab) + " w" + std::to_string(wb));
+    }
+}

@@ -1,0 +1,269 @@
+// dartquant bench: prompt-processing and generation speed and resident memory of a model on the path
+// eval and generate would run it on (f32, fake-quant or integer), after llama-bench's conventions:
+// pp<P> is one forward pass over P tokens (plus the next-token logits of the last one), tg<N> is N
+// tokens decoded one at a time against the KV cache from an empty context, each with its logits.
+// Tokens are random ids (fixed seed). Every test first runs untimed on a few tokens (warm-up: pages
+// of the weights touched, buffers allocated; 16 prompt tokens, 2 generated), then -r timed times;
+// t/s is the mean ± standard deviation over those repetitions. Wall clock is what t/s counts; the
+// process CPU time is reported beside it because this kind of machine is often shared: cpu_share =
+// CPU seconds / (wall seconds × threads) well below 1 means other processes had the cores, and
+// t/cpu-s (tokens per CPU second of the whole process) is then the steadier figure to compare.
+#include <sys/resource.h>
+#include <time.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <random>
+
+#include "cli/command.h"
+#include "cli/validators.h"
+#include "eval/runtime.h"
+#include "io/output.h"
+#include "io/report.h"
+#include "model/forward.h"
+#include "quant/quantize_model.h"
+#include "tensor/kernels.h"
+
+namespace dq::cli {
+namespace {
+
+struct BenchArgs {
+  std::string model, tokenizer, json;
+  int prompt = 512, gen = 128, reps = 5, threads = 0;
+  uint64_t seed = 0;
+  bool fake_quant = false, force = false;
+};
+
+double process_cpu_seconds() {
+  timespec t;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
+
+// A "Name:  N kB" field of /proc/self/status, in bytes: VmRSS (resident now), RssAnon (heap: packed
+// weights, f32 copies), RssFile (pages of mapped model files touched).
+double status_bytes(const std::string& field) {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind(field + ":", 0) == 0) return std::stod(line.substr(field.size() + 1)) * 1024.0;
+  return 0;
+}
+
+struct Sample {
+  double wall, cpu;
+};
+
+struct TestResult {
+  std::string name;
+  int tokens;
+  std::vector<Sample> samples;
+};
+
+double mean(const std::vector<double>& v) {
+  double s = 0;
+  for (double x : v) s += x;
+  return s / double(v.size());
+}
+
+double stddev(const std::vector<double>& v) {
+  if (v.size() < 2) return 0;
+  const double m = mean(v);
+  double s = 0;
+  for (double x : v) s += (x - m) * (x - m);
+  return std::sqrt(s / double(v.size() - 1));
+}
+
+// Runs fn(warmup) once untimed, then fn(n) reps times timed.
+template <class Fn>
+std::vector<Sample> measure(int reps, int n, int warmup, Fn fn) {
+  fn(warmup);
+  std::vector<Sample> out;
+  for (int i = 0; i < reps; ++i) {
+    const double c0 = process_cpu_seconds();
+    const auto t0 = std::chrono::steady_clock::now();
+    fn(n);
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    out.push_back({wall, process_cpu_seconds() - c0});
+  }
+  return out;
+}
+
+// The bytes a KV cache of `tokens` tokens takes at the model's KV width: codes plus an f32 scale and
+// zero per head and token when quantized, f32 values otherwise.
+double kv_cache_bytes(const ModelConfig& c, int kv_bits, int64_t tokens) {
+  const double per_head = kv_bits < 16 ? c.head_dim * kv_bits / 8.0 + 8.0 : c.head_dim * 4.0;
+  return double(c.num_layers) * 2 * double(c.num_kv_heads) * per_head * double(tokens);
+}
+
+int kv_bits_of(const Model& m) {
+  const auto& q = m.quantization;
+  if (!q.is_object() || !q.contains("kv_cache") || !q["kv_cache"].is_object()) return 16;
+  const auto& kv = q["kv_cache"];
+  return kv.contains("bits") && kv["bits"].is_number_integer() ? kv["bits"].get<int>() : 16;
+}
+
+int run_bench(const BenchArgs& a) {
+  OutputPlan plan({a.model, a.tokenizer}, a.force);
+  plan.add(a.json, OutputKind::Json);
+  if (a.threads > 0) set_num_threads(a.threads);
+  Model m = load_model(a.model, a.tokenizer);
+  const ModelConfig& c = m.config;
+  if (a.prompt > c.max_seq || a.gen > c.max_seq)
+    throw Error(a.model + ": -p " + std::to_string(a.prompt) + " / -n " + std::to_string(a.gen) +
+                " do not fit the model's " + std::to_string(c.max_seq) + "-token context");
+  const std::string why_not = a.fake_quant ? "--fake-quant" : use_integer_runtime(m);
+  RuntimeHooks runtime(m);
+
+  // What stays resident for the weights: each linear's packed form, or its f32 matrix (the f32 path
+  // converts a layer at a time; counted at f32 because that is what the products read), and the
+  // f32 classifier copy decoding multiplies by.
+  double packed = 0, f32_linears = 0, other = 0;
+  for (int l = 0; l < c.num_layers; ++l)
+    for (const std::string& name : quantized_linears(c, l)) {
+      if (auto p = m.weights.packed(name)) packed += double(p->bytes());
+      else f32_linears += 4.0 * double(m.weights.shape(name).at(0) * m.weights.shape(name).at(1));
+    }
+  const std::string head_name = lm_head_name(m);
+  // The f32 classifier decoding multiplies by, copied in row chunks whose mapped pages are handed
+  // back after each: the copy's size stays resident, not twice it.
+  const std::vector<int64_t> head_shape = m.weights.shape(head_name);
+  Matrix head(head_shape.at(0), head_shape.at(1));
+  for (int64_t r0 = 0; r0 < head.rows; r0 += 4096) {
+    const Matrix part = m.weights.get_rows(head_name, r0, std::min<int64_t>(4096, head.rows - r0));
+    std::copy(part.data.begin(), part.data.end(), head.row(r0));
+    m.weights.release(head_name);
+  }
+  const double head_bytes = 4.0 * double(head.data.size());
+  for (const std::string& name : m.weights.names()) {
+    if (name == head_name || name.find(".layers.") != std::string::npos) continue;
+    std::vector<int64_t> s = m.weights.shape(name);
+    double n = 1;
+    for (int64_t d : s) n *= double(d);
+    other += 4.0 * n;  // embedding (looked up by rows) and final norm
+  }
+
+  std::mt19937_64 rng(a.seed);
+  std::uniform_int_distribution<int32_t> token(0, int32_t(c.vocab_size) - 1);
+  std::vector<TestResult> tests;
+  if (a.prompt > 0) {
+    std::vector<int32_t> ids(size_t(a.prompt));
+    for (int32_t& t : ids) t = token(rng);
+    auto pp = [&](int n) {
+      Matrix x = forward(m, std::vector<int32_t>(ids.begin(), ids.begin() + n), 1, n, runtime.hooks());
+      greedy_next(m, head, x);
+    };
+    tests.push_back({"pp" + std::to_string(a.prompt), a.prompt, measure(a.reps, a.prompt, std::min(a.prompt, 16), pp)});
+  }
+  if (a.gen > 0) {
+    const int32_t first = token(rng);
+    auto tg = [&](int n) {
+      KvCache cache;
+      int32_t next = first;
+      for (int i = 0; i < n; ++i) {
+        Matrix x = forward(m, {next}, 1, 1, runtime.hooks(), &cache);
+        next = greedy_next(m, head, x);
+      }
+    };
+    tests.push_back({"tg" + std::to_string(a.gen), a.gen, measure(a.reps, a.gen, std::min(a.gen, 2), tg)});
+  }
+
+  const int threads = num_threads();
+  std::vector<std::string> kernels = int_kernels_used();
+  std::string kernel_list;
+  for (const std::string& k : kernels) kernel_list += (kernel_list.empty() ? "" : "+") + k;
+  if (kernel_list.empty()) kernel_list = "f32";
+  const double kv = kv_cache_bytes(c, kv_bits_of(m), std::max(a.prompt, a.gen));
+  const double peak = peak_rss_mib() * 1048576.0, now = status_bytes("VmRSS");
+  const double anon = status_bytes("RssAnon"), file = status_bytes("RssFile");
+  const double weights = packed + f32_linears + head_bytes + other;
+  double load[3] = {0, 0, 0};
+  getloadavg(load, 3);
+
+  nlohmann::json report = {{"model", a.model},
+                           {"path", runtime.path()},
+                           {"kernels", kernels},
+                           {"threads", threads},
+                           {"repetitions", a.reps},
+                           {"packed_weight_bytes", packed},
+                           {"f32_linear_bytes", f32_linears},
+                           {"lm_head_f32_bytes", head_bytes},
+                           {"other_f32_bytes", other},
+                           {"weight_bytes", weights},
+                           {"kv_cache_bytes", kv},
+                           {"peak_rss_bytes", peak},
+                           {"rss_bytes", now},
+                           {"rss_anon_bytes", anon},
+                           {"rss_file_bytes", file},
+                           {"load_average", {load[0], load[1], load[2]}}};
+  if (!m.quantization.is_null() && !why_not.empty()) report["integer_unavailable"] = why_not;
+  std::printf("| %-28s | %-10s | %-24s | %7s | %8s | %20s | %12s | %9s |\n", "model", "path", "kernels", "threads",
+              "test", "t/s", "t/cpu-s", "cpu_share");
+  std::printf("| %-28s | %-10s | %-24s | %7s | %8s | %20s | %12s | %9s |\n", "---", "---", "---", "---:", "---",
+              "---:", "---:", "---:");
+  for (const TestResult& t : tests) {
+    std::vector<double> ts, cpu_ts, wall, cpu, share;
+    for (const Sample& s : t.samples) {
+      if (!(s.wall > 0)) throw Error(a.model + ": " + t.name + " took no measurable time; raise -p or -n");
+      if (!(s.cpu > 0)) throw Error(a.model + ": " + t.name + " took no measurable CPU time; raise -p or -n");
+      ts.push_back(t.tokens / s.wall);
+      cpu_ts.push_back(t.tokens / s.cpu);
+      wall.push_back(s.wall);
+      cpu.push_back(s.cpu);
+      share.push_back(s.cpu / (s.wall * threads));
+    }
+    std::string name = a.model;
+    if (name.size() > 28) name = "..." + name.substr(name.size() - 25);
+    char tps[64];
+    std::snprintf(tps, sizeof tps, "%.2f ± %.2f", mean(ts), stddev(ts));  // '±' is 2 bytes: width 21
+    std::printf("| %-28s | %-10s | %-24s | %7d | %8s | %21s | %12.2f | %9.2f |\n", name.c_str(), runtime.path(),
+                kernel_list.c_str(), threads, t.name.c_str(), tps, mean(cpu_ts), mean(share));
+    report["tests"].push_back({{"test", t.name},
+                               {"n_tokens", t.tokens},
+                               {"avg_ts", mean(ts)},
+                               {"stddev_ts", stddev(ts)},
+                               {"samples_ts", ts},
+                               {"avg_cpu_ts", mean(cpu_ts)},
+                               {"samples_wall_s", wall},
+                               {"samples_cpu_s", cpu},
+                               {"avg_cpu_share", mean(share)}});
+  }
+  const double mib = 1048576.0;
+  std::printf("memory: peak RSS %.1f MiB (now %.1f: %.1f heap, %.1f mapped files); weights %.1f MiB (packed %.1f, f32 linears %.1f, "
+              "f32 lm_head %.1f, f32 embedding+norms %.1f); KV cache at %d tokens %.2f MiB\n",
+              peak / mib, now / mib, anon / mib, file / mib, weights / mib, packed / mib, f32_linears / mib, head_bytes / mib, other / mib,
+              std::max(a.prompt, a.gen), kv / mib);
+  if (!a.json.empty()) plan.write(a.json, [&](const std::string& path) { write_json(path, report); });
+  return 0;
+}
+
+RegisterCommand reg("bench", "prompt-processing and generation speed and resident memory (llama-bench style)",
+                    [](CLI::App& app) {
+  auto a = std::make_shared<BenchArgs>();
+  app.add_option("--model", a->model, "model path")->required();
+  app.add_option("--tokenizer", a->tokenizer, "tokenizer file (default: beside the model; not needed)");
+  app.add_option("-p,--n-prompt", a->prompt, "prompt tokens processed in one forward pass (0: no pp test)")
+      ->capture_default_str()
+      ->check(int_in(0, 1 << 20));
+  app.add_option("-n,--n-gen", a->gen, "tokens generated one at a time (0: no tg test)")
+      ->capture_default_str()
+      ->check(int_in(0, 1 << 20));
+  app.add_option("-r,--repetitions", a->reps, "timed repetitions of each test")->capture_default_str()->check(int_in(1, 1000));
+  app.add_option("--threads", a->threads, "threads (default: the global --threads, else all cores)")
+      ->check(int_in(1, 1024));
+  app.add_option("--seed", a->seed, "seed of the random token ids");
+  app.add_option("--json", a->json, "write the results as JSON here");
+  app.add_flag("--force", a->force, "replace a report that exists (only one dartquant wrote)");
+  app.add_flag("--fake-quant", a->fake_quant,
+               "run a quantized model on the f32 fake-quant reference path instead of the integer kernels");
+  return [a] {
+    if (a->prompt == 0 && a->gen == 0) throw Error("bench: -p and -n are both 0, nothing to measure");
+    return run_bench(*a);
+  };
+});
+
+}  // namespace
+}  // namespace dq::cli
