@@ -435,16 +435,6 @@ TEST(StrictInputs, HostileInputPassRegressions) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("max_window_layers 1 of 2"), std::string::npos) << e.what();
   }
-  // A learning rate that makes the rotation collapse ended in "qr: matrix is singular (zero pivot 7)"
-  // (the kurtosis loss: the Whip loss no longer collapses at the largest rate the CLI allows).
-  CliResult diverged = run_cli("calibrate --model " + kStories + " --calib " + kCalib + " --out " +
-                                   (dir / "rot.safetensors") +
-                                   " --nsamples 4 --calib-seqlen 64 --epochs 2 --batch 2 --lr-r1 100 --lr-r2 100 --loss kurtosis",
-                               dir);
-  EXPECT_EQ(diverged.exit_code, 1);
-  EXPECT_NE(diverged.err.find("rotation calibration diverged at step"), std::string::npos) << diverged.err;
-  EXPECT_NE(diverged.err.find("lower the learning rate"), std::string::npos) << diverged.err;
-  EXPECT_FALSE(fs::exists(dir / "rot.safetensors"));
   // HF's rotary_emb.inv_freq caches (older Llama checkpoints) are derived buffers HF ignores too.
   const std::string model = synth_tiny(dir, "m");
   add_tensor(model + "/model.safetensors", "model.layers.0.self_attn.rotary_emb.inv_freq", Matrix(1, 8, 1.f));
