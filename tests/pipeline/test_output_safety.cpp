@@ -223,7 +223,9 @@ int interrupt_when(const std::string& args, const std::string& ready, int sig) {
     _exit(127);
   }
   int status = 0;
-  for (int i = 0; i < 20000; ++i) {
+  // A deadline, not a count of polls: on a loaded machine the run may take minutes to get there.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(5);
+  while (std::chrono::steady_clock::now() < deadline) {
     if (waitpid(pid, &status, WNOHANG) == pid) return status;  // finished before `ready` was seen
     bool seen = false;
     std::error_code ec;
