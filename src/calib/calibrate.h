@@ -21,6 +21,10 @@ struct CalibOptions {
   // Fraction of each layer's R2 token vectors kept out of training; the report then compares the
   // learned R2 with the initial random Hadamard on them, head by head.
   float r2_holdout = 0.f;
+  // Train on inputs minus their per-channel mean (R1: per layer and site; R2: per layer); the
+  // rotations are then applied to the uncentred activations, as every fusion here requires
+  // (docs/DARTQUANT.md, "Zero-mean question").
+  bool center = false;
   OrthOptions r1, r2;        // r1.lr 2e-3 (paper App. K), r2.lr 1e-2 (sweep, docs/DARTQUANT.md)
   uint64_t seed = 0;
   int64_t memory_mib = 4096;  // captured activations beyond this spill to a memory-mapped temp file
