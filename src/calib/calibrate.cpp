@@ -10,6 +10,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <ctime>
 #include <chrono>
 #include <memory>
 #include <cstdio>
@@ -21,6 +22,13 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+// CPU seconds of the whole process (all threads): on a loaded machine the stage's wall time says
+// more about the neighbours than about the stage.
+double process_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
 
 // Token vectors kept from one site, stored as bf16 rows: in memory while the shared budget lasts,
 // then appended to an unlinked temporary file that is memory-mapped for training. A sample resumed
@@ -330,9 +338,11 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
     for (int l = 0; l < c.num_layers; ++l) cap.r2_[size_t(l)] = Sample::mapped(ck->file(r2_sample(l)), c.q_dim());
   } else {
     auto t0 = Clock::now();
+    const double cpu0 = process_cpu_seconds();
     capture(m, calib, windows, len, cap, progress);
     res.report = capture_report(cap);
     res.report["capture_seconds"] = since(t0);
+    res.report["capture_cpu_seconds"] = process_cpu_seconds() - cpu0;
     if (ck) {
       cap.r1_.save(ck->file(kR1Sample));
       for (int l = 0; l < c.num_layers; ++l) cap.r2_[size_t(l)].save(ck->file(r2_sample(l)));
@@ -350,6 +360,7 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
     res.rotations = load_rotations(ck->file(kRotations), c, r2_done);
   } else {
     auto t1 = Clock::now();
+    const double cpu1 = process_cpu_seconds();
     OrthOptions r1_options = o.r1;
     r1_options.total_steps = o.epochs * steps_per_epoch(cap.r1_.rows(), batch_rows);  // for --cosine
     RotationOptimizer r1(init.r1, r1_options);
@@ -358,6 +369,7 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
                                    [&](int e, int n) { if (progress) progress("R1", e, n); });
     res.rotations.r1 = r1.rotation();
     res.report["r1_seconds"] = since(t1);
+    res.report["r1_cpu_seconds"] = process_cpu_seconds() - cpu1;
     res.report["r1_peak_rss_mib"] = peak_rss_mib();
     if (ck) {
       save_rotations(ck->file(kRotations), res.rotations);
@@ -367,6 +379,7 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
   }
 
   auto t2 = Clock::now();
+  const double cpu2 = process_cpu_seconds();
   const int64_t r2_batch_rows = std::max<int64_t>(1, int64_t(double(o.r2_batch) * len * o.token_ratio));
   res.report["r2_batch_rows"] = r2_batch_rows;
   for (const char* key : {"r2_curves", "r2_layers"})
@@ -401,6 +414,7 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
     if (progress) progress("R2", l + 1, c.num_layers);
   }
   res.report["r2_seconds"] = since(t2);
+  res.report["r2_cpu_seconds"] = process_cpu_seconds() - cpu2;
   if (o.r2_holdout > 0) {
     int wins = 0, heads = 0;
     for (const auto& layer : res.report["r2_layers"])

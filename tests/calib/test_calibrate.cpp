@@ -64,6 +64,7 @@ TEST(Calibrate, KeepsTheTokenRatioAndLowersWhipLoss) {
     return s / double(n);
   };
   EXPECT_LT(mean(curve.size() - 5, 5), mean(0, 5));
+  for (const char* stage : {"capture_cpu_seconds", "r1_cpu_seconds", "r2_cpu_seconds"}) EXPECT_GT(r.report[stage].get<double>(), 0) << stage;
   // Each layer's R2 reports its steps and first/last-epoch loss; the held-out comparison is off
   // by default.
   ASSERT_EQ(r.report["r2_layers"].size(), size_t(s.m.config.num_layers));
