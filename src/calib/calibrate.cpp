@@ -43,7 +43,7 @@ class Sample {
     std::swap(cols_, o.cols_); std::swap(budget_left_, o.budget_left_); std::swap(mem_, o.mem_);
     std::swap(file_, o.file_); std::swap(file_rows_, o.file_rows_); std::swap(map_, o.map_);
     std::swap(map_bytes_, o.map_bytes_); std::swap(loaded_, o.loaded_); std::swap(group_, o.group_);
-    std::swap(mean_, o.mean_); std::swap(mean_share_, o.mean_share_);
+    std::swap(mean_, o.mean_); std::swap(mean_share_, o.mean_share_); std::swap(count_, o.count_);
     return *this;
   }
   ~Sample() {
@@ -121,6 +121,15 @@ class Sample {
   // Per group: ‖mean‖² / mean over rows of ‖row‖², the share of the rows' energy that centring
   // removes (0: zero-mean channels; 1: every row the same vector).
   const std::vector<double>& mean_share() const { return mean_share_; }
+  // The mean over all rows, every group pooled.
+  std::vector<double> pooled_mean() const {
+    std::vector<double> mu(size_t(cols_), 0.0);
+    for (size_t g = 0; g < mean_.size(); ++g)
+      for (int64_t j = 0; j < cols_; ++j) mu[size_t(j)] += double(mean_[g][size_t(j)]) * count_[g];
+    const double n = double(std::max<int64_t>(rows(), 1));
+    for (double& v : mu) v /= n;
+    return mu;
+  }
 
  private:
   const uint16_t* spilled() const {
@@ -145,6 +154,7 @@ class Sample {
       count[g] += 1;
     }
     mean_.assign(groups, std::vector<float>(size_t(cols_)));
+    count_ = count;
     mean_share_.assign(groups, 0.0);
     for (size_t g = 0; g < groups; ++g) {
       if (count[g] == 0) continue;
@@ -167,6 +177,7 @@ class Sample {
   std::vector<uint16_t> group_;           // per row
   std::vector<std::vector<float>> mean_;  // per group, per channel
   std::vector<double> mean_share_;        // per group
+  std::vector<double> count_;             // rows per group
 };
 
 // Keeps each token row with probability `ratio`, seeded, at the R1 sites (pooled) and per layer
@@ -244,7 +255,8 @@ nlohmann::json curve_summary(const nlohmann::json& curve) {
 // Per head: the mean over held-out tokens of the relative error ‖q(o) − o‖² / ‖o‖² of 4-bit
 // per-token asymmetric quantization with clip 0.9 (the o_proj input's activation quantizer) of
 // o = x·R, for the initial random Hadamard and the learned R2.
-nlohmann::json holdout_report(const Matrix& X, const BatchedRotationOptimizer& learned, const std::vector<Matrix>& init) {
+nlohmann::json holdout_report(const Matrix& X, const BatchedRotationOptimizer& learned, const std::vector<Matrix>& R,
+                              const std::vector<Matrix>& init) {
   QuantSpec spec;
   spec.bits = 4, spec.symmetric = false, spec.clip_ratio = 0.9f;
   auto error = [&](const Matrix& Xh, const Matrix& R) {
@@ -260,7 +272,6 @@ nlohmann::json holdout_report(const Matrix& X, const BatchedRotationOptimizer& l
     }
     return sum / double(O.rows);
   };
-  const std::vector<Matrix> R = learned.rotations();
   nlohmann::json hadamard = nlohmann::json::array(), trained = nlohmann::json::array();
   int wins = 0;
   for (int64_t h = 0; h < learned.heads(); ++h) {
@@ -316,6 +327,32 @@ nlohmann::json capture_report(const CaptureHook& cap) {
 
 }  // namespace
 
+Matrix align_mean_with_ones(const Matrix& R, const std::vector<double>& mean) {
+  const int64_t n = R.rows;
+  if (int64_t(mean.size()) != n) throw Error("align_mean_with_ones: mean has the wrong size");
+  std::vector<double> u(size_t(n), 0.0);  // mean·R, then normalised
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) u[size_t(j)] += mean[size_t(i)] * R(i, j);
+  double norm = 0, sum = 0;
+  for (double v : u) norm += v * v, sum += v;
+  norm = std::sqrt(norm);
+  if (!(norm > 0)) return R;
+  // Reflect onto ±1/√n, the sign nearer to u (the smaller reflection).
+  const double e = (sum >= 0 ? 1.0 : -1.0) / std::sqrt(double(n));
+  std::vector<double> v(static_cast<size_t>(n));
+  double vv = 0;
+  for (int64_t j = 0; j < n; ++j) v[size_t(j)] = u[size_t(j)] / norm - e, vv += v[size_t(j)] * v[size_t(j)];
+  if (vv < 1e-20) return R;
+  // R·(I − 2vvᵀ/vᵀv) = R − 2(Rv)vᵀ/vᵀv
+  Matrix out = R;
+  for (int64_t i = 0; i < n; ++i) {
+    double rv = 0;
+    for (int64_t j = 0; j < n; ++j) rv += double(R(i, j)) * v[size_t(j)];
+    for (int64_t j = 0; j < n; ++j) out(i, j) = float(double(R(i, j)) - 2 * rv * v[size_t(j)] / vv);
+  }
+  return out;
+}
+
 void drop_calibration_checkpoint(Checkpoint& ck, const ModelConfig& c) {
   for (const std::string& f : {kR1Sample, kR1Sample + ".groups", kRotations}) ck.remove(f);
   for (int l = 0; l < c.num_layers; ++l) ck.remove(r2_sample(l)), ck.remove(r2_sample(l) + ".groups");
@@ -367,7 +404,7 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
     res.report["r1_curve"] = train(cap.r1_, all_rows(cap.r1_), batch_rows, o.epochs, o.center, o.seed + 1,
                                    [&](const Matrix& x) { return r1.step(x); },
                                    [&](int e, int n) { if (progress) progress("R1", e, n); });
-    res.rotations.r1 = r1.rotation();
+    res.rotations.r1 = o.align_mean ? align_mean_with_ones(r1.rotation(), cap.r1_.pooled_mean()) : r1.rotation();
     res.report["r1_seconds"] = since(t1);
     res.report["r1_cpu_seconds"] = process_cpu_seconds() - cpu1;
     res.report["r1_peak_rss_mib"] = peak_rss_mib();
@@ -401,11 +438,23 @@ CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int win
                                  [&](const Matrix& x) { return r2.step(x); }, nullptr);
     nlohmann::json layer = curve_summary(curve);
     layer["layer"] = l;
+    std::vector<Matrix> learned = r2.rotations();
+    if (o.align_mean) {
+      // Per KV head: the mean of its query heads' slices (what its rows pool).
+      const std::vector<double> mu = sample.pooled_mean();
+      const int64_t d = c.head_dim, group = c.num_heads / int64_t(learned.size());
+      for (size_t h = 0; h < learned.size(); ++h) {
+        std::vector<double> head_mu(size_t(d), 0.0);
+        for (int64_t g = 0; g < group; ++g)
+          for (int64_t j = 0; j < d; ++j) head_mu[size_t(j)] += mu[size_t((int64_t(h) * group + g) * d + j)] / double(group);
+        learned[h] = align_mean_with_ones(learned[h], head_mu);
+      }
+    }
     if (!held_rows.empty())
-      layer["holdout"] = holdout_report(sample.gather(held_rows, 0, held_rows.size()), r2, init.r2[size_t(l)]);
+      layer["holdout"] = holdout_report(sample.gather(held_rows, 0, held_rows.size()), r2, learned, init.r2[size_t(l)]);
     res.report["r2_curves"].push_back(std::move(curve));
     res.report["r2_layers"].push_back(std::move(layer));
-    res.rotations.r2.push_back(r2.rotations());
+    res.rotations.r2.push_back(std::move(learned));
     if (ck) {
       save_rotations(ck->file(kRotations), res.rotations);
       (*saved)["report"] = res.report;

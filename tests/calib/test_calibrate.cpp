@@ -6,6 +6,7 @@
 
 #include "calib/calibrate.h"
 #include "io/file.h"
+#include "linalg/qr.h"
 #include "model/forward.h"
 #include "quant/quantize_model.h"
 
@@ -192,6 +193,35 @@ TEST(Calibrate, CentringSubtractsEachGroupsMeanAndReportsTheMeanShare) {
   o.center = false;
   CalibResult u = calibrate(s.m, s.calib, CalibFixture::kWindows, CalibFixture::kLen, o);
   EXPECT_GT(std::abs(u.report["r1_curve"][0]["loss"].get<double>() - whip / rows), 0.01 * whip / rows);
+}
+
+}  // namespace
+}  // namespace dq
+
+namespace dq {
+namespace {
+
+TEST(Calibrate, AligningTheMeanMakesItAPerTokenConstantAndKeepsOrthogonality) {
+  const int64_t n = 24;
+  const Matrix R = random_orthogonal(n, 3);
+  std::vector<double> mu(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) mu[size_t(i)] = std::sin(double(i)) + 0.3;
+  const Matrix A = align_mean_with_ones(R, mu);
+  double norm2 = 0;
+  for (double v : mu) norm2 += v * v;
+  std::vector<double> m(static_cast<size_t>(n), 0.0);  // mu·A, computed directly
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) m[size_t(j)] += mu[size_t(i)] * A(i, j);
+  for (int64_t j = 0; j < n; ++j) EXPECT_NEAR(std::abs(m[size_t(j)]), std::sqrt(norm2 / double(n)), 1e-5) << j;
+  for (int64_t j = 1; j < n; ++j) EXPECT_NEAR(m[size_t(j)], m[0], 1e-5);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double d = 0;
+      for (int64_t k = 0; k < n; ++k) d += double(A(k, i)) * A(k, j);
+      EXPECT_NEAR(d, i == j ? 1.0 : 0.0, 1e-5);
+    }
+  // A zero mean leaves R as it is.
+  EXPECT_EQ(align_mean_with_ones(R, std::vector<double>(size_t(n), 0.0)).data, R.data);
 }
 
 }  // namespace
