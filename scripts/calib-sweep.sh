@@ -7,7 +7,8 @@
 # closed ((mean QuaRot − mean DartQuant) / (mean QuaRot − FP)), and the seeds DartQuant wins.
 # Usage: scripts/calib-sweep.sh OUTDIR CONFIGS [seeds...]      (default seeds 0 1 2 3 4)
 #        scripts/calib-sweep.sh --table OUTDIR                 (summary of what OUTDIR holds)
-# Runs already in OUTDIR are kept, so a sweep can be extended or resumed. Env (defaults: stories260K
+# Runs already in OUTDIR are kept, so a sweep can be extended or resumed, and several sweeps (e.g. one
+# per seed) can share OUTDIR in parallel once fp.json exists. Env (defaults: stories260K
 # protocol of the README): MODEL, CALIB, PPL, SEQLEN (256), CALIB_SEQLEN (256), NSAMPLES (128),
 # MAX_WINDOWS (all), QUANT (default "--w-bits 4 --w-method rtn --a-bits 4"). Run it under nice.
 set -euo pipefail
@@ -58,8 +59,9 @@ common=(--model "$model" --calib "${CALIB:-$D/tinystories/calib.txt}" --nsamples
 run() {  # json args...  (skipped when the report exists)
   local json=$1; shift
   [ -s "$json" ] && return 0
-  "$bin" --threads 1 quantize "${common[@]}" --out "$out/model.tmp" --json "$json.tmp" "$@" >/dev/null
-  mv "$json.tmp" "$json"
+  "$bin" --threads 1 quantize "${common[@]}" --out "$out/model.$$" --json "$json.$$" "$@" >/dev/null
+  rm -rf "$out/model.$$"
+  mv "$json.$$" "$json"
 }
 [ -s "$out/fp.json" ] || "$bin" --threads 1 eval --model "$model" "${eval_args[@]}" --json "$out/fp.json" >/dev/null
 for s in "${seeds[@]}"; do
@@ -73,5 +75,4 @@ for s in "${seeds[@]}"; do
     run "$out/dq-$name.$s.json" --rotation dartquant --seed "$s" "${extra[@]}"
   done < "$configs"
 done
-rm -rf "$out/model.tmp"
 table "$out"

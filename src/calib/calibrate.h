@@ -21,6 +21,15 @@ struct CalibOptions {
   // Fraction of each layer's R2 token vectors kept out of training; the report then compares the
   // learned R2 with the initial random Hadamard on them, head by head.
   float r2_holdout = 0.f;
+  // Train on inputs minus their per-channel mean (R1: per layer and site; R2: per layer); the
+  // rotations are then applied to the uncentred activations, as every fusion here requires
+  // (docs/DARTQUANT.md, "Zero-mean question").
+  bool center = false;
+  // After training, compose each learned rotation with the reflection that turns the mean of its
+  // inputs (R1: all sites pooled; R2: per KV head) into a multiple of the all-ones vector: a
+  // per-token constant, which the asymmetric per-token quantizer's zero point takes up instead of
+  // its range (docs/DARTQUANT.md, "Zero-mean question").
+  bool align_mean = false;
   OrthOptions r1, r2;        // r1.lr 2e-3 (paper App. K), r2.lr 1e-2 (sweep, docs/DARTQUANT.md)
   uint64_t seed = 0;
   int64_t memory_mib = 4096;  // captured activations beyond this spill to a memory-mapped temp file
@@ -41,6 +50,10 @@ using CalibProgress = std::function<void(const std::string& stage, int done, int
 // there to the same rotations.
 CalibResult calibrate(const Model& m, const std::vector<int32_t>& calib, int windows, int len,
                       const CalibOptions& o, const CalibProgress& progress = nullptr, Checkpoint* ck = nullptr);
+// R·H for the Householder reflection H that maps the direction of mean·R onto ±1/√n (the sign
+// nearer to it), so that mean·(R·H) has all entries equal; R itself when mean·R is 0 or already there.
+Matrix align_mean_with_ones(const Matrix& R, const std::vector<double>& mean);
+
 // Removes calibrate's checkpoint files and state once its result is saved elsewhere.
 void drop_calibration_checkpoint(Checkpoint& ck, const ModelConfig& c);
 

@@ -36,6 +36,12 @@ void CalibArgs::add_options(CLI::App& app) {
                  "MiB of captured activations kept in RAM; the rest spills to a memory-mapped temp file")
       ->capture_default_str()->check(int_in(0, int64_t(1) << 40));
   app.add_flag("--cosine", cosine, "cosine learning-rate schedule");
+  app.add_option("--center", center,
+                 "calibrate on activations minus their per-channel mean (the rotations still apply to uncentred ones)")
+      ->capture_default_str();
+  app.add_option("--align-mean", align_mean,
+                 "after training, reflect each rotation so that its inputs' mean becomes a per-token constant")
+      ->capture_default_str();
 }
 
 CalibOptions CalibArgs::options() const {
@@ -47,6 +53,8 @@ CalibOptions CalibArgs::options() const {
   co.r2_batch = r2_batch;
   co.r2_rms_norm = r2_rms_norm;
   co.r2_holdout = r2_holdout;
+  co.center = center;
+  co.align_mean = align_mean;
   co.seed = seed;
   co.memory_mib = calib_memory;
   co.r1.loss = co.r2.loss = loss_from_name(loss);
@@ -62,6 +70,7 @@ nlohmann::json CalibArgs::to_json(int effective_seqlen) const {
   return {{"loss", loss},       {"orth", orth},         {"optimizer", optimizer},
           {"lr_r1", lr_r1},     {"lr_r2", lr_r2},       {"epochs", epochs},
           {"batch", batch},     {"r2_epochs", r2_epochs}, {"r2_batch", r2_batch}, {"r2_rms_norm", r2_rms_norm},
+          {"center", center},       {"align_mean", align_mean},
           {"r2_holdout", r2_holdout}, {"token_ratio", token_ratio}, {"nsamples", nsamples},
           {"calib_seqlen", effective_seqlen}, {"seed", seed}, {"calib_memory_mib", calib_memory}};
 }

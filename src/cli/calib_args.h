@@ -10,7 +10,7 @@ struct CalibArgs {
   std::string calib, loss = "whip", orth = "qr", optimizer = "sgd";
   int nsamples = 128, calib_seqlen = 2048, epochs = 10, batch = 64, r2_epochs = 40, r2_batch = 16;
   float token_ratio = 0.1f, lr_r1 = 2e-3f, lr_r2 = 1e-2f, r2_holdout = 0.f;
-  bool cosine = false, r2_rms_norm = true;
+  bool cosine = false, r2_rms_norm = true, center = false, align_mean = false;
   uint64_t seed = 0;
   int64_t calib_memory = 4096;
 
