@@ -296,16 +296,16 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y) {
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t t = tc * kTokenChunk; t < std::min(T, (tc + 1) * kTokenChunk); ++t) {
         const uint8_t* at = a.codes.data() + t * a.cols;
-        float acc = 0.f;
+        double acc = 0;
         for (int64_t b = 0; b < nb; ++b) {
           const int64_t c0 = w.bounds[size_t(b)], c1 = w.bounds[size_t(b) + 1];
           const int64_t wi = r * nwg + c0 / w.group, ai = t * nag + c0 / a.group;
           const int64_t zw = w.zeros[size_t(wi)], za = a.zeros[size_t(ai)];
           const int64_t exact = int64_t(dot(k, w, r, at, c0, c1)) - zw * asum[size_t(t * nb + b)] -
                                 za * w.block_sums[size_t(r * nb + b)] + (c1 - c0) * za * zw;
-          acc += a.scales[size_t(ai)] * w.scales[size_t(wi)] * float(exact);
+          acc += double(a.scales[size_t(ai)]) * double(w.scales[size_t(wi)]) * double(exact);
         }
-        y(t, r) = acc;
+        y(t, r) = float(acc);
       }
     }
   }
