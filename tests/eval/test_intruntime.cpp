@@ -2,6 +2,7 @@
 // float rounding, identical results on every kernel path, and the paths reported.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
 #include <tuple>
@@ -127,13 +128,84 @@ TEST(IntRuntime, EveryKernelPathGivesIdenticalOutputs) {
   }
 }
 
+// Where the whole model's two paths part: running 8 windows of the validation text on both, every
+// activation and K/V code that any linear or the KV cache rounds to is compared site by site in
+// forward order. A window's codes must agree until one differs, and a code may differ only where
+// the value sits within float rounding of a rounding midpoint on both paths (or the row-group's zero
+// point flipped by one the same way): no clip, grouping or convention difference. From that site on
+// the window is left out (a changed code moves the rest of its window; windows are independent).
+TEST(IntRuntime, CodesDifferOnlyAtRoundingMidpoints) {
+  const std::string dir = quantized("w4a4kv4g24", "--w-bits 4 --a-bits 4 --kv-bits 4 --rotation quarot --w-group 24 --w-asym");
+  constexpr int kWindows = 8, kSeq = 256;
+  std::map<bool, Capture> seen;  // [integer]: each site's values before any quantization
+  QuantSpec token, head, kv;
+  for (bool integer : {false, true}) {
+    Model m = load_model(dir);
+    if (integer) ASSERT_EQ(use_integer_runtime(m), "");
+    RuntimeHooks rt(m);
+    Hooks hooks = rt.hooks();
+    ASSERT_EQ(hooks.size(), 2u);  // the online Hadamards, then the quantization
+    hooks.insert(hooks.begin() + 1, &seen[integer]);
+    const std::vector<int32_t> ids = tokenize_file(m, kValid);
+    forward(m, std::vector<int32_t>(ids.begin(), ids.begin() + kWindows * kSeq), kWindows, kSeq, hooks);
+    const json& q = m.quantization;
+    token.bits = q.at("activations").at("bits").get<int>();
+    token.symmetric = false;
+    token.clip_ratio = q.at("activations").at("clip_ratio").get<float>();
+    head = token;
+    head.group = m.config.head_dim;
+    kv = head;
+    kv.bits = q.at("kv_cache").at("bits").get<int>();
+    kv.clip_ratio = q.at("kv_cache").at("clip_ratio").get<float>();
+  }
+  // Distance of x / scale + zero from the nearest midpoint k + 0.5, in code steps.
+  auto from_midpoint = [](float x, QuantParams p) {
+    const double u = double(x) / p.scale + p.zero;
+    return std::fabs(u - std::floor(u) - 0.5);
+  };
+  std::vector<bool> moved(kWindows, false);
+  int flips = 0, compared = 0;
+  for (int l = 0; l < 5; ++l)
+    for (Site s : {Site::AttnIn, Site::K, Site::V, Site::OprojIn, Site::MlpIn, Site::DownIn}) {
+      SCOPED_TRACE(std::string(site_name(s)) + " layer " + std::to_string(l));
+      const QuantSpec& spec = s == Site::K || s == Site::V ? kv : s == Site::OprojIn ? head : token;
+      const Matrix& xi = seen[true].seen.at({int(s), l});
+      const Matrix& xf = seen[false].seen.at({int(s), l});
+      const QuantizedMatrix qi = quantize(xi, spec), qf = quantize(xf, spec);
+      std::vector<bool> flipped(kWindows, false);
+      for (int64_t r = 0; r < xi.rows; ++r) {
+        const int w = int(r / kSeq);
+        if (moved[size_t(w)]) continue;
+        ++compared;
+        for (int64_t c = 0; c < xi.cols; ++c) {
+          const size_t i = size_t(r * xi.cols + c);
+          if (qi.codes[i] == qf.codes[i]) continue;
+          const QuantParams pi = qi.params(r, c), pf = qf.params(r, c);
+          ASSERT_NEAR(pi.scale, pf.scale, 1e-5 * pf.scale) << r << "," << c;
+          if (pi.zero == pf.zero) {
+            EXPECT_LT(from_midpoint(xi.data[i], pi), 1e-4) << r << "," << c;
+            EXPECT_LT(from_midpoint(xf.data[i], pf), 1e-4) << r << "," << c;
+          } else {
+            EXPECT_EQ(std::fabs(pi.zero - pf.zero), 1.f) << r << "," << c;
+          }
+          flipped[size_t(w)] = true;
+          ++flips;
+        }
+      }
+      for (int w = 0; w < kWindows; ++w) moved[size_t(w)] = moved[size_t(w)] || flipped[size_t(w)];
+    }
+  std::printf("codes that differ: %d; windows reaching the end unchanged: %d of %d\n", flips,
+              int(std::count(moved.begin(), moved.end(), false)), kWindows);
+  EXPECT_GT(std::count(moved.begin(), moved.end(), false), 0);
+  EXPECT_GT(compared, 0);
+}
+
 // Perplexity through the CLI on both paths, DartQuant rotations with online R3/R4, GPTQ weights.
 // The paths cannot agree to the last digit: the integer sums are exact where the reference's f32
-// products round, and an activation or KV value that lands on the other side of a rounding
-// boundary changes a code and moves the rest of its window. The reference itself moves as much
-// between thread counts (BLAS summation order): on these models the two paths differed by 7e-4
-// (W8A8), 7e-4 (W4A8), 1e-7 (W4A4KV16) and 5e-3 (W4A4KV4) relative over 6 windows. The exact
-// per-linear agreement is checked above; this checks the whole model runs on the integer path.
+// products round, and a value on a rounding midpoint (CodesDifferOnlyAtRoundingMidpoints) takes the
+// other code and moves the rest of its window, by a random amount. Over 6 windows that noise is far
+// above 1e-4 at 4-bit activations (docs/FORMAT.md has the full-text figures and the spread); this
+// checks that the whole model runs on the integer path and lands where the reference does.
 TEST(IntRuntime, PerplexityMatchesFakeQuant) {
   const std::string calib = " --rotation dartquant --w-method gptq --calib " + kCalib + " --nsamples 8 --calib-seqlen 128 --epochs 2";
   const std::pair<const char*, const char*> runs[] = {
