@@ -87,7 +87,8 @@ struct KvRows {
 // the KV quantization). With one, the rows are kept as its codes: at the quantizer's place among
 // the K/V hooks (it must be one of them) the new rows are encoded into the cache instead of
 // fake-quantized, and attention reads the cached rows decoded. Either way the rows attention reads
-// are what recomputing the whole sequence gives them: the K/V hooks work per token.
+// are what recomputing the whole sequence gives them (up to the float rounding of the products
+// before them): the K/V hooks work per token. The quantizer is not owned and must outlive the cache.
 struct KvCache {
   KvCache() = default;
   explicit KvCache(const KvQuantizer* q) : quantizer(q) {}
