@@ -141,7 +141,9 @@ TEST(IntRuntime, CodesDifferOnlyAtRoundingMidpoints) {
   QuantSpec token, head, kv;
   for (bool integer : {false, true}) {
     Model m = load_model(dir);
-    if (integer) ASSERT_EQ(use_integer_runtime(m), "");
+    if (integer) {
+      ASSERT_EQ(use_integer_runtime(m), "");
+    }
     RuntimeHooks rt(m);
     Hooks hooks = rt.hooks();
     ASSERT_EQ(hooks.size(), 2u);  // the online Hadamards, then the quantization
@@ -247,7 +249,9 @@ TEST(IntRuntime, QuantizedKvCacheHoldsTheFakeQuantizedKv) {
   std::map<std::tuple<bool, bool, int>, Matrix> decoded;  // [integer, keys, layer]
   for (bool integer : {false, true}) {
     Model m = load_model(dir);
-    if (integer) ASSERT_EQ(use_integer_runtime(m), "");
+    if (integer) {
+      ASSERT_EQ(use_integer_runtime(m), "");
+    }
     const ModelConfig& c = m.config;
     ASSERT_TRUE(m.quantization.at("online").at("r3").get<bool>());
     RuntimeHooks rt(m);
@@ -270,7 +274,9 @@ TEST(IntRuntime, QuantizedKvCacheHoldsTheFakeQuantizedKv) {
   }
   for (const auto& [key, a] : decoded) {
     const auto [integer, keys, l] = key;
-    if (integer) EXPECT_LT(rel_diff(a, decoded.at({false, keys, l})), 1e-5) << (keys ? "K" : "V") << " layer " << l;
+    if (integer) {
+      EXPECT_LT(rel_diff(a, decoded.at({false, keys, l})), 1e-5) << (keys ? "K" : "V") << " layer " << l;
+    }
   }
 }
 
@@ -287,7 +293,9 @@ TEST(IntRuntime, CachedDecodingMatchesRecomputation) {
     for (bool integer : {false, true}) {
       SCOPED_TRACE(std::string(name) + (integer ? " integer" : " fake-quant"));
       Model m = load_model(quantized(name, args));
-      if (integer) ASSERT_EQ(use_integer_runtime(m), "");
+      if (integer) {
+        ASSERT_EQ(use_integer_runtime(m), "");
+      }
       RuntimeHooks rt(m);
       const bool kv4 = m.quantization.at("kv_cache").at("bits") == 4;
       const Matrix head = m.weights.get(lm_head_name(m));
@@ -304,7 +312,9 @@ TEST(IntRuntime, CachedDecodingMatchesRecomputation) {
         ASSERT_EQ(a, b) << "step " << i;
         ASSERT_EQ(cache.tokens(), int64_t(full.size()));
         const Matrix& k0 = recomputed.seen.at({int(Site::K), 0});
-        if (integer) EXPECT_EQ(kv4 ? cached(cache, m.config, true, 0).data : cache.k[0].f32.data, k0.data);
+        if (integer) {
+          EXPECT_EQ(kv4 ? cached(cache, m.config, true, 0).data : cache.k[0].f32.data, k0.data);
+        }
         full.push_back(a);
         fresh = {b};
       }
