@@ -92,20 +92,6 @@ std::vector<Sample> measure(int reps, int n, int warmup, Fn fn) {
   return out;
 }
 
-// The bytes a KV cache of `tokens` tokens takes at the model's KV width: codes plus an f32 scale and
-// zero per head and token when quantized, f32 values otherwise.
-double kv_cache_bytes(const ModelConfig& c, int kv_bits, int64_t tokens) {
-  const double per_head = kv_bits < 16 ? c.head_dim * kv_bits / 8.0 + 8.0 : c.head_dim * 4.0;
-  return double(c.num_layers) * 2 * double(c.num_kv_heads) * per_head * double(tokens);
-}
-
-int kv_bits_of(const Model& m) {
-  const auto& q = m.quantization;
-  if (!q.is_object() || !q.contains("kv_cache") || !q["kv_cache"].is_object()) return 16;
-  const auto& kv = q["kv_cache"];
-  return kv.contains("bits") && kv["bits"].is_number_integer() ? kv["bits"].get<int>() : 16;
-}
-
 int run_bench(const BenchArgs& a) {
   OutputPlan plan({a.model, a.tokenizer}, a.force);
   plan.add(a.json, OutputKind::Json);
@@ -158,15 +144,18 @@ int run_bench(const BenchArgs& a) {
     };
     tests.push_back({"pp" + std::to_string(a.prompt), a.prompt, measure(a.reps, a.prompt, std::min(a.prompt, 16), pp)});
   }
+  double kv = 0;  // bytes of the KV cache after the generation test
   if (a.gen > 0) {
     const int32_t first = token(rng);
     auto tg = [&](int n) {
-      KvCache cache;
+      KvCache cache = runtime.kv_cache();  // packed codes for a quantized KV cache
+      cache.reserve(c, n);
       int32_t next = first;
       for (int i = 0; i < n; ++i) {
         Matrix x = forward(m, {next}, 1, 1, runtime.hooks(), &cache);
         next = greedy_next(m, head, x);
       }
+      kv = double(cache.bytes());
     };
     tests.push_back({"tg" + std::to_string(a.gen), a.gen, measure(a.reps, a.gen, std::min(a.gen, 2), tg)});
   }
@@ -176,7 +165,6 @@ int run_bench(const BenchArgs& a) {
   std::string kernel_list;
   for (const std::string& k : kernels) kernel_list += (kernel_list.empty() ? "" : "+") + k;
   if (kernel_list.empty()) kernel_list = "f32";
-  const double kv = kv_cache_bytes(c, kv_bits_of(m), std::max(a.prompt, a.gen));
   const double peak = peak_rss_mib() * 1048576.0, now = status_bytes("VmRSS");
   const double anon = status_bytes("RssAnon"), file = status_bytes("RssFile");
   const double weights = packed + f32_linears + head_bytes + other;
@@ -235,7 +223,7 @@ int run_bench(const BenchArgs& a) {
   std::printf("memory: peak RSS %.1f MiB (now %.1f: %.1f heap, %.1f mapped files); weights %.1f MiB (packed %.1f, f32 linears %.1f, "
               "f32 lm_head %.1f, f32 embedding+norms %.1f); KV cache at %d tokens %.2f MiB\n",
               peak / mib, now / mib, anon / mib, file / mib, weights / mib, packed / mib, f32_linears / mib, head_bytes / mib, other / mib,
-              std::max(a.prompt, a.gen), kv / mib);
+              a.gen, kv / mib);
   if (!a.json.empty()) plan.write(a.json, [&](const std::string& path) { write_json(path, report); });
   return 0;
 }

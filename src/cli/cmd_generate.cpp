@@ -33,8 +33,10 @@ int run_generate(const GenerateArgs& a) {
   std::mt19937_64 rng(a.seed);
   Matrix head = m.weights.get(lm_head_name(m));
   std::string printed;
-  // The prompt goes through in one pass, then each new token alone against the KV cache.
-  KvCache cache;
+  // The prompt goes through in one pass, then each new token alone against the KV cache (codes
+  // when the model quantizes it), sized once for the whole run.
+  KvCache cache = runtime.kv_cache();
+  cache.reserve(m.config, std::min<int64_t>(m.config.max_seq, int64_t(ids.size()) + a.n));
   std::vector<int32_t> fresh = ids;
   for (int i = 0; i < a.n && int(ids.size()) < m.config.max_seq; ++i) {
     Matrix x = forward(m, fresh, 1, int(fresh.size()), runtime.hooks(), &cache);

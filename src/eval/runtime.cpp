@@ -95,7 +95,10 @@ RuntimeHooks::RuntimeHooks(const Model& m) {
   a.clip_ratio = r.clip(act, "activations", 0.9f);
   a.kv_bits = r.bits(kv, "kv_cache");
   a.kv_clip_ratio = r.clip(kv, "kv_cache", 1.f);
-  if (a.bits < 16 || a.kv_bits < 16) owned_.push_back(std::make_unique<ActQuantHook>(m.config, a));
+  if (a.bits < 16 || a.kv_bits < 16) {
+    owned_.push_back(std::make_unique<ActQuantHook>(m.config, a));
+    if (a.kv_bits < 16) kv_quantizer_ = static_cast<const ActQuantHook*>(owned_.back().get());
+  }
   for (auto& h : owned_) hooks_.push_back(h.get());
 }
 

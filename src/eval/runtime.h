@@ -24,12 +24,16 @@ class RuntimeHooks {
   explicit RuntimeHooks(const Model& m);
   ~RuntimeHooks();
   const Hooks& hooks() const { return hooks_; }
+  // A KV cache for decoding with these hooks: K and V kept as their codes (packed, per token and
+  // head, with scale and zero point) when the model quantizes its KV cache, else in f32.
+  KvCache kv_cache() const { return KvCache(kv_quantizer_); }
   // "integer", "fake-quant" (quantized model on the f32 reference path) or "fp".
   const char* path() const { return path_; }
 
  private:
   std::vector<std::unique_ptr<Hook>> owned_;
   Hooks hooks_;
+  const KvQuantizer* kv_quantizer_ = nullptr;
   const char* path_ = "fp";
 };
 

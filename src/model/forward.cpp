@@ -306,12 +306,58 @@ static void mlp_forward(const ModelConfig& c, const LayerWeights& w, int layer, 
   if (routed > 0) add_into(x, y);
 }
 
-// Appends new rows to a cached matrix (keeping the ones before).
-static void append_rows(Matrix& cache, const Matrix& rows) {
-  Matrix grown(cache.rows + rows.rows, rows.cols);
-  std::copy(cache.data.begin(), cache.data.end(), grown.data.begin());
-  std::copy(rows.data.begin(), rows.data.end(), grown.data.begin() + std::ptrdiff_t(cache.size()));
-  cache = std::move(grown);
+size_t KvCache::bytes() const {
+  size_t n = 0;
+  for (const std::vector<KvRows>* side : {&k, &v})
+    for (const KvRows& r : *side) n += r.f32.size() * sizeof(float) + r.codes.size();
+  return n;
+}
+
+void KvCache::reserve(const ModelConfig& c, int64_t tokens) {
+  k.resize(size_t(c.num_layers));
+  v.resize(size_t(c.num_layers));
+  const int64_t kvd = c.kv_dim();
+  for (std::vector<KvRows>* side : {&k, &v})
+    for (KvRows& r : *side) {
+      if (quantizer)
+        r.codes.reserve(size_t(tokens * quantizer->row_bytes(kvd)));
+      else
+        r.f32.data.reserve(size_t(tokens * kvd));
+    }
+}
+
+// Runs the K (or V) hooks on x. With a quantizing cache, the quantizer's turn encodes the rows into
+// the cache (leaving in x what its at() would have); an f32 cache takes the rows after every hook.
+static void kv_hooks(const Hooks& hooks, Site site, int layer, Matrix& x, KvCache* cache) {
+  const KvQuantizer* q = cache ? cache->quantizer : nullptr;
+  bool encoded = false;
+  for (Hook* h : hooks) {
+    if (q && h == static_cast<const Hook*>(q)) {
+      KvRows& rows = (site == Site::K ? cache->k : cache->v)[size_t(layer)];
+      q->encode(x, rows.codes);
+      encoded = true;
+    } else {
+      h->at(site, layer, x);
+    }
+  }
+  if (q && !encoded) throw Error("layer_forward: the KV cache's quantizer is not among the hooks");
+  if (!cache) return;
+  KvRows& rows = (site == Site::K ? cache->k : cache->v)[size_t(layer)];
+  if (!q) {
+    rows.f32.cols = x.cols;
+    rows.f32.data.insert(rows.f32.data.end(), x.data.begin(), x.data.end());
+    rows.f32.rows += x.rows;
+  }
+  rows.tokens += x.rows;
+}
+
+// The cached rows as attention reads them: the f32 rows themselves, or the codes decoded into
+// `scratch`.
+static const Matrix& cached_rows(const KvCache& cache, const KvRows& rows, int64_t cols, Matrix& scratch) {
+  if (!cache.quantizer) return rows.f32;
+  scratch.reshape_for_overwrite(rows.tokens, cols);
+  cache.quantizer->decode(rows.codes.data(), rows.tokens, cols, scratch.data.data());
+  return scratch;
 }
 
 void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matrix& x, int batch,
@@ -321,7 +367,7 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
     cache->k.resize(size_t(c.num_layers));
     cache->v.resize(size_t(c.num_layers));
   }
-  const int64_t past = cache ? cache->k[size_t(layer)].rows : 0;
+  const int64_t past = cache ? cache->k[size_t(layer)].tokens : 0;
   Matrix h = x;
   rmsnorm(h, w.attn_norm.data.data(), c.rms_eps);
   run_hooks(hooks, Site::AttnIn, layer, h);
@@ -335,15 +381,14 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
   apply_rope(c, q, c.num_heads, seq, past);
   apply_rope(c, k, c.num_kv_heads, seq, past);
   run_hooks(hooks, Site::Q, layer, q);
-  run_hooks(hooks, Site::K, layer, k);
-  run_hooks(hooks, Site::V, layer, v);
+  kv_hooks(hooks, Site::K, layer, k, cache);
+  kv_hooks(hooks, Site::V, layer, v, cache);
   Matrix& att = h;  // h is spent once q, k, v exist: the attention output takes its storage
   if (cache) {
-    // The K/V hooks work per token (R3, per-head quantization), so the cached rows are exactly
-    // what recomputing the whole sequence would give them.
-    append_rows(cache->k[size_t(layer)], k);
-    append_rows(cache->v[size_t(layer)], v);
-    attention(c, q, cache->k[size_t(layer)], cache->v[size_t(layer)], 1, seq, past, att);
+    // k and v are spent too: they take the decoded rows of a quantized cache.
+    const Matrix& ck = cached_rows(*cache, cache->k[size_t(layer)], c.kv_dim(), k);
+    const Matrix& cv = cached_rows(*cache, cache->v[size_t(layer)], c.kv_dim(), v);
+    attention(c, q, ck, cv, 1, seq, past, att);
   } else {
     attention(c, q, k, v, batch, seq, 0, att);
   }

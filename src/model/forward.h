@@ -63,11 +63,43 @@ void release_layer(const Model& m, int layer);  // hands the mapped pages back
 // (biases where present), router, then each expert's gate, up and down.
 std::vector<std::string> layer_tensor_names(const Model& m, int layer);
 
-// One sequence's keys and values so far, per layer, as attention reads them (after RoPE and the
-// K/V hooks: R3 and the KV quantization), for decoding a token at a time.
+// A hook that rounds K and V to per-token codes (the KV-cache quantization). A KvCache built on one
+// keeps those codes instead of f32 rows.
+struct KvQuantizer : Hook {
+  // Bytes one token's row of `cols` keys or values takes encoded.
+  virtual int64_t row_bytes(int64_t cols) const = 0;
+  // Rounds x's rows to codes exactly as at() does, appends their encoding to `out` (row_bytes per
+  // row), and leaves in x the values the codes stand for: what at() would have left there.
+  virtual void encode(Matrix& x, std::vector<uint8_t>& out) const = 0;
+  // The values n encoded rows of `cols` columns stand for, into out (n x cols).
+  virtual void decode(const uint8_t* rows, int64_t n, int64_t cols, float* out) const = 0;
+};
+
+// One layer's cached keys or values: f32 rows as attention reads them, or their codes.
+struct KvRows {
+  Matrix f32;                  // [tokens, kv_dim], without a quantizer
+  std::vector<uint8_t> codes;  // tokens x row_bytes(kv_dim), with one
+  int64_t tokens = 0;
+};
+
+// One sequence's keys and values so far, per layer, for decoding a token at a time. Without a
+// quantizer the rows are kept in f32 as attention reads them (after RoPE and the K/V hooks: R3 and
+// the KV quantization). With one, the rows are kept as its codes: at the quantizer's place among
+// the K/V hooks (it must be one of them) the new rows are encoded into the cache instead of
+// fake-quantized, and attention reads the cached rows decoded. Either way the rows attention reads
+// are what recomputing the whole sequence gives them (up to the float rounding of the products
+// before them): the K/V hooks work per token. The quantizer is not owned and must outlive the cache.
 struct KvCache {
-  std::vector<Matrix> k, v;  // [layer]: [tokens so far, kv_dim]
-  int64_t tokens() const { return k.empty() ? 0 : k[0].rows; }
+  KvCache() = default;
+  explicit KvCache(const KvQuantizer* q) : quantizer(q) {}
+  const KvQuantizer* quantizer = nullptr;
+  std::vector<KvRows> k, v;  // [layer]
+  int64_t tokens() const { return k.empty() ? 0 : k[0].tokens; }
+  // Bytes the cached rows occupy (f32 rows or codes with their scales and zero points).
+  size_t bytes() const;
+  // Makes room for `tokens` tokens in every layer of a model with config c, so appending up to
+  // there does not reallocate (nor leave up to twice the memory a growing vector would).
+  void reserve(const ModelConfig& c, int64_t tokens);
 };
 
 Matrix embed(const Model& m, const std::vector<int32_t>& tokens);

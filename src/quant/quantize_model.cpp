@@ -25,6 +25,18 @@ void ActQuantHook::at(Site site, int layer, Matrix& x) {
   }
 }
 
+int64_t ActQuantHook::row_bytes(int64_t cols) const { return encoded_row_bytes(cols, kv_); }
+
+void ActQuantHook::encode(Matrix& x, std::vector<uint8_t>& out) const {
+  const size_t first = out.size();
+  encode_rows(quantize(x, kv_), out);
+  decode(out.data() + first, x.rows, x.cols, x.data.data());
+}
+
+void ActQuantHook::decode(const uint8_t* rows, int64_t n, int64_t cols, float* out) const {
+  decode_rows(rows, n, cols, kv_, out);
+}
+
 std::vector<int32_t> sample_windows(const std::vector<int32_t>& ids, int n, int len, uint64_t seed) {
   if (ids.size() <= size_t(len))
     throw Error("calibration text has " + std::to_string(ids.size()) + " tokens, need more than " +

@@ -26,10 +26,15 @@ struct ActQuantConfig {
   float kv_clip_ratio = 1.f;
 };
 
-class ActQuantHook : public Hook {
+// It is also the KV cache's quantizer (forward.h) when kv_bits < 16: the cache then keeps K and V
+// as these codes, encoded by encode_rows (quantizer.h).
+class ActQuantHook : public KvQuantizer {
  public:
   ActQuantHook(const ModelConfig& c, const ActQuantConfig& q);
   void at(Site site, int layer, Matrix& x) override;
+  int64_t row_bytes(int64_t cols) const override;
+  void encode(Matrix& x, std::vector<uint8_t>& out) const override;
+  void decode(const uint8_t* rows, int64_t n, int64_t cols, float* out) const override;
 
  private:
   QuantSpec token_, head_, kv_;

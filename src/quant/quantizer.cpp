@@ -2,8 +2,11 @@
 
 #include <atomic>
 #include <cfloat>
+#include <cstring>
 #include <limits>
 #include <string>
+
+#include "tensor/kernels.h"
 
 namespace dq {
 
@@ -217,6 +220,49 @@ std::vector<uint8_t> unpack_codes(const std::vector<uint8_t>& packed, int64_t ro
     }
   }
   return out;
+}
+
+int64_t encoded_row_bytes(int64_t cols, const QuantSpec& spec) {
+  return packed_row_bytes(cols, spec.bits) + spec.num_groups(cols) * int64_t(sizeof(float) + 1);
+}
+
+void encode_rows(const QuantizedMatrix& q, std::vector<uint8_t>& out) {
+  if (q.spec.per_tensor) throw Error("encode_rows: per-tensor codes have no per-row parameters");
+  const int64_t ng = q.spec.num_groups(q.cols), code_bytes = packed_row_bytes(q.cols, q.spec.bits);
+  const std::vector<uint8_t> packed = pack_codes(q.codes, q.rows, q.cols, q.spec.bits);
+  size_t at = out.size();
+  out.resize(at + size_t(q.rows * encoded_row_bytes(q.cols, q.spec)));
+  for (int64_t r = 0; r < q.rows; ++r) {
+    std::memcpy(out.data() + at, packed.data() + r * code_bytes, size_t(code_bytes));
+    at += size_t(code_bytes);
+    std::memcpy(out.data() + at, q.scales.row(r), size_t(ng) * sizeof(float));
+    at += size_t(ng) * sizeof(float);
+    for (int64_t g = 0; g < ng; ++g) out[at++] = uint8_t(q.zeros(r, g));  // a code: 0..maxq
+  }
+}
+
+void decode_rows(const uint8_t* in, int64_t n, int64_t cols, const QuantSpec& spec, float* out) {
+  const int bits = spec.bits;
+  const int64_t ng = spec.num_groups(cols), gs = spec.group > 0 ? spec.group : cols;
+  const int64_t code_bytes = packed_row_bytes(cols, bits), row_bytes = encoded_row_bytes(cols, spec);
+  const uint32_t mask = (1u << bits) - 1;
+#pragma omp parallel for schedule(static) if (n * cols > kParallelMinWork)
+  for (int64_t r = 0; r < n; ++r) {
+    const uint8_t* row = in + r * row_bytes;
+    const uint8_t* zeros = row + code_bytes + ng * int64_t(sizeof(float));
+    float* dst = out + r * cols;
+    for (int64_t g = 0; g < ng; ++g) {
+      QuantParams p;
+      std::memcpy(&p.scale, row + code_bytes + g * int64_t(sizeof(float)), sizeof(float));
+      p.zero = float(zeros[g]);
+      for (int64_t c = g * gs; c < std::min(cols, (g + 1) * gs); ++c) {
+        // A code spans at most two bytes (bits <= 8); the byte after the codes is still in the row.
+        const int64_t bit = c * bits;
+        const uint32_t v = (uint32_t(row[bit / 8]) | uint32_t(row[bit / 8 + 1]) << 8) >> (bit % 8);
+        dst[c] = dequant_code(float(v & mask), p);
+      }
+    }
+  }
 }
 
 }  // namespace dq

@@ -105,4 +105,14 @@ std::vector<uint8_t> pack_codes(const std::vector<uint8_t>& codes, int64_t rows,
 std::vector<uint8_t> unpack_codes(const std::vector<uint8_t>& packed, int64_t rows, int64_t cols,
                                   int bits);
 
+// Quantized rows as one byte string each, in memory (the quantized KV cache, docs/FORMAT.md): the
+// row's codes bit-packed as above, then each group's scale (f32), then each group's zero point (one
+// byte: an integer in [0, 255]). Row-groups only (not per_tensor).
+int64_t encoded_row_bytes(int64_t cols, const QuantSpec& spec);
+// Appends q's rows, encoded, to out.
+void encode_rows(const QuantizedMatrix& q, std::vector<uint8_t>& out);
+// The values n encoded rows stand for (dequant_code of each code: exactly what fake_quantize
+// gives), into out (n x cols).
+void decode_rows(const uint8_t* in, int64_t n, int64_t cols, const QuantSpec& spec, float* out);
+
 }  // namespace dq

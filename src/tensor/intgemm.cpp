@@ -428,17 +428,18 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTi
     block_ag[size_t(b)] = c0 / a.group;
     block_len[size_t(b)] = w.bounds[size_t(b) + 1] - c0;
   }
-  // f32 result of one (token, row) pair from its blocks' exact dots, in block order on every path.
+  // f32 result of one (token, row) pair from its blocks' exact dots, in block order on every path,
+  // summed in double and rounded once (see the header).
   auto finish = [&](int64_t t, int64_t r, const int32_t* dots, int64_t dot_stride) {
-    float acc = 0.f;
+    double acc = 0;
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t wi = r * nwg + block_wg[size_t(b)], ai = t * nag + block_ag[size_t(b)];
       const int64_t zw = w.zeros[size_t(wi)], za = a.zeros[size_t(ai)];
       const int64_t exact = int64_t(dots[b * dot_stride]) - zw * asum[size_t(t * nb + b)] -
                             za * w.block_sums[size_t(r * nb + b)] + block_len[size_t(b)] * za * zw;
-      acc += a.scales[size_t(ai)] * w.scales[size_t(wi)] * float(exact);
+      acc += double(a.scales[size_t(ai)]) * double(w.scales[size_t(wi)]) * double(exact);
     }
-    y(t, r) = acc;
+    y(t, r) = float(acc);
   };
   // Tokens in chunks small enough that their codes stay in cache while the weight rows pass; within
   // a chunk, tiles of kTileTokens tokens x tile_rows rows, and row by row where a tile does not fit
@@ -473,23 +474,23 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTi
           }
           // dots[b][i][j]: pair (t + i, r0 + j) of block b; the same sums as finish(), in the same
           // block order, with each token's and row's parameters read once per block.
-          float acc[kTileTokens][kMaxTileRows] = {};
+          double acc[kTileTokens][kMaxTileRows] = {};
           for (int64_t b = 0; b < nb; ++b) {
             const int32_t* d = dots.data() + b * kTileTokens * nr;
             for (int i = 0; i < kTileTokens; ++i) {
               const int64_t ai = (t + i) * nag + block_ag[size_t(b)];
               const int64_t za = a.zeros[size_t(ai)], as = asum[size_t((t + i) * nb + b)];
-              const float sa = a.scales[size_t(ai)];
+              const double sa = a.scales[size_t(ai)];
               for (int64_t j = 0; j < nr; ++j) {
                 const int64_t r = r0 + j, wi = r * nwg + block_wg[size_t(b)], zw = w.zeros[size_t(wi)];
                 const int64_t exact = int64_t(d[i * nr + j]) - zw * as - za * w.block_sums[size_t(r * nb + b)] +
                                       block_len[size_t(b)] * za * zw;
-                acc[i][j] += sa * w.scales[size_t(wi)] * float(exact);
+                acc[i][j] += sa * double(w.scales[size_t(wi)]) * double(exact);
               }
             }
           }
           for (int i = 0; i < kTileTokens; ++i)
-            for (int64_t j = 0; j < nr; ++j) y(t + i, r0 + j) = acc[i][j];
+            for (int64_t j = 0; j < nr; ++j) y(t + i, r0 + j) = float(acc[i][j]);
         }
       }
       std::vector<int32_t> row_dots(static_cast<size_t>(nb));

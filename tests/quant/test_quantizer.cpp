@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 
@@ -170,6 +171,39 @@ TEST(Quantizer, PackingLayout) {
   EXPECT_EQ(p4, (std::vector<uint8_t>{0x21, 0x0F, 0x07}));  // low nibble first, row padded
   auto p3 = pack_codes({7, 1, 5}, 1, 3, 3);                 // bits 111 001 101 -> 0b01001111, 0b1
   EXPECT_EQ(p3, (std::vector<uint8_t>{0x4F, 0x01}));
+}
+
+// The KV cache's rows: decoding gives exactly the fake-quantized values, for every width, with the
+// layout written out by hand for one 4-bit row (codes two per byte, then scales, then zeros).
+TEST(Quantizer, EncodedRowsDecodeToTheFakeQuantizedValues) {
+  const Matrix x = outlier_matrix(7, 48, 11);
+  for (int bits = 2; bits <= 8; ++bits)
+    for (int group : {16, 0, 20}) {
+      const QuantSpec s = spec_of(bits, false, group, 0.95f);
+      Matrix fq = x;
+      fake_quantize(fq, s);
+      std::vector<uint8_t> enc{0xAB};  // encode_rows appends: what was there stays
+      encode_rows(quantize(x, s), enc);
+      ASSERT_EQ(int64_t(enc.size()), 1 + x.rows * encoded_row_bytes(x.cols, s));
+      EXPECT_EQ(enc[0], 0xAB);
+      Matrix dec(x.rows, x.cols);
+      decode_rows(enc.data() + 1, x.rows, x.cols, s, dec.data.data());
+      ASSERT_EQ(dec.data, fq.data) << "bits " << bits << " group " << group;
+    }
+  Matrix one(1, 4);
+  one.data = {-1.f, 0.f, 2.f, 0.5f};
+  const QuantSpec s = spec_of(4, false, 2);
+  const QuantizedMatrix q = quantize(one, s);
+  std::vector<uint8_t> enc;
+  encode_rows(q, enc);
+  ASSERT_EQ(enc.size(), 2u + 2 * 4 + 2);
+  EXPECT_EQ(enc[0], uint8_t(q.codes[0] | q.codes[1] << 4));
+  EXPECT_EQ(enc[1], uint8_t(q.codes[2] | q.codes[3] << 4));
+  float scale1;
+  std::memcpy(&scale1, enc.data() + 6, 4);
+  EXPECT_EQ(scale1, q.scales(0, 1));
+  EXPECT_EQ(enc[10], 15);  // group [-1, 0]: scale 1/15, zero 15
+  EXPECT_EQ(enc[11], 0);   // group [2, 0.5]: the range [0, 2], zero 0
 }
 
 TEST(Quantizer, ZeroAndTinyRows) {
