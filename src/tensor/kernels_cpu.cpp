@@ -11,6 +11,16 @@ namespace dq {
 void sgemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
            int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  if (m == 1) {
+    // One row (decoding a token): OpenBLAS's sgemm packs all of B on every call, sgemv streams it
+    // once. c = op(B)ᵀ·a, where a is A's only row (or, transposed, its only column).
+    const int inc_a = transA ? int(lda) : 1;
+    if (transB)  // B is n x k
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, int(n), int(k), alpha, B, int(ldb), A, inc_a, beta, C, 1);
+    else  // B is k x n
+      cblas_sgemv(CblasRowMajor, CblasTrans, int(k), int(n), alpha, B, int(ldb), A, inc_a, beta, C, 1);
+    return;
+  }
   cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
               int(m), int(n), int(k), alpha, A, int(lda), B, int(ldb), beta, C, int(ldc));
 }

@@ -64,6 +64,27 @@ TEST(Linear, IntoReusedOutputMatchesFreshOutputBitForBit) {
   }
 }
 
+TEST(Gemm, OneRowProductsMatchANaiveReference) {
+  // A single output row goes through sgemv instead of sgemm: every transpose combination, alpha and
+  // beta, against a sum in double.
+  const int64_t k = 37, n = 29;
+  const Matrix a_row = gaussian_matrix(1, k, 5), a_col = gaussian_matrix(k, 1, 5);
+  const Matrix B_nk = gaussian_matrix(n, k, 6), B_kn = gaussian_matrix(k, n, 6);
+  const Matrix C0 = gaussian_matrix(1, n, 7);
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      const Matrix& A = ta ? a_col : a_row;
+      const Matrix& B = tb ? B_nk : B_kn;
+      Matrix C = C0;
+      gemm(A, ta, B, tb, C, 0.5f, 2.f);
+      for (int64_t j = 0; j < n; ++j) {
+        double ref = 0;
+        for (int64_t i = 0; i < k; ++i) ref += double(A.data[size_t(i)]) * (tb ? B(j, i) : B(i, j));
+        EXPECT_NEAR(C(0, j), 0.5 * ref + 2.0 * C0(0, j), 1e-5) << ta << tb << j;
+      }
+    }
+}
+
 TEST(Linear, InnerDimensionZeroGivesZerosInReusedOutput) {
   Matrix X(4, 0), W(3, 0), Y(4, 3, std::numeric_limits<float>::infinity());
   linear(X, W, Y);
