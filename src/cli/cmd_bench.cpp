@@ -8,14 +8,12 @@
 // process CPU time is reported beside it because this kind of machine is often shared: cpu_share =
 // CPU seconds / (wall seconds × threads) well below 1 means other processes had the cores, and
 // t/cpu-s (tokens per CPU second of the whole process) is then the steadier figure to compare.
-#include <sys/resource.h>
 #include <time.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <random>
 
 #include "cli/command.h"
@@ -41,16 +39,6 @@ double process_cpu_seconds() {
   timespec t;
   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
   return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
-}
-
-// A "Name:  N kB" field of /proc/self/status, in bytes: VmRSS (resident now), RssAnon (heap: packed
-// weights, f32 copies), RssFile (pages of mapped model files touched).
-double status_bytes(const std::string& field) {
-  std::ifstream f("/proc/self/status");
-  std::string line;
-  while (std::getline(f, line))
-    if (line.rfind(field + ":", 0) == 0) return std::stod(line.substr(field.size() + 1)) * 1024.0;
-  return 0;
 }
 
 struct Sample {
@@ -114,15 +102,7 @@ int run_bench(const BenchArgs& a) {
       else f32_linears += 4.0 * double(m.weights.shape(name).at(0) * m.weights.shape(name).at(1));
     }
   const std::string head_name = lm_head_name(m);
-  // The f32 classifier decoding multiplies by, copied in row chunks whose mapped pages are handed
-  // back after each: the copy's size stays resident, not twice it.
-  const std::vector<int64_t> head_shape = m.weights.shape(head_name);
-  Matrix head(head_shape.at(0), head_shape.at(1));
-  for (int64_t r0 = 0; r0 < head.rows; r0 += 4096) {
-    const Matrix part = m.weights.get_rows(head_name, r0, std::min<int64_t>(4096, head.rows - r0));
-    std::copy(part.data.begin(), part.data.end(), head.row(r0));
-    m.weights.release(head_name);
-  }
+  const Matrix head = lm_head_f32(m);  // what decoding multiplies by
   const double head_bytes = 4.0 * double(head.data.size());
   for (const std::string& name : m.weights.names()) {
     if (name == head_name || name.find(".layers.") != std::string::npos) continue;
@@ -165,8 +145,8 @@ int run_bench(const BenchArgs& a) {
   std::string kernel_list;
   for (const std::string& k : kernels) kernel_list += (kernel_list.empty() ? "" : "+") + k;
   if (kernel_list.empty()) kernel_list = "f32";
-  const double peak = peak_rss_mib() * 1048576.0, now = status_bytes("VmRSS");
-  const double anon = status_bytes("RssAnon"), file = status_bytes("RssFile");
+  const double peak = peak_rss_mib() * 1048576.0, now = proc_status_bytes("VmRSS");
+  const double anon = proc_status_bytes("RssAnon"), file = proc_status_bytes("RssFile");
   const double weights = packed + f32_linears + head_bytes + other;
   double load[3] = {0, 0, 0};
   getloadavg(load, 3);

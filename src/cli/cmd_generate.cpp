@@ -31,7 +31,7 @@ int run_generate(const GenerateArgs& a) {
     throw Error(a.model + ": the prompt has " + std::to_string(ids.size()) + " tokens, no room left in the model's " +
                 std::to_string(m.config.max_seq) + "-token context");
   std::mt19937_64 rng(a.seed);
-  Matrix head = m.weights.get(lm_head_name(m));
+  const Matrix head = lm_head_f32(m);
   std::string printed;
   // The prompt goes through in one pass, then each new token alone against the KV cache (codes
   // when the model quantizes it), sized once for the whole run.

@@ -71,7 +71,7 @@ std::vector<Loglikelihood> loglikelihoods(const Model& m, const std::vector<Requ
   std::stable_sort(seqs.begin(), seqs.end(),
                    [&](size_t a, size_t b) { return input[a].size() > input[b].size(); });
 
-  const Matrix head = m.weights.get(lm_head_name(m));
+  const Matrix head = lm_head_f32(m);
   std::vector<Loglikelihood> out(n);
   st.sequences = int(seqs.size());
   for (size_t s0 = 0; s0 < seqs.size();) {

@@ -19,12 +19,14 @@ nlohmann::json read_json(const std::string& path) {
   return parse_json_strict(read_file(path), path);
 }
 
-double peak_rss_mib() {
+double proc_status_bytes(const std::string& field) {
   std::ifstream f("/proc/self/status");
   std::string line;
   while (std::getline(f, line))
-    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+    if (line.rfind(field + ":", 0) == 0) return std::stod(line.substr(field.size() + 1)) * 1024.0;
   return 0;
 }
+
+double peak_rss_mib() { return proc_status_bytes("VmHWM") / 1048576.0; }
 
 }  // namespace dq

@@ -10,7 +10,10 @@ void write_json(const std::string& path, const nlohmann::json& j);
 // Parses a JSON file; Error("PATH: invalid JSON") (or nested too deep, or unreadable) otherwise.
 nlohmann::json read_json(const std::string& path);
 
-// Peak resident memory of this process so far, in MiB (from /proc/self/status VmHWM).
+// A "Name:  N kB" field of /proc/self/status in bytes (0 when absent): VmHWM (peak resident),
+// VmRSS (resident now), RssAnon (heap), RssFile (pages of mapped files touched).
+double proc_status_bytes(const std::string& field);
+// Peak resident memory of this process so far, in MiB (VmHWM).
 double peak_rss_mib();
 
 }  // namespace dq

@@ -8,7 +8,6 @@
 #include <array>
 #include <climits>
 #include <filesystem>
-#include <fstream>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <queue>
@@ -1027,10 +1026,11 @@ class HfTokenizer : public Tokenizer {
   void find_bos_eos(const std::string& path) {
     namespace fs = std::filesystem;
     fs::path dir = fs::path(path).parent_path();
+    // Optional files: a missing one is no error, one that is there is opened as every input is (a
+    // FIFO is refused, not waited on).
     auto load = [](const fs::path& p) -> json {
-      std::ifstream f(p);
-      if (!f) return nullptr;
-      return json::parse(f, nullptr, false);
+      if (!file_exists(p.string())) return nullptr;
+      return json::parse(read_file(p.string()), nullptr, false);
     };
     json tc = load(dir / "tokenizer_config.json");
     auto token_field = [&](const char* key) -> int32_t {

@@ -63,6 +63,23 @@ TEST(Weights, GetReportsNonFiniteValuesOfMappedAndOwnedTensors) {
   EXPECT_EQ(w.get("dirty").rows, rows);  // the flag is optional
 }
 
+TEST(Weights, ClassifierCopiedInChunksEqualsTheWholeTensor) {
+  // 9000 rows: two whole 4096-row chunks and a partial one, from a mapped bf16 file.
+  ScratchDir dir;
+  const std::string cfg = cut_config(dir, "qwen2.5-0.5b", {{"hidden_size", 16}, {"intermediate_size", 32},
+                                                            {"num_attention_heads", 2}, {"num_key_value_heads", 1},
+                                                            {"num_hidden_layers", 1}, {"vocab_size", 9000}},
+                                     "wide_vocab");
+  SynthOptions o;
+  o.dtype = DType::BF16;
+  synth_model(cfg, dir / "model", o);
+  const Model m = load_model(dir / "model");
+  const Matrix head = lm_head_f32(m), whole = m.weights.get(lm_head_name(m));
+  EXPECT_EQ(head.rows, 9000);
+  EXPECT_EQ(head.cols, 16);
+  EXPECT_EQ(head.data, whole.data);
+}
+
 TEST(Forward, LoadLayerRejectsNaNWithTheTensorName) {
   ScratchDir dir;
   Model m = small_model(dir, DType::BF16);

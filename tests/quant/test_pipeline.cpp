@@ -218,8 +218,9 @@ TEST(PipelineCli, GptqWithoutCalibFailsCleanly) {
   // Nor a temporary one (any entry named after it other than this run's captured output).
   for (const auto& e : fs::directory_iterator(scratch().path)) {
     const std::string n = e.path().filename().string();
-    if (n.find("no_calib") != std::string::npos)
+    if (n.find("no_calib") != std::string::npos) {
       EXPECT_TRUE(n == "no_calib.stdout" || n == "no_calib.stderr") << "left behind: " << e.path();
+    }
   }
 }
 
