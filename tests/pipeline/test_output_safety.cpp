@@ -201,6 +201,14 @@ TEST_F(OutputSafety, FifoInputsAreRefusedInsteadOfBlocking) {
     expect_one_line_error(run(args), w("fifo"), "not a regular file");
     EXPECT_EQ(tree_snapshot(w_), before);
   }
+  // The optional files read beside a tokenizer.json, too.
+  fs::create_directories(w("tok"));
+  fs::copy_file(kData + "/hf/smollm2-135m-instruct/tokenizer.json", w("tok/tokenizer.json"));
+  ASSERT_EQ(mkfifo(w("tok/tokenizer_config.json").c_str(), 0644), 0);
+  const auto before = tree_snapshot(w_);
+  expect_one_line_error(run("tokenize --tokenizer " + w("tok/tokenizer.json") + " --text-file " + w("calib.txt")),
+                        w("tok/tokenizer_config.json"), "not a regular file");
+  EXPECT_EQ(tree_snapshot(w_), before);
 }
 
 TEST_F(OutputSafety, OutputLargerThanTheFreeSpaceIsRefusedBeforeWriting) {
