@@ -15,8 +15,7 @@
 #include <chrono>
 #include <random>
 
-#include <time.h>
-
+#include "io/report.h"
 #include "tensor/intgemm.h"
 #include "tensor/kernels.h"
 
@@ -115,12 +114,6 @@ void BM_GemmVsCblas(benchmark::State& state) {
   state.counters["linear_reuse/sgemm"] = t[0] / t[3];
 }
 
-double thread_cpu_seconds() {
-  timespec t;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
-}
-
 // int_gemm with tiles, int_gemm row by row, and f32 sgemm at the same shape, in rotating order in
 // every iteration, on one thread (timed in thread CPU time: steadier than wall time on a loaded
 // machine). Weights of `wbits`, activations of `abits` per token; path: 0 = the best this CPU has,
@@ -159,12 +152,12 @@ void BM_IntGemmTilesVsRows(benchmark::State& state) {
   for (auto _ : state) {
     for (int j = 0; j < 3; ++j) {
       const int which = int((it + j) % 3);
-      const double c0 = thread_cpu_seconds();
+      const double c0 = dq::thread_cpu_seconds();
       if (which == 0) dq::int_gemm(a, w, path, tiles, dq::IntTiling::Tiles);
       else if (which == 1) dq::int_gemm(a, w, path, rows, dq::IntTiling::Rows);
       else dq::sgemm(false, true, m, n, k, 1.f, X.data.data(), k, W.data.data(), k, 0.f, C.data.data(), n);
       benchmark::ClobberMemory();
-      const double d = thread_cpu_seconds() - c0;
+      const double d = dq::thread_cpu_seconds() - c0;
       t[which] += d;
       if (which == 0) state.SetIterationTime(d);
     }

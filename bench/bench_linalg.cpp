@@ -3,13 +3,12 @@
 // replaced) against one of Cayley SGD (R1 calibration) on a fixed 2048-token batch.
 #include <benchmark/benchmark.h>
 
-#include <time.h>
-
 #include <chrono>
 #include <string>
 #include <random>
 
 #include "calib/orth_optim.h"
+#include "io/report.h"
 #include "linalg/hadamard.h"
 #include "tensor/kernels.h"
 
@@ -62,14 +61,6 @@ void BM_QrOrthStep(benchmark::State& state) { optimizer_step(state, dq::OrthMeth
 void BM_QrOrthHouseholderStep(benchmark::State& state) { optimizer_step(state, dq::OrthMethod::QRHouseholder); }
 void BM_CayleyStep(benchmark::State& state) { optimizer_step(state, dq::OrthMethod::Cayley); }
 
-// This thread's CPU seconds: with one BLAS/OpenMP thread all of a step's work runs on it, and on
-// a shared, overloaded machine CPU time is far steadier than wall time.
-double thread_cpu_seconds() {
-  timespec ts;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
-}
-
 // The three steps interleaved in one iteration (order rotating), so that the machine's load swings
 // hit all three alike; counters: each step's wall and CPU seconds and the new step's speed-ups
 // (in CPU time; run with OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1).
@@ -91,9 +82,9 @@ void BM_OrthStepsInterleaved(benchmark::State& state) {
     for (int k = 0; k < 3; ++k) {
       const int i = int((it + k) % 3);
       const auto t0 = std::chrono::steady_clock::now();
-      const double c0 = thread_cpu_seconds();
+      const double c0 = dq::thread_cpu_seconds();
       benchmark::DoNotOptimize(opts[size_t(i)].step(X));
-      cpu[i] += thread_cpu_seconds() - c0;
+      cpu[i] += dq::thread_cpu_seconds() - c0;
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       wall[i] += s, total += s;
     }

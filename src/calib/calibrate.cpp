@@ -10,7 +10,6 @@
 
 #include <cerrno>
 #include <cstring>
-#include <ctime>
 #include <chrono>
 #include <memory>
 #include <cstdio>
@@ -22,13 +21,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-// CPU seconds of the whole process (all threads): on a loaded machine the stage's wall time says
-// more about the neighbours than about the stage.
-double process_cpu_seconds() {
-  timespec ts{};
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
-}
 
 // Token vectors kept from one site, stored as bf16 rows: in memory while the shared budget lasts,
 // then appended to an unlinked temporary file that is memory-mapped for training. A sample resumed

@@ -8,7 +8,6 @@
 // process CPU time is reported beside it because this kind of machine is often shared: cpu_share =
 // CPU seconds / (wall seconds × threads) well below 1 means other processes had the cores, and
 // t/cpu-s (tokens per CPU second of the whole process) is then the steadier figure to compare.
-#include <time.h>
 
 #include <algorithm>
 #include <chrono>
@@ -34,12 +33,6 @@ struct BenchArgs {
   uint64_t seed = 0;
   bool fake_quant = false, force = false;
 };
-
-double process_cpu_seconds() {
-  timespec t;
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
-  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
-}
 
 struct Sample {
   double wall, cpu;
@@ -141,11 +134,9 @@ int run_bench(const BenchArgs& a) {
   }
 
   const int threads = num_threads();
-  std::vector<std::string> kernels = int_kernels_used();
-  std::string kernel_list;
-  for (const std::string& k : kernels) kernel_list += (kernel_list.empty() ? "" : "+") + k;
-  if (kernel_list.empty()) kernel_list = "f32";
-  const double peak = peak_rss_mib() * 1048576.0, now = proc_status_bytes("VmRSS");
+  const std::vector<std::string> kernels = int_kernels_used();
+  const std::string kernel_list = kernels.empty() ? "f32" : kernels_used();
+  const double peak = proc_status_bytes("VmHWM"), now = proc_status_bytes("VmRSS");
   const double anon = proc_status_bytes("RssAnon"), file = proc_status_bytes("RssFile");
   const double weights = packed + f32_linears + head_bytes + other;
   double load[3] = {0, 0, 0};

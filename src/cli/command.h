@@ -19,7 +19,9 @@ bool show_progress();
 // "stage: done/total" on stderr (one line, rewritten in place), only when it is a terminal.
 void progress_line(const std::string& stage, int done, int total);
 
-// ", kernels avx2-maddubs+avx2-madd16" naming the integer kernels run so far ("" when none).
+// The integer kernels run so far, "avx2-maddubs+avx2-madd16" ("" when none).
+std::string kernels_used();
+// ", kernels " and kernels_used(), for a printed line ("" when none).
 std::string kernels_note();
 
 }  // namespace dq::cli

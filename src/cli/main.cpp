@@ -35,10 +35,15 @@ void progress_line(const std::string& stage, int done, int total) {
   if (done == total) std::fprintf(stderr, "\n");
 }
 
-std::string kernels_note() {
+std::string kernels_used() {
   std::string s;
-  for (const std::string& k : dq::int_kernels_used()) s += (s.empty() ? ", kernels " : "+") + k;
+  for (const std::string& k : dq::int_kernels_used()) s += (s.empty() ? "" : "+") + k;
   return s;
+}
+
+std::string kernels_note() {
+  const std::string used = kernels_used();
+  return used.empty() ? "" : ", kernels " + used;
 }
 
 }  // namespace dq::cli

@@ -1,10 +1,13 @@
 #include "io/gguf.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <string_view>
 
 #include "io/file.h"
 #include "io/half.h"
@@ -840,6 +843,14 @@ Matrix GgufFile::read_matrix(const std::string& name) const {
   Matrix m(rows, int64_t(t.shape[0]));
   ggml_decode(t.type, tensor_data(t), m.size(), m.data.data());
   return m;
+}
+
+bool has_gguf_magic(const std::string& path) {
+  const int fd = open_regular_file(path);
+  char magic[4] = {};
+  const bool gguf = ::read(fd, magic, 4) == 4 && std::string_view(magic, 4) == "GGUF";
+  ::close(fd);
+  return gguf;
 }
 
 }  // namespace dq

@@ -153,6 +153,11 @@ struct GgufTensorInfo {
   uint64_t elems() const;
 };
 
+// Whether the regular file PATH starts with GGUF's magic (by content: the extension may be .GGUF,
+// or none). Throws Error("PATH: ...") when PATH is not a regular file (a FIFO is refused, not
+// waited on).
+bool has_gguf_magic(const std::string& path);
+
 // A GGUF file (version 3, or 2 which has the same layout), memory-mapped and fully validated on
 // open: every count, length, dimension and offset is checked against the file before use.
 class GgufFile {

@@ -2,6 +2,7 @@
 
 #include "io/json_limits.h"
 
+#include <ctime>
 #include <fstream>
 
 #include "io/file.h"
@@ -28,5 +29,15 @@ double proc_status_bytes(const std::string& field) {
 }
 
 double peak_rss_mib() { return proc_status_bytes("VmHWM") / 1048576.0; }
+
+static double cpu_seconds(clockid_t clock) {
+  timespec t{};
+  clock_gettime(clock, &t);
+  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
+
+double process_cpu_seconds() { return cpu_seconds(CLOCK_PROCESS_CPUTIME_ID); }
+
+double thread_cpu_seconds() { return cpu_seconds(CLOCK_THREAD_CPUTIME_ID); }
 
 }  // namespace dq

@@ -15,5 +15,10 @@ nlohmann::json read_json(const std::string& path);
 double proc_status_bytes(const std::string& field);
 // Peak resident memory of this process so far, in MiB (VmHWM).
 double peak_rss_mib();
+// CPU seconds this process has used, all threads: on a shared machine a stage's wall time says
+// more about the neighbours than about the stage.
+double process_cpu_seconds();
+// CPU seconds the calling thread has used (benchmarks of one-thread work on a loaded machine).
+double thread_cpu_seconds();
 
 }  // namespace dq

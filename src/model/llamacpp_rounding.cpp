@@ -2,7 +2,6 @@
 
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 
 #include "tensor/tensor.h"
 
@@ -64,18 +63,11 @@ class LlamaCppRounding : public Hook {
   bool round_mlp_in_;
 };
 
-bool is_gguf_file(const std::string& path) {
-  std::error_code ec;
-  if (!std::filesystem::is_regular_file(path, ec)) return false;
-  std::ifstream f(path, std::ios::binary);
-  char magic[4] = {};
-  return f.read(magic, 4) && std::string(magic, 4) == "GGUF";
-}
-
 }  // namespace
 
 std::unique_ptr<Hook> llama_cpp_activation_rounding(const Model& m) {
-  if (!is_gguf_file(m.source)) return nullptr;
+  std::error_code ec;  // an HF directory or a llama2.c file: nothing to round
+  if (!std::filesystem::is_regular_file(m.source, ec) || !has_gguf_magic(m.source)) return nullptr;
   GgufFile g(m.source);
   bool any = false;
   auto type = [&](const std::string& name) {

@@ -1,13 +1,12 @@
 #include "model/model.h"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <set>
 
 #include "io/file.h"
+#include "io/gguf.h"
 #include "io/report.h"
 #include "io/llama2c.h"
 
@@ -24,14 +23,6 @@ static std::string find_tokenizer_beside(const fs::path& dir) {
     if (n.rfind("tok", 0) == 0 && e.path().extension() == ".bin") return e.path().string();
   }
   return "";
-}
-
-static bool has_gguf_magic(const std::string& path) {
-  const int fd = open_regular_file(path);  // a FIFO is refused, not waited on
-  char magic[4] = {};
-  const bool gguf = ::read(fd, magic, 4) == 4 && std::string_view(magic, 4) == "GGUF";
-  ::close(fd);
-  return gguf;
 }
 
 static Model load_llama2c_model(const std::string& path) {
