@@ -77,7 +77,7 @@ for model in models:
     if not rows:
         continue
     print(f"\n### {model}\n")
-    print("| run | threads | kernels | pp t/s | pp t/cpu-s | tg t/s | tg t/cpu-s | cpu share pp/tg | peak RSS MiB | packed MiB | f32 linears MiB | f32 lm_head MiB | KV MiB | load avg |")
+    print("| run | threads | kernels | pp t/s | pp t/cpu-s | tg t/s | tg t/cpu-s | cpu share pp/tg | peak RSS MiB | packed MiB | f32 linears MiB | lm_head MiB | KV MiB | load avg |")
     print("|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")
     order = ["f32", "fake-w4a4kv4", "int-w4a4kv4", "int-w4a8", "int-w8a8"]
     rows.sort(key=lambda fr: (fr[1]["threads"], order.index(fr[0].split(".")[-3]) if fr[0].split(".")[-3] in order else 9))
@@ -92,7 +92,7 @@ for model in models:
         print(f"| {name} ({t['pp']['test'] if 'pp' in t else ''}/{t['tg']['test'] if 'tg' in t else ''}) | {j['threads']} | {'+'.join(j['kernels']) or 'f32'} | "
               f"{ts('pp')} | {ts('pp', 'avg_cpu_ts')} | {ts('tg')} | {ts('tg', 'avg_cpu_ts')} | {share} | "
               f"{j['peak_rss_bytes'] * mib:.0f} | {j['packed_weight_bytes'] * mib:.1f} | {j['f32_linear_bytes'] * mib:.1f} | "
-              f"{j['lm_head_f32_bytes'] * mib:.1f} | {j['kv_cache_bytes'] * mib:.2f} | {' '.join(f'{x:.1f}' for x in j['load_average'])} |")
+              f"{j['lm_head_bytes'] * mib:.1f} {j['lm_head_dtype']} | {j['kv_cache_bytes'] * mib:.2f} | {' '.join(f'{x:.1f}' for x in j['load_average'])} |")
 PY
 }
 

@@ -87,7 +87,7 @@ int run_bench(const BenchArgs& a) {
 
   // What stays resident for the weights: each linear's packed form, or its f32 matrix (the f32 path
   // converts a layer at a time; counted at f32 because that is what the products read), and the
-  // f32 classifier copy decoding multiplies by.
+  // classifier as stored (decoding multiplies it in place).
   double packed = 0, f32_linears = 0, other = 0;
   for (int l = 0; l < c.num_layers; ++l)
     for (const std::string& name : quantized_linears(c, l)) {
@@ -95,8 +95,8 @@ int run_bench(const BenchArgs& a) {
       else f32_linears += 4.0 * double(m.weights.shape(name).at(0) * m.weights.shape(name).at(1));
     }
   const std::string head_name = lm_head_name(m);
-  const Matrix head = lm_head_f32(m);  // what decoding multiplies by
-  const double head_bytes = 4.0 * double(head.data.size());
+  const DType head_dtype = m.weights.stored_dtype(head_name);
+  const double head_bytes = double(dtype_size(head_dtype)) * double(c.vocab_size) * double(c.hidden_size);
   for (const std::string& name : m.weights.names()) {
     if (name == head_name || name.find(".layers.") != std::string::npos) continue;
     std::vector<int64_t> s = m.weights.shape(name);
@@ -113,7 +113,7 @@ int run_bench(const BenchArgs& a) {
     for (int32_t& t : ids) t = token(rng);
     auto pp = [&](int n) {
       Matrix x = forward(m, std::vector<int32_t>(ids.begin(), ids.begin() + n), 1, n, runtime.hooks());
-      greedy_next(m, head, x);
+      greedy_next(m, x);
     };
     tests.push_back({"pp" + std::to_string(a.prompt), a.prompt, measure(a.reps, a.prompt, std::min(a.prompt, 16), pp)});
   }
@@ -126,7 +126,7 @@ int run_bench(const BenchArgs& a) {
       int32_t next = first;
       for (int i = 0; i < n; ++i) {
         Matrix x = forward(m, {next}, 1, 1, runtime.hooks(), &cache);
-        next = greedy_next(m, head, x);
+        next = greedy_next(m, x);
       }
       kv = double(cache.bytes());
     };
@@ -149,7 +149,8 @@ int run_bench(const BenchArgs& a) {
                            {"repetitions", a.reps},
                            {"packed_weight_bytes", packed},
                            {"f32_linear_bytes", f32_linears},
-                           {"lm_head_f32_bytes", head_bytes},
+                           {"lm_head_bytes", head_bytes},
+                           {"lm_head_dtype", dtype_name(head_dtype)},
                            {"other_f32_bytes", other},
                            {"weight_bytes", weights},
                            {"kv_cache_bytes", kv},
@@ -192,8 +193,9 @@ int run_bench(const BenchArgs& a) {
   }
   const double mib = 1048576.0;
   std::printf("memory: peak RSS %.1f MiB (now %.1f: %.1f heap, %.1f mapped files); weights %.1f MiB (packed %.1f, f32 linears %.1f, "
-              "f32 lm_head %.1f, f32 embedding+norms %.1f); KV cache at %d tokens %.2f MiB\n",
-              peak / mib, now / mib, anon / mib, file / mib, weights / mib, packed / mib, f32_linears / mib, head_bytes / mib, other / mib,
+              "lm_head %.1f as %s, f32 embedding+norms %.1f); KV cache at %d tokens %.2f MiB\n",
+              peak / mib, now / mib, anon / mib, file / mib, weights / mib, packed / mib, f32_linears / mib, head_bytes / mib,
+              dtype_name(head_dtype), other / mib,
               a.gen, kv / mib);
   if (!a.json.empty()) plan.write(a.json, [&](const std::string& path) { write_json(path, report); });
   return 0;

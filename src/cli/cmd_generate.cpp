@@ -31,7 +31,6 @@ int run_generate(const GenerateArgs& a) {
     throw Error(a.model + ": the prompt has " + std::to_string(ids.size()) + " tokens, no room left in the model's " +
                 std::to_string(m.config.max_seq) + "-token context");
   std::mt19937_64 rng(a.seed);
-  const Matrix head = lm_head_f32(m);
   std::string printed;
   // The prompt goes through in one pass, then each new token alone against the KV cache (codes
   // when the model quantizes it), sized once for the whole run.
@@ -40,7 +39,7 @@ int run_generate(const GenerateArgs& a) {
   std::vector<int32_t> fresh = ids;
   for (int i = 0; i < a.n && int(ids.size()) < m.config.max_seq; ++i) {
     Matrix x = forward(m, fresh, 1, int(fresh.size()), runtime.hooks(), &cache);
-    Matrix lp = log_probs(m, head, x, x.rows - 1, 1);
+    Matrix lp = log_probs(m, x, x.rows - 1, 1);
     for (float v : lp.data)
       if (!std::isfinite(v))
         fail_non_finite(m, "the next-token distribution", runtime.hooks(),

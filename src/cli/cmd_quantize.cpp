@@ -23,7 +23,7 @@ namespace fs = std::filesystem;
 
 struct QuantizeArgs {
   std::string model, tokenizer, out, rotation = "none", rotations_file, json, html, ppl;
-  std::string w_method = "rtn", target = "dartquant";
+  std::string w_method = "rtn", target = "dartquant", head_dtype = "f16";
   int w_bits = 4, w_group = 0, a_bits = 16, kv_bits = 16;
   int seqlen = 0, max_windows = 0;
   float a_clip = 0.9f, kv_clip = 1.f, damp = 0.01f;
@@ -79,6 +79,7 @@ int run_quantize(const QuantizeArgs& a) {
   job.r4 = rotate && !a.no_online;
   job.r3 = job.r4 && a.kv_bits < 16;
   job.calib_options = a.cal.options();
+  job.head_dtype = a.head_dtype == "f16" ? DType::F16 : a.head_dtype == "bf16" ? DType::BF16 : DType::F32;
 
   WeightQuantOptions& wq = job.weights;
   wq.spec.bits = a.w_bits;
@@ -100,7 +101,8 @@ int run_quantize(const QuantizeArgs& a) {
       {"activations", {{"bits", a.a_bits}, {"symmetric", false}, {"clip_ratio", a.a_clip}}},
       {"kv_cache", {{"bits", a.kv_bits}, {"symmetric", false}, {"clip_ratio", a.kv_clip}}},
       {"rotation", {{"kind", a.rotation}, {"seed", a.cal.seed}}},
-      {"online", {{"r3", job.r3}, {"r4", job.r4}}}};
+      {"online", {{"r3", job.r3}, {"r4", job.r4}}},
+      {"lm_head", {{"dtype", a.head_dtype}}}};
   job.fingerprint = a.cal.fingerprint(a.model, a.tokenizer, job.calib, job.len);
   job.fingerprint.update({{"section", job.section},
                           {"rotations", a.rotations_file.empty() ? "" : fs::absolute(a.rotations_file).string()},
@@ -182,6 +184,11 @@ RegisterCommand reg("quantize", "rotate and quantize a model into a self-describ
   app.add_option("--a-clip", a->a_clip, "activation clip ratio")->capture_default_str()->check(clip_ratio());
   app.add_option("--kv-bits", a->kv_bits, "KV-cache bits (16 = not quantized)")->capture_default_str()->check(quant_bits());
   app.add_option("--kv-clip", a->kv_clip, "KV-cache clip ratio")->capture_default_str()->check(clip_ratio());
+  app.add_option("--lm-head-dtype", a->head_dtype,
+                 "the classifier as written: f16 (as QuaRot keeps lm_head; the runtime reads it in place), bf16 "
+                 "or f32")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f16", "bf16", "f32"}));
   app.add_option("--calib", a->cal.calib, "calibration text (GPTQ, DartQuant)");
   a->cal.add_options(app);
   app.add_option("--ppl", a->ppl, "evaluate the quantized model's perplexity on this text");

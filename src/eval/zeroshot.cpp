@@ -71,7 +71,6 @@ std::vector<Loglikelihood> loglikelihoods(const Model& m, const std::vector<Requ
   std::stable_sort(seqs.begin(), seqs.end(),
                    [&](size_t a, size_t b) { return input[a].size() > input[b].size(); });
 
-  const Matrix head = lm_head_f32(m);
   std::vector<Loglikelihood> out(n);
   st.sequences = int(seqs.size());
   for (size_t s0 = 0; s0 < seqs.size();) {
@@ -85,25 +84,38 @@ std::vector<Loglikelihood> loglikelihoods(const Model& m, const std::vector<Requ
       std::copy(in.begin(), in.end(), tokens.begin() + int64_t(b) * len);
     }
     const Matrix x = forward(m, tokens, batch, len, hooks);
+    // Every scored position of the batch's requests, gathered so that each pass over the
+    // classifier (read as stored, never copied whole) serves up to kRowChunk of them.
+    struct Scored {
+      size_t request;
+      int32_t want;
+    };
+    std::vector<Scored> scored;
+    std::vector<int64_t> x_rows;
     for (int b = 0; b < batch; ++b)
       for (size_t i : riders[seqs[s0 + size_t(b)]]) {
         const int64_t nt = int64_t(target[i].size());
         const int64_t r0 = int64_t(b) * len + int64_t(input[i].size()) - nt;
-        Loglikelihood& ll = out[i];
-        ll.tokens = int(nt);
-        ll.greedy = true;
-        // Chunks bound the logits buffer (vocab can be 128k wide).
-        for (int64_t t0 = 0; t0 < nt; t0 += 256) {
-          const int64_t c = std::min<int64_t>(256, nt - t0);
-          const Matrix lp = log_probs(m, head, x, r0 + t0, c);
-          for (int64_t t = 0; t < c; ++t) {
-            const float* row = lp.row(t);
-            const int32_t want = target[i][size_t(t0 + t)];
-            ll.logprob += double(row[want]);
-            if (std::max_element(row, row + lp.cols) - row != want) ll.greedy = false;
-          }
+        out[i].tokens = int(nt);
+        out[i].greedy = true;
+        for (int64_t t = 0; t < nt; ++t) {
+          scored.push_back({i, target[i][size_t(t)]});
+          x_rows.push_back(r0 + t);
         }
       }
+    constexpr int64_t kRowChunk = 256;  // bounds the logits buffer (vocab can be 128k wide)
+    for (int64_t c0 = 0; c0 < int64_t(scored.size()); c0 += kRowChunk) {
+      const int64_t c = std::min<int64_t>(kRowChunk, int64_t(scored.size()) - c0);
+      Matrix rows(c, x.cols);
+      for (int64_t t = 0; t < c; ++t) std::copy_n(x.row(x_rows[size_t(c0 + t)]), x.cols, rows.row(t));
+      const Matrix lp = log_probs(m, rows, 0, c);
+      for (int64_t t = 0; t < c; ++t) {
+        const Scored& sc = scored[size_t(c0 + t)];
+        const float* row = lp.row(t);
+        out[sc.request].logprob += double(row[sc.want]);
+        if (std::max_element(row, row + lp.cols) - row != sc.want) out[sc.request].greedy = false;
+      }
+    }
     for (int b = 0; b < batch; ++b)
       for (size_t i : riders[seqs[s0 + size_t(b)]])
         if (!std::isfinite(out[i].logprob))

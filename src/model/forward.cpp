@@ -422,11 +422,31 @@ Matrix forward(const Model& m, const std::vector<int32_t>& tokens, int batch, in
   return x;
 }
 
-Matrix log_probs(const Model& m, const Matrix& lm_head, const Matrix& x, int64_t row0, int64_t n) {
-  Matrix out(n, lm_head.rows);
-  sgemm(false, true, n, lm_head.rows, x.cols, 1.f, x.row(row0), x.cols, lm_head.data.data(),
-        lm_head.cols, 0.f, out.data.data(), lm_head.rows);
-#pragma omp parallel for schedule(static) if (n * lm_head.rows > kParallelMinWork)
+// The classifier is read where it is stored and never copied whole (an f32 copy of a 128k x 2048
+// head is 1 GB): one row (decoding) is a GEMV over the stored dtype in place, so a 16-bit head stays
+// resident at 16 bits; several rows go through f32 chunks of it and sgemm.
+static Matrix logits(const Model& m, const Matrix& x, int64_t row0, int64_t n) {
+  const std::string name = lm_head_name(m);
+  const Weights::View head = m.weights.view(name);
+  if (head.cols != x.cols) throw Error(m.source + ": tensor '" + name + "' does not match the hidden size");
+  Matrix out(n, head.rows);
+  if (n == 1) {
+    gemv(head.dtype, head.data, head.rows, head.cols, x.row(row0), out.data.data());
+    return out;
+  }
+  constexpr int64_t kVocabChunk = 8192;
+  for (int64_t v0 = 0; v0 < head.rows; v0 += kVocabChunk) {
+    const int64_t nv = std::min(kVocabChunk, head.rows - v0);
+    const Matrix w = m.weights.get_rows(name, v0, nv);
+    sgemm(false, true, n, nv, x.cols, 1.f, x.row(row0), x.cols, w.data.data(), w.cols, 0.f, out.data.data() + v0,
+          head.rows);
+  }
+  return out;
+}
+
+Matrix log_probs(const Model& m, const Matrix& x, int64_t row0, int64_t n) {
+  Matrix out = logits(m, x, row0, n);
+#pragma omp parallel for schedule(static) if (n * out.cols > kParallelMinWork)
   for (int64_t r = 0; r < n; ++r) {
     float* z = out.row(r);
     float mx = z[0];
@@ -446,8 +466,8 @@ int32_t most_likely(const Matrix& lp) {
   return best;
 }
 
-int32_t greedy_next(const Model& m, const Matrix& lm_head, const Matrix& x) {
-  return most_likely(log_probs(m, lm_head, x, x.rows - 1, 1));
+int32_t greedy_next(const Model& m, const Matrix& x) {
+  return most_likely(log_probs(m, x, x.rows - 1, 1));
 }
 
 std::vector<double> next_token_nll(const Model& m, const std::vector<int32_t>& tokens, int batch,

@@ -113,12 +113,13 @@ void final_norm(const Model& m, Matrix& x, const Hooks& hooks);
 Matrix forward(const Model& m, const std::vector<int32_t>& tokens, int batch, int seq,
                const Hooks& hooks = {}, KvCache* cache = nullptr);
 
-// Log-probabilities over the vocabulary of rows [row0, row0 + n) of the final-norm output.
-Matrix log_probs(const Model& m, const Matrix& lm_head, const Matrix& x, int64_t row0, int64_t n);
+// Log-probabilities over the vocabulary of rows [row0, row0 + n) of the final-norm output; the
+// classifier is read as stored (see forward.cpp).
+Matrix log_probs(const Model& m, const Matrix& x, int64_t row0, int64_t n);
 // The id with the largest value in row 0 of lp (ties to the lower id).
 int32_t most_likely(const Matrix& lp);
 // The most likely token after the last row of the final-norm output x (ties to the lower id).
-int32_t greedy_next(const Model& m, const Matrix& lm_head, const Matrix& x);
+int32_t greedy_next(const Model& m, const Matrix& x);
 // For each sequence, the NLL of tokens 1..seq-1 given their prefixes: batch * (seq - 1) values.
 std::vector<double> next_token_nll(const Model& m, const std::vector<int32_t>& tokens, int batch,
                                    int seq, const Hooks& hooks = {});

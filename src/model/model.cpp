@@ -119,19 +119,6 @@ std::string lm_head_name(const Model& m) {
   return m.weights.has("lm_head.weight") ? "lm_head.weight" : "model.embed_tokens.weight";
 }
 
-Matrix lm_head_f32(const Model& m) {
-  const std::string name = lm_head_name(m);
-  const std::vector<int64_t> shape = m.weights.shape(name);
-  Matrix head(shape.at(0), shape.at(1));
-  constexpr int64_t kRowChunk = 4096;
-  for (int64_t r0 = 0; r0 < head.rows; r0 += kRowChunk) {
-    const Matrix part = m.weights.get_rows(name, r0, std::min(kRowChunk, head.rows - r0));
-    std::copy(part.data.begin(), part.data.end(), head.row(r0));
-    m.weights.release(name);
-  }
-  return head;
-}
-
 void validate_weights(const Model& m) {
   const ModelConfig& c = m.config;
   std::set<std::string> used;

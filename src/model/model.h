@@ -31,9 +31,6 @@ void rope_to_halves(Model& m);
 
 // The input-side name of the classifier: lm_head.weight, or the embedding when tied.
 std::string lm_head_name(const Model& m);
-// The classifier as f32, converted in row chunks whose mapped pages are handed back after each, so
-// the copy is resident once rather than next to the mapped original.
-Matrix lm_head_f32(const Model& m);
 
 // Where a model's weights are checked before running: shapes match the config, all values finite.
 void validate_weights(const Model& m);

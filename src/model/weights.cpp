@@ -73,6 +73,14 @@ DType Weights::stored_dtype(const std::string& name) const {
   return e.owned ? DType::F32 : e.info->dtype;
 }
 
+Weights::View Weights::view(const std::string& name) const {
+  const Entry& e = entry(name);
+  const std::vector<int64_t> s = shape(name);
+  if (s.size() != 2) throw Error("weight '" + name + "' is not 2-D");
+  if (e.owned) return {DType::F32, e.owned->data.data(), s[0], s[1]};
+  return {e.info->dtype, e.info->data, s[0], s[1]};
+}
+
 void Weights::set(const std::string& name, Matrix m) {
   entries_[name] = Entry{nullptr, nullptr, std::make_shared<const Matrix>(std::move(m))};
 }

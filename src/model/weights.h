@@ -25,6 +25,14 @@ class Weights {
   Matrix get_rows(const std::string& name, int64_t row0, int64_t n) const;
   std::vector<int64_t> shape(const std::string& name) const;
   DType stored_dtype(const std::string& name) const;
+  // A 2-D tensor where it is, for kernels that read stored dtypes in place (the classifier's
+  // GEMV): an owned f32 matrix, or a mapped tensor in its stored dtype. Valid while this lives.
+  struct View {
+    DType dtype;
+    const void* data;
+    int64_t rows, cols;
+  };
+  View view(const std::string& name) const;
   void set(const std::string& name, Matrix m);
   void erase(const std::string& name) { entries_.erase(name); }
   // Returns the mapped pages behind a tensor to the kernel (streaming layer by layer).

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 
 #include "io/checkpoint.h"
@@ -33,17 +34,45 @@ Rotations make_rotations(const Model& m, const QuantizeJob& job, Checkpoint& ck,
   return std::move(cr.rotations);
 }
 
-// Rows of `name` streamed into the writer, kRowChunk at a time, through `edit` (fusion, rotation).
-void write_rows(const Model& m, const std::string& name, const std::string& out_name, SafetensorsStreamWriter& w,
-                const std::function<void(Matrix&)>& edit) {
+// Rows of `name` streamed into the writer as `dtype`, kRowChunk at a time, through `edit` (fusion,
+// rotation).
+void write_rows(const Model& m, const std::string& name, const std::string& out_name, DType dtype,
+                SafetensorsStreamWriter& w, const std::function<void(Matrix&)>& edit) {
   const std::vector<int64_t> shape = m.weights.shape(name);
   for (int64_t r0 = 0; r0 < shape[0]; r0 += kRowChunk) {
     Matrix rows = m.weights.get_rows(name, r0, std::min(kRowChunk, shape[0] - r0));
     if (edit) edit(rows);
-    const TensorBlob b = blob_from_matrix(out_name, rows, kOutDType);
+    const TensorBlob b = blob_from_matrix(out_name, rows, dtype);
     w.write_bytes(out_name, b.bytes.data(), b.bytes.size());
   }
   m.weights.release(name);
+}
+
+// A classifier written at 16 bits must fit the type: checked before any work, from the rows as they
+// will be written. An orthogonal R1 keeps each row's norm, and a row's norm bounds its entries, so a
+// rotated head (final-norm gain fused in) is bounded by its rows' norms, an unrotated one by its
+// largest entry.
+void check_head_range(const Model& m, const std::string& source, bool rotate, DType dtype) {
+  if (dtype != DType::F16) return;  // bf16 has f32's range
+  const Matrix gain = m.weights.get("model.norm.weight");
+  const int64_t rows = m.weights.shape(source).at(0);
+  double bound = 0;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
+    Matrix part = m.weights.get_rows(source, r0, std::min(kRowChunk, rows - r0));
+    if (rotate) scale_columns(part, gain);
+    for (int64_t r = 0; r < part.rows; ++r) {
+      double norm2 = 0, largest = 0;
+      for (int64_t c = 0; c < part.cols; ++c) {
+        norm2 += double(part(r, c)) * part(r, c);
+        largest = std::max(largest, double(std::abs(part(r, c))));
+      }
+      bound = std::max(bound, rotate ? std::sqrt(norm2) : largest);
+    }
+  }
+  m.weights.release(source);
+  if (!(bound <= 65504.0))
+    throw Error(m.source + ": the classifier's values may reach " + std::to_string(bound) +
+                ", beyond f16's range (65504); use --lm-head-dtype bf16 or f32");
 }
 
 void write_tensor(const Model& m, const std::string& name, SafetensorsStreamWriter& w) {
@@ -90,11 +119,13 @@ json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progr
   for (const std::string& n : m.weights.names())
     if (std::find(order.begin(), order.end(), n) == order.end()) order.push_back(n);
   std::vector<TensorLayout> model_layout, code_layouts;
+  if (write_head) check_head_range(m, head_source, rotate, job.head_dtype);
   for (const std::string& n : order) {
     std::vector<int64_t> shape = m.weights.shape(n == "lm_head.weight" ? head_source : n);
     int64_t count = 1;
     for (int64_t d : shape) count *= d;
-    model_layout.push_back({n, kOutDType, shape, size_t(count) * dtype_size(kOutDType)});
+    const DType dtype = n == "lm_head.weight" ? job.head_dtype : kOutDType;
+    model_layout.push_back({n, dtype, shape, size_t(count) * dtype_size(dtype)});
   }
   if (job.weights.spec.enabled())
     for (int l = 0; l < c.num_layers; ++l)
@@ -131,7 +162,7 @@ json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progr
   t = Clock::now();
   auto rotate_rows = [&](Matrix& rows) { rows = matmul(rows, rot.r1); };
   if (model_out.written() == 0) {
-    write_rows(m, embed, embed, model_out, rotate ? std::function<void(Matrix&)>(rotate_rows) : nullptr);
+    write_rows(m, embed, embed, kOutDType, model_out, rotate ? std::function<void(Matrix&)>(rotate_rows) : nullptr);
     model_out.sync();
     state["model_tensors"] = model_out.written();
     ck.save("embedding");
@@ -176,13 +207,13 @@ json run_quantize_job(Model& m, const QuantizeJob& job, const JobProgress& progr
   if (rotate) {
     const Matrix gain = m.weights.get(norm);
     model_out.write(blob_from_matrix(norm, Matrix(1, gain.cols, 1.f), kOutDType, {gain.cols}));
-    write_rows(m, head_source, "lm_head.weight", model_out, [&](Matrix& rows) {
+    write_rows(m, head_source, "lm_head.weight", job.head_dtype, model_out, [&](Matrix& rows) {
       scale_columns(rows, gain);
       rotate_rows(rows);
     });
   } else {
     write_tensor(m, norm, model_out);
-    if (write_head) write_rows(m, head_source, "lm_head.weight", model_out, nullptr);
+    if (write_head) write_rows(m, head_source, "lm_head.weight", job.head_dtype, model_out, nullptr);
   }
   for (size_t i = model_out.written(); i < order.size(); ++i) write_tensor(m, order[i], model_out);
   model_out.finish();

@@ -26,6 +26,9 @@ struct QuantizeJob {
   std::string rotations_file;     // use these instead of making them
   bool r3 = false, r4 = false;    // online Hadamards (R3 on Q/K, R4 on the down_proj input)
   WeightQuantOptions weights;
+  // The classifier as written: 16 bits, as QuaRot and DartQuant keep lm_head (the runtime then
+  // multiplies it in place at half the memory of f32), or F32 to keep every bit of the rotation.
+  DType head_dtype = DType::F16;
   std::vector<int32_t> calib;     // windows x len calibration tokens (GPTQ, DartQuant)
   int windows = 0, len = 0;
   CalibOptions calib_options;     // DartQuant; its seed also seeds QuaRot

@@ -22,6 +22,11 @@ Matrix matmul(const Matrix& A, const Matrix& B);
 void sgemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
            int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
+// y[r] = Σ_c W[r, c] · x[c] for a row-major rows x cols W stored as F32, F16 or BF16 and read where
+// it is (decoding multiplies a mapped 16-bit classifier in place instead of keeping an f32 copy of
+// twice its size). Accumulates in f32 partial sums (a different order from sgemv's).
+void gemv(DType w_type, const void* W, int64_t rows, int64_t cols, const float* x, float* y);
+
 // x <- x / rms(x) * gain (gain may be null = all ones), row by row.
 void rmsnorm(Matrix& x, const float* gain, float eps);
 // In-place softmax of n values.

@@ -30,7 +30,7 @@ json bench(const ScratchDir& dir, const std::string& model, const std::string& e
 }
 
 void expect_complete(const json& j) {
-  for (const char* key : {"weight_bytes", "lm_head_f32_bytes", "kv_cache_bytes", "peak_rss_bytes", "rss_bytes"})
+  for (const char* key : {"weight_bytes", "lm_head_bytes", "kv_cache_bytes", "peak_rss_bytes", "rss_bytes"})
     expect_positive(j, key);
   EXPECT_EQ(j["threads"], 1);
   EXPECT_EQ(j["repetitions"], 2);

@@ -298,8 +298,7 @@ TEST(IntRuntime, CachedDecodingMatchesRecomputation) {
       }
       RuntimeHooks rt(m);
       const bool kv4 = m.quantization.at("kv_cache").at("bits") == 4;
-      const Matrix head = m.weights.get(lm_head_name(m));
-      auto greedy = [&](const Matrix& x) { return greedy_next(m, head, x); };
+      auto greedy = [&](const Matrix& x) { return greedy_next(m, x); };
       std::vector<int32_t> full{1, 403, 407}, fresh = full;
       KvCache cache = rt.kv_cache();
       ASSERT_EQ(cache.quantizer != nullptr, kv4);

@@ -34,7 +34,7 @@ Loglikelihood naive(const Model& m, const Request& r, int window, const Hooks& h
   const int len = int(in.size());
   const size_t n_cont = std::min(whole.size() - ctx.size(), size_t(len));
   Matrix x = forward(m, in, 1, len, hooks);
-  Matrix lp = log_probs(m, m.weights.get(lm_head_name(m)), x, 0, len);
+  Matrix lp = log_probs(m, x, 0, len);
   Loglikelihood ll;
   ll.greedy = true;
   ll.tokens = int(n_cont);
@@ -202,10 +202,9 @@ TEST(ZeroShot, LambadaNeedsTheExactGreedyContinuation) {
   // The model's own greedy words after the context, read off a few greedy steps.
   std::vector<int32_t> ids = m.tokenizer->encode(ctx, true);
   const size_t n_ctx = ids.size();
-  const Matrix head = m.weights.get(lm_head_name(m));
   for (int step = 0; step < 8; ++step) {
     Matrix x = forward(m, ids, 1, int(ids.size()));
-    Matrix lp = log_probs(m, head, x, int64_t(ids.size()) - 1, 1);
+    Matrix lp = log_probs(m, x, int64_t(ids.size()) - 1, 1);
     ids.push_back(int32_t(std::max_element(lp.row(0), lp.row(0) + lp.cols) - lp.row(0)));
   }
   const std::string before = m.tokenizer->decode({ids.begin(), ids.begin() + int64_t(n_ctx)});

@@ -297,6 +297,23 @@ TEST(StrictInputs, SixteenBitOutputsRefuseValuesOutOfRange) {
                  "value 1e+06 at element 7 is outside the range of f16");
   // bf16 holds it.
   EXPECT_EQ(run_cli("convert" + base + (dir / "hf") + " --dtype bf16", dir).exit_code, 0);
+
+  // quantize writes the classifier at f16 by default: a head that cannot fit is refused before any
+  // work (here the tied embedding, rotated: its row norm bounds what R1 can make of it).
+  const std::string tied = synth_tiny(dir, "tied");
+  poke_f32(tied + "/model.safetensors", "model.embed_tokens.weight", 64 * 5 + 1, 7e4f);
+  const std::string q = " --model " + tied + " --tokenizer " + kTok512 + " --rotation quarot --out ";
+  expect_refused(dir, "quantize" + q + (dir / "q"), tied, "beyond f16's range (65504); use --lm-head-dtype bf16 or f32");
+  ASSERT_EQ(run_cli("quantize" + q + (dir / "q") + " --lm-head-dtype bf16", dir).exit_code, 0);
+  SafetensorsFile written(dir / "q/model.safetensors");
+  EXPECT_EQ(written.at("lm_head.weight").dtype, DType::BF16);
+  EXPECT_EQ(written.at("model.embed_tokens.weight").dtype, DType::F32);
+  const std::string fits = synth_tiny(dir, "fits");
+  ASSERT_EQ(run_cli("quantize --model " + fits + " --tokenizer " + kTok512 + " --rotation quarot --out " + (dir / "q16"),
+                    dir).exit_code,
+            0);
+  EXPECT_EQ(SafetensorsFile(dir / "q16/model.safetensors").at("lm_head.weight").dtype, DType::F16);
+  EXPECT_EQ(json::parse(slurp(dir / "q16/config.json"))["dartquant_quantization"]["lm_head"]["dtype"], "f16");
 }
 
 TEST(StrictInputs, CalibrationTextTooShortAndPromptTooLong) {

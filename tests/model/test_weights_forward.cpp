@@ -63,8 +63,10 @@ TEST(Weights, GetReportsNonFiniteValuesOfMappedAndOwnedTensors) {
   EXPECT_EQ(w.get("dirty").rows, rows);  // the flag is optional
 }
 
-TEST(Weights, ClassifierCopiedInChunksEqualsTheWholeTensor) {
-  // 9000 rows: two whole 4096-row chunks and a partial one, from a mapped bf16 file.
+TEST(Forward, LogProbsReadTheStoredClassifierInPlace) {
+  // A mapped bf16 classifier of 9000 rows (one whole 8192-row chunk and a partial one): one row
+  // goes through the GEMV on the stored values, several through f32 chunks and sgemm; both against
+  // a log-softmax in double over the whole tensor converted at once.
   ScratchDir dir;
   const std::string cfg = cut_config(dir, "qwen2.5-0.5b", {{"hidden_size", 16}, {"intermediate_size", 32},
                                                             {"num_attention_heads", 2}, {"num_key_value_heads", 1},
@@ -74,10 +76,27 @@ TEST(Weights, ClassifierCopiedInChunksEqualsTheWholeTensor) {
   o.dtype = DType::BF16;
   synth_model(cfg, dir / "model", o);
   const Model m = load_model(dir / "model");
-  const Matrix head = lm_head_f32(m), whole = m.weights.get(lm_head_name(m));
-  EXPECT_EQ(head.rows, 9000);
-  EXPECT_EQ(head.cols, 16);
-  EXPECT_EQ(head.data, whole.data);
+  ASSERT_EQ(m.weights.stored_dtype(lm_head_name(m)), DType::BF16);
+  const Matrix head = m.weights.get(lm_head_name(m)), x = gaussian_matrix(3, 16, 4);
+  ASSERT_EQ(head.rows, 9000);
+  auto expect_reference = [&](const Matrix& lp, int64_t lp_row, int64_t x_row) {
+    std::vector<double> z(size_t(head.rows));
+    double mx = -INFINITY, sum = 0;
+    for (int64_t v = 0; v < head.rows; ++v) {
+      for (int64_t c = 0; c < head.cols; ++c) z[size_t(v)] += double(x(x_row, c)) * head(v, c);
+      mx = std::max(mx, z[size_t(v)]);
+    }
+    for (double v : z) sum += std::exp(v - mx);
+    for (int64_t v = 0; v < head.rows; ++v)
+      ASSERT_NEAR(lp(lp_row, v), z[size_t(v)] - mx - std::log(sum), 1e-4) << "row " << x_row << " token " << v;
+  };
+  const Matrix all = log_probs(m, x, 0, 3);
+  ASSERT_EQ(all.rows, 3);
+  ASSERT_EQ(all.cols, 9000);
+  for (int64_t r = 0; r < 3; ++r) {
+    expect_reference(all, r, r);
+    expect_reference(log_probs(m, x, r, 1), 0, r);
+  }
 }
 
 TEST(Forward, LoadLayerRejectsNaNWithTheTensorName) {
@@ -136,8 +155,7 @@ TEST(Forward, LayerByLayerMatchesForwardAndSiteShapes) {
 // rounding, the final hidden states) of recomputing the whole sequence each step.
 TEST(KvCache, IncrementalDecodingMatchesRecomputation) {
   const Model m = load_model(dq::test::kStories);
-  const Matrix head = m.weights.get(lm_head_name(m));
-  auto greedy = [&](const Matrix& x) { return greedy_next(m, head, x); };
+  auto greedy = [&](const Matrix& x) { return greedy_next(m, x); };
   std::vector<int32_t> full{1, 403, 407, 261}, cached = full;
   KvCache cache;
   std::vector<int32_t> fresh = full;

@@ -183,7 +183,7 @@ void check_moe_layer(const Model& m, int layer) {
 
 Matrix all_log_probs(const Model& m, const std::vector<int32_t>& tokens, int batch, int seq, const Hooks& hooks = {}) {
   Matrix x = forward(m, tokens, batch, seq, hooks);
-  return log_probs(m, m.weights.get(lm_head_name(m)), x, 0, x.rows);
+  return log_probs(m, x, 0, x.rows);
 }
 
 double max_abs_diff(const Matrix& a, const Matrix& b) {

@@ -85,6 +85,39 @@ TEST(Gemm, OneRowProductsMatchANaiveReference) {
     }
 }
 
+TEST(Gemv, StoredRowsMatchANaiveReferenceInEveryDType) {
+  // Weights read in place as F32, F16 or BF16 (at an odd byte offset, as a mapped tensor may be),
+  // widths covering the 32- and 8-column loops and their tails, enough rows to run in parallel;
+  // the reference converts each stored value with the scalar conversions and sums in double.
+  for (int64_t cols : {1, 7, 8, 31, 32, 45, 576}) {
+    const int64_t rows = 300;
+    const Matrix W = gaussian_matrix(rows, cols, 11), x = gaussian_matrix(1, cols, 12);
+    for (DType t : {DType::F32, DType::F16, DType::BF16}) {
+      const size_t es = dtype_size(t);
+      std::vector<uint8_t> stored(1 + size_t(rows * cols) * es);
+      std::vector<float> widened(size_t(rows * cols));
+      for (size_t i = 0; i < widened.size(); ++i) {
+        const float v = W.data[i];
+        const uint16_t h = t == DType::F16 ? f32_to_f16(v) : f32_to_bf16(v);
+        widened[i] = t == DType::F32 ? v : t == DType::F16 ? f16_to_f32(h) : bf16_to_f32(h);
+        if (t == DType::F32) std::memcpy(&stored[1 + i * es], &v, 4);
+        else std::memcpy(&stored[1 + i * es], &h, 2);
+      }
+      std::vector<float> y(size_t(rows), NAN);
+      gemv(t, stored.data() + 1, rows, cols, x.data.data(), y.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        double ref = 0, mag = 0;
+        for (int64_t c = 0; c < cols; ++c) {
+          ref += double(widened[size_t(r * cols + c)]) * x.data[size_t(c)];
+          mag += std::abs(double(widened[size_t(r * cols + c)]) * x.data[size_t(c)]);
+        }
+        EXPECT_NEAR(y[size_t(r)], ref, 1e-5 * mag) << dtype_name(t) << " cols " << cols << " row " << r;
+      }
+    }
+  }
+  EXPECT_THROW(gemv(DType::I8, nullptr, 1, 1, nullptr, nullptr), Error);
+}
+
 TEST(Linear, InnerDimensionZeroGivesZerosInReusedOutput) {
   Matrix X(4, 0), W(3, 0), Y(4, 3, std::numeric_limits<float>::infinity());
   linear(X, W, Y);
