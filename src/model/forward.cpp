@@ -97,12 +97,17 @@ Matrix embed(const Model& m, const std::vector<int32_t>& tokens) {
   const int64_t D = m.config.hidden_size;
   const std::string name = "model.embed_tokens.weight";
   Matrix x(int64_t(tokens.size()), D);
+  const bool release = lm_head_name(m) != name;
   for (size_t i = 0; i < tokens.size(); ++i) {
     if (tokens[i] < 0 || tokens[i] >= m.config.vocab_size)
       throw Error("token id " + std::to_string(tokens[i]) + " outside the vocabulary");
     Matrix row = m.weights.get_rows(name, tokens[i], 1);  // only the rows used are converted
     check_finite(m, name, row);
     std::memcpy(x.row(int64_t(i)), row.data.data(), size_t(D) * 4);
+    // A page fault on a mapped file maps up to 64 KiB of cached neighbours with the page, so
+    // lookups would leave most of a large table resident; each row is copied and the pages go
+    // back. Not when the table is also the classifier, which every token reads whole.
+    if (release) m.weights.release(name);
   }
   return x;
 }
