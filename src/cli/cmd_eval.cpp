@@ -14,7 +14,7 @@ namespace dq::cli {
 namespace {
 
 struct EvalArgs {
-  std::string model, tokenizer, ppl, json, tasks, tasks_dir = "../shared/data/zeroshot", protocol = "gptq";
+  std::string model, tokenizer, ppl, json, tasks, tasks_dir = "../shared/data/zeroshot", protocol = "gptq", kl_base;
   int seqlen = 0, max_windows = 0, limit = 0;
   bool force = false;
   bool fake_quant = false;
@@ -22,7 +22,9 @@ struct EvalArgs {
 
 int run_eval(const EvalArgs& a) {
   if (a.ppl.empty() && a.tasks.empty()) throw Error("eval: pass --ppl FILE, --tasks LIST, or both");
-  OutputPlan plan({a.model, a.tokenizer, a.ppl, a.tasks.empty() ? "" : a.tasks_dir}, a.force);
+  if (!a.kl_base.empty() && a.ppl.empty()) throw Error(a.kl_base + ": --kl-base compares on the --ppl windows: pass --ppl FILE");
+  if (!a.kl_base.empty() && a.protocol != "gptq") throw Error(a.kl_base + ": --kl-base uses the gptq protocol's windows");
+  OutputPlan plan({a.model, a.tokenizer, a.ppl, a.tasks.empty() ? "" : a.tasks_dir, a.kl_base}, a.force);
   plan.add(a.json, OutputKind::Json);
   const std::vector<std::string> task_names =
       a.tasks.empty() ? std::vector<std::string>{} : resolve_tasks(a.tasks, a.tasks_dir);
@@ -54,6 +56,16 @@ int run_eval(const EvalArgs& a) {
     report["text"] = a.ppl;
     report["seconds"] = r.seconds;
     report["tokens_per_second"] = r.tokens_per_second;
+    if (!a.kl_base.empty()) {
+      const Model base = load_model(a.kl_base, a.tokenizer);  // ids come from the model's tokenizer
+      RuntimeHooks base_runtime(base);
+      const KlResult kl = kl_divergence(base, base_runtime.hooks(), m, hooks, ids, seqlen, a.max_windows,
+                                        [](int done, int total) { progress_line("KL windows", done, total); });
+      std::printf("kl %.6f nats/token against %s (max %.4f; same top token %.2f%% of %lld positions)\n", kl.mean_kl,
+                  a.kl_base.c_str(), kl.max_kl, 100 * kl.same_top, static_cast<long long>(kl.tokens));
+      report["kl"] = {{"base", a.kl_base}, {"mean", kl.mean_kl}, {"max", kl.max_kl}, {"same_top", kl.same_top},
+                      {"tokens", kl.tokens}};
+    }
   }
   if (!task_names.empty()) {
     nlohmann::json tasks = nlohmann::json::object();
@@ -97,6 +109,9 @@ RegisterCommand reg("eval", "perplexity of a model (llama2.c .bin, HF directory,
                  "its weight types), to compare with llama.cpp on the same GGUF")
       ->capture_default_str()
       ->check(CLI::IsMember({"gptq", "llama.cpp"}));
+  app.add_option("--kl-base", a->kl_base,
+                 "also measure KL(base || model) of the next-token distributions per token on the --ppl windows, "
+                 "against this model (e.g. the unquantized original; same vocabulary)");
   app.add_option("--json", a->json, "write a JSON report here");
   app.add_flag("--force", a->force, "replace a report that exists (only one dartquant wrote)");
   app.add_flag("--fake-quant", a->fake_quant,

@@ -56,16 +56,23 @@ void fail_non_finite(const Model& m, const std::string& what, const Hooks& hooks
   throw Error(m.source + ": " + what + " is not finite: " + where);
 }
 
-PplResult perplexity(const Model& m, const std::vector<int32_t>& ids, int seqlen, int max_windows,
-                     const Hooks& hooks, const Progress& progress, const PplProtocol& protocol) {
+// Whole windows of seqlen tokens in the text, at most max_windows (0: all); none is an error.
+static int window_count(const std::vector<int32_t>& ids, int seqlen, int max_windows) {
   if (seqlen < 2) throw Error("seqlen must be at least 2");
   int windows = int(ids.size() / size_t(seqlen));
   if (max_windows > 0) windows = std::min(windows, max_windows);
   if (windows == 0)
     throw Error("text has " + std::to_string(ids.size()) + " tokens, fewer than one window of " +
                 std::to_string(seqlen));
-  // Several windows per forward pass, bounded so activations stay small at any model size.
-  const int per_batch = std::max(1, std::min(windows, 8192 / seqlen));
+  return windows;
+}
+
+// Several windows per forward pass, bounded so activations stay small at any model size.
+static int windows_per_pass(int windows, int seqlen) { return std::max(1, std::min(windows, 8192 / seqlen)); }
+
+PplResult perplexity(const Model& m, const std::vector<int32_t>& ids, int seqlen, int max_windows,
+                     const Hooks& hooks, const Progress& progress, const PplProtocol& protocol) {
+  const int windows = window_count(ids, seqlen, max_windows), per_batch = windows_per_pass(windows, seqlen);
   auto start = std::chrono::steady_clock::now();
   double sum = 0;
   int64_t count = 0;
@@ -94,6 +101,47 @@ PplResult perplexity(const Model& m, const std::vector<int32_t>& ids, int seqlen
   r.mean_nll = sum / double(count);
   r.ppl = std::exp(r.mean_nll);
   r.tokens_per_second = double(windows) * seqlen / r.seconds;
+  return r;
+}
+
+KlResult kl_divergence(const Model& base, const Hooks& base_hooks, const Model& m, const Hooks& hooks,
+                       const std::vector<int32_t>& ids, int seqlen, int max_windows, const Progress& progress) {
+  if (base.config.vocab_size != m.config.vocab_size)
+    throw Error(base.source + ": vocabulary of " + std::to_string(base.config.vocab_size) + " tokens, " + m.source +
+                " has " + std::to_string(m.config.vocab_size) + ": their distributions cannot be compared");
+  const int windows = window_count(ids, seqlen, max_windows), per_batch = windows_per_pass(windows, seqlen);
+  constexpr int64_t kRowChunk = 256;  // bounds the two logits buffers (vocab can be 128k wide)
+  KlResult r;
+  double sum = 0;
+  int64_t same = 0;
+  for (int w0 = 0; w0 < windows; w0 += per_batch) {
+    const int b = std::min(per_batch, windows - w0);
+    const std::vector<int32_t> tokens(ids.begin() + int64_t(w0) * seqlen, ids.begin() + int64_t(w0 + b) * seqlen);
+    // Only the final-norm outputs of the batch are kept; log-probabilities are made a chunk at a time.
+    const Matrix xb = forward(base, tokens, b, seqlen, base_hooks), xm = forward(m, tokens, b, seqlen, hooks);
+    for (int w = 0; w < b; ++w)
+      for (int64_t t0 = 0; t0 < seqlen - 1; t0 += kRowChunk) {
+        const int64_t n = std::min<int64_t>(kRowChunk, seqlen - 1 - t0), row0 = int64_t(w) * seqlen + t0;
+        const Matrix pb = log_probs(base, xb, row0, n), pm = log_probs(m, xm, row0, n);
+        for (int64_t i = 0; i < n; ++i) {
+          const float *lb = pb.row(i), *lm = pm.row(i);
+          double kl = 0;
+          for (int64_t v = 0; v < pb.cols; ++v) kl += std::exp(double(lb[v])) * (double(lb[v]) - double(lm[v]));
+          if (!std::isfinite(kl))
+            fail_non_finite(m, "the KL divergence in window " + std::to_string(w0 + w + 1), hooks,
+                            [&](const Hooks& h) { forward(m, tokens, b, seqlen, h); });
+          sum += kl;
+          r.max_kl = std::max(r.max_kl, kl);
+          same += std::max_element(lb, lb + pb.cols) - lb == std::max_element(lm, lm + pm.cols) - lm;
+          ++r.tokens;
+        }
+      }
+    if (progress) progress(w0 + b, windows);
+  }
+  r.windows = windows;
+  r.seqlen = seqlen;
+  r.mean_kl = sum / double(r.tokens);
+  r.same_top = double(same) / double(r.tokens);
   return r;
 }
 

@@ -40,4 +40,17 @@ using Progress = std::function<void(int done, int total)>;
 PplResult perplexity(const Model& m, const std::vector<int32_t>& ids, int seqlen, int max_windows,
                      const Hooks& hooks = {}, const Progress& progress = nullptr, const PplProtocol& protocol = {});
 
+// How far a model's next-token distributions are from a base model's (the unquantized original) on
+// the same windows as perplexity (GPTQ protocol: every position but each window's last), per token:
+// KL(P_base || P_model) in nats, and how often both put the same token first.
+struct KlResult {
+  double mean_kl = 0, max_kl = 0;
+  double same_top = 0;  // share of positions
+  int64_t tokens = 0;   // positions compared
+  int windows = 0, seqlen = 0;
+};
+KlResult kl_divergence(const Model& base, const Hooks& base_hooks, const Model& m, const Hooks& hooks,
+                       const std::vector<int32_t>& ids, int seqlen, int max_windows,
+                       const Progress& progress = nullptr);
+
 }  // namespace dq
