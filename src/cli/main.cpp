@@ -1,4 +1,6 @@
 // dartquant: rotational calibration (DartQuant) and quantization of LLaMA-family models.
+#include <malloc.h>
+
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -50,6 +52,13 @@ std::string kernels_note() {
 
 int main(int argc, char** argv) {
   using namespace dq::cli;
+  // Matrices up to 32 MiB (a layer's weights, a pass's activations) come from the heap and are
+  // reused, instead of being mapped fresh and faulted in again on every token. glibc reaches this
+  // state itself, but only after some earlier free of a chunk that size; fixed here so speed does not
+  // depend on what happened to be freed first (it halved f32 decoding once). Its own dynamic rule
+  // pairs the trim threshold with twice the mapping threshold, as here.
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 64 << 20);
   CLI::App app{"dartquant: learn rotations (DartQuant), quantize and evaluate LLaMA-family models"};
   app.require_subcommand(1);
   int threads = 0;
