@@ -62,6 +62,7 @@ int run_generate(const GenerateArgs& a) {
     printed = text;
   }
   std::printf("\n");
+  std::fflush(stdout);  // the text's end before the note on stderr, also when both go to one pipe
   const std::string kernels = kernels_note();
   if (!kernels.empty()) std::fprintf(stderr, "generate: %s\n", kernels.c_str() + 2);
   return 0;
