@@ -28,6 +28,7 @@
 // Accumulators are int32: |Σ q·s| ≤ n·255·128, exact for n ≤ 65536 columns (checked).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -102,11 +103,21 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTi
 // The kernel names int_gemm ran since start (e.g. "avx2-maddubs"), in a fixed order.
 std::vector<std::string> int_kernels_used();
 
+// An input converted to what a PackedLinear multiplies (the integer runtime's activation codes).
+struct PackedInput {
+  virtual ~PackedInput() = default;
+};
+
 // A linear layer whose weight a backend keeps in its own form (the integer runtime's packed codes):
-// Y = X Wᵀ from an f32 input.
+// Y = X Wᵀ from an f32 input. Linears that read one input the same way (q/k/v, gate/up) can share
+// its conversion: prepare() once, then apply() of each linear that shares_input() with the first.
 struct PackedLinear {
   virtual ~PackedLinear() = default;
-  virtual void apply(const Matrix& x, Matrix& y) const = 0;
+  virtual std::unique_ptr<PackedInput> prepare(const Matrix& x) const = 0;
+  virtual bool shares_input(const PackedLinear& other) const = 0;
+  // x must come from prepare() of this linear or of one it shares_input() with.
+  virtual void apply(const PackedInput& x, Matrix& y) const = 0;
+  void apply(const Matrix& x, Matrix& y) const { apply(*prepare(x), y); }
   virtual size_t bytes() const = 0;  // resident size
 };
 
