@@ -23,6 +23,12 @@ const char* int_path_name(IntPath p) {
   return "?";
 }
 
+IntPath int_path_named(const std::string& name) {
+  for (IntPath p : {IntPath::Scalar, IntPath::Avx2, IntPath::AvxVnni, IntPath::Avx512Vnni})
+    if (name == int_path_name(p)) return p;
+  throw Error("no integer kernel path named '" + name + "' (scalar, avx2, avx-vnni, avx512-vnni)");
+}
+
 static bool cpu_has_avx_vnni() {
   // CPUID leaf 7 subleaf 1, EAX bit 4 (GCC 12's __builtin_cpu_supports does not report it).
   unsigned a, b, c, d;

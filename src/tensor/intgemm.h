@@ -38,6 +38,8 @@ namespace dq {
 
 enum class IntPath { Scalar, Avx2, AvxVnni, Avx512Vnni };
 const char* int_path_name(IntPath p);
+// The path of that name ("scalar", "avx2", "avx-vnni", "avx512-vnni"); an Error otherwise.
+IntPath int_path_named(const std::string& name);
 // The paths this CPU can run, scalar first; the last is the fastest.
 std::vector<IntPath> supported_int_paths();
 IntPath best_int_path();
