@@ -252,6 +252,41 @@ void bytes_avx2_maddubs_tile(const uint8_t* a, int64_t as, const uint8_t* w, int
   bytes_tail<TT, 2>(a, as, w, ws, c, n, out);
 }
 
+// The same for nibble weights (|s| ≤ 8): a maddubs pair sum is at most 2·255·8 = 4080 in
+// magnitude, so eight of them add exactly in int16 (8·4080 = 32640 ≤ 32767) before one madd by 1
+// widens them to int32: one madd per eight maddubs instead of one each.
+template <int TT>
+void bytes_avx2_nibble_tile(const uint8_t* a, int64_t as, const uint8_t* w, int64_t ws, int64_t n, int32_t* out) {
+  constexpr int64_t kInt16Steps = 8;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[TT][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < TT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  int64_t c = 0;
+  while (c + 32 <= n) {
+    const int64_t steps = std::min(kInt16Steps, (n - c) / 32);
+    __m256i s16[TT][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i) s16[i][0] = s16[i][1] = _mm256_setzero_si256();
+    for (int64_t s = 0; s < steps; ++s, c += 32) {
+      const __m256i w0 = load32(w + c), w1 = load32(w + ws + c);
+#pragma GCC unroll 8
+      for (int i = 0; i < TT; ++i) {
+        const __m256i x = load32(a + i * as + c);
+        s16[i][0] = _mm256_add_epi16(s16[i][0], _mm256_maddubs_epi16(x, w0));
+        s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_maddubs_epi16(x, w1));
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i) {
+      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s16[i][0], ones));
+      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(s16[i][1], ones));
+    }
+  }
+  store_sums<TT>(acc, out);
+  bytes_tail<TT, 2>(a, as, w, ws, c, n, out);
+}
+
 template <int TT>
 void bytes_avx2_madd16_tile(const uint8_t* a, int64_t as, const uint8_t* w, int64_t ws, int64_t n, int32_t* out) {
   auto widen_u = [](const uint8_t* p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
@@ -363,6 +398,8 @@ using TileSet = std::array<TileDot, kMaxTileTokens + 1>;  // [tt]: the tile of t
 template <int TT>
 struct Avx2MaddubsTile { static constexpr TileDot fn = bytes_avx2_maddubs_tile<TT>; };
 template <int TT>
+struct Avx2NibbleTile { static constexpr TileDot fn = bytes_avx2_nibble_tile<TT>; };
+template <int TT>
 struct Avx2Madd16Tile { static constexpr TileDot fn = bytes_avx2_madd16_tile<TT>; };
 template <int TT>
 struct AvxVnniTile { static constexpr TileDot fn = bytes_avx_vnni_tile<TT>; };
@@ -396,7 +433,8 @@ Kernel select(IntPath p, int act_bits, const IntWeights& w) {
   switch (p) {
     case IntPath::Scalar: return {"scalar", bytes_scalar, runs_scalar};
     case IntPath::Avx2:
-      if (w.nibbles || maddubs_exact(act_bits, w.bits))
+      if (w.nibbles) return {"avx2-maddubs", bytes_avx2_maddubs, runs_avx2, tiles_up_to<Avx2NibbleTile, 4>(), 2, 4};
+      if (maddubs_exact(act_bits, w.bits))
         return {"avx2-maddubs", bytes_avx2_maddubs, runs_avx2, tiles_up_to<Avx2MaddubsTile, 4>(), 2, 4};
       return {"avx2-madd16", bytes_avx2_madd16, runs_avx2, tiles_up_to<Avx2Madd16Tile, 4>(), 2, 4};
     case IntPath::AvxVnni:
