@@ -643,7 +643,7 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTi
   // byte once instead of expanding nibble rows first) and on the scalar path. One parallel region
   // over (chunk, row tile), and none for small products (waking threads costs more).
   const bool tiles = k.tile_tokens > 0 && tiling == IntTiling::Tiles && T > 1;
-  const int64_t chunk = tiles ? 16 * k.tile_tokens : 32, chunks = (T + chunk - 1) / chunk;
+  const int64_t chunk = tiles ? 32 * k.tile_tokens : 32, chunks = (T + chunk - 1) / chunk;
   const int64_t nr = tiles ? k.tile_rows : 1, row_tiles = (R + nr - 1) / nr;
 #pragma omp parallel if (T * R * w.cols > (int64_t(1) << 22))
   {

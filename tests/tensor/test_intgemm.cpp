@@ -254,9 +254,9 @@ TEST(IntGemm, TilesGiveTheScalarBitsForEveryWidthSizeGroupTailAndOddCounts) {
                            "a" + std::to_string(ab) + " w" + std::to_string(wb) + " cols " + std::to_string(cols));
       }
   // Token counts against every tile height (4 tokens on AVX2, 6 on AVX-512, and each smaller tile
-  // for a chunk's last tokens) and across token chunks (64 / 96 tokens), row counts against the row
+  // for a chunk's last tokens) and across token chunks (128 / 192 tokens), row counts against the row
   // tiles (2, 4) with leftovers, and the other grouping at 576.
-  for (int64_t tokens : {1, 2, 3, 4, 5, 6, 7, 11, 13, 32, 37, 97, 101})
+  for (int64_t tokens : {1, 2, 3, 4, 5, 6, 7, 11, 13, 32, 37, 131, 197})
     for (int wb : {4, 8}) {
       const int64_t rows = tokens % 2 ? 7 : 8;
       const auto codes = random_codes(rows * 576, wb, uint64_t(tokens + wb));
