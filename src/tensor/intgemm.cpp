@@ -515,12 +515,16 @@ struct Gemm {
 
   Gemm(const IntActs& a_, const IntWeights& w_, const Kernel& k_, Matrix& y_)
       : a(a_), w(w_), k(k_), y(y_), nb(w_.blocks()), nwg(w_.weight_groups()), nag(a_.groups()) {
-    asum.resize(size_t(a.rows * nb));
-    for (int64_t t = 0; t < a.rows; ++t)
-      for (int64_t b = 0; b < nb; ++b) {
-        const int64_t c0 = w.bounds[size_t(b)];
-        asum[size_t(t * nb + b)] = code_sum(a.codes.data() + t * a.cols + c0, w.bounds[size_t(b) + 1] - c0);
-      }
+    if (!a.sums.empty() && nb == a.groups()) {  // blocks refine the activation groups: here they are them
+      asum = a.sums;
+    } else {
+      asum.resize(size_t(a.rows * nb));
+      for (int64_t t = 0; t < a.rows; ++t)
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t c0 = w.bounds[size_t(b)];
+          asum[size_t(t * nb + b)] = code_sum(a.codes.data() + t * a.cols + c0, w.bounds[size_t(b) + 1] - c0);
+        }
+    }
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t c0 = w.bounds[size_t(b)];
       block_wg.push_back(c0 / w.group);

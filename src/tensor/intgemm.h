@@ -84,6 +84,9 @@ struct IntActs {
   std::vector<uint8_t> codes;   // rows * cols
   std::vector<float> scales;    // rows * groups
   std::vector<int32_t> zeros;   // rows * groups
+  // rows * groups: each group's sum of codes, when whoever made the codes summed them too (int_gemm
+  // uses them where its blocks are the activation groups, else it sums the codes itself); or empty.
+  std::vector<int32_t> sums;
   int64_t groups() const { return (cols + group - 1) / group; }
 };
 

@@ -46,6 +46,13 @@ TEST(IntLinear, ActivationCodesEqualQuantizeForEveryWidthGroupAndTail) {
         ASSERT_EQ(a.zeros.size(), q.zeros.data.size()) << what;
         for (size_t i = 0; i < a.zeros.size(); ++i) ASSERT_EQ(float(a.zeros[i]), q.zeros.data[i]) << what;
         EXPECT_EQ(a.group, group > 0 ? std::min<int64_t>(group, cols) : cols);
+        ASSERT_EQ(a.sums.size(), a.scales.size()) << what;
+        for (int64_t r = 0; r < x.rows; ++r)
+          for (int64_t g = 0; g < a.groups(); ++g) {
+            int32_t sum = 0;
+            for (int64_t c = g * a.group; c < std::min(cols, (g + 1) * a.group); ++c) sum += q.codes[size_t(r * cols + c)];
+            ASSERT_EQ(a.sums[size_t(r * a.groups() + g)], sum) << what;
+          }
       }
 }
 

@@ -224,16 +224,27 @@ IntActs random_acts(int64_t tokens, int64_t cols, int bits, int64_t group, uint6
   return a;
 }
 
-// int_gemm on every path, tiled and row by row, gives exactly the scalar path's output.
+// int_gemm on every path, tiled and row by row, gives exactly the scalar path's output; also when
+// the activations come with their group sums (as the runtime's quantizer makes them).
 void expect_scalar_bits(const IntActs& a, const IntWeights& w, const std::string& what) {
   Matrix ref;
   int_gemm(a, w, IntPath::Scalar, ref);
-  for (IntPath p : supported_int_paths())
-    for (IntTiling tiling : {IntTiling::Tiles, IntTiling::Rows}) {
-      Matrix y;
-      int_gemm(a, w, p, y, tiling);
-      ASSERT_EQ(y.data, ref.data) << int_path_name(p) << (tiling == IntTiling::Tiles ? " tiles " : " rows ") << what;
+  IntActs with_sums = a;
+  for (int64_t t = 0; t < a.rows; ++t)
+    for (int64_t g = 0; g < a.groups(); ++g) {
+      int32_t s = 0;
+      for (int64_t c = g * a.group; c < std::min(a.cols, (g + 1) * a.group); ++c) s += a.codes[size_t(t * a.cols + c)];
+      with_sums.sums.push_back(s);
     }
+  const IntActs& summed = with_sums;
+  for (const IntActs* in : {&a, &summed})
+    for (IntPath p : supported_int_paths())
+      for (IntTiling tiling : {IntTiling::Tiles, IntTiling::Rows}) {
+        Matrix y;
+        int_gemm(*in, w, p, y, tiling);
+        ASSERT_EQ(y.data, ref.data) << int_path_name(p) << (tiling == IntTiling::Tiles ? " tiles " : " rows ")
+                                    << (in == &a ? "" : "with sums ") << what;
+      }
 }
 
 }  // namespace
