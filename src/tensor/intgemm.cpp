@@ -213,7 +213,8 @@ DQ_AVX512 int32_t bytes_avx512_vnni(const uint8_t* a, const int8_t* w, int64_t n
 constexpr int kMaxTileTokens = 6, kMaxTileRows = 4;
 
 template <int TT, int NR>
-void bytes_tail(const uint8_t* a, int64_t as, const uint8_t* w, int64_t ws, int64_t i0, int64_t n, int32_t* out) {
+inline void bytes_tail(const uint8_t* a, int64_t as, const uint8_t* w, int64_t ws, int64_t i0, int64_t n, int32_t* out) {
+  if (i0 == n) return;
   for (int i = 0; i < TT; ++i)
     for (int j = 0; j < NR; ++j)
       out[i * NR + j] += bytes_scalar(a + i * as + i0, reinterpret_cast<const int8_t*>(w + j * ws) + i0, n - i0);
