@@ -383,7 +383,7 @@ DQ_AVX512 void bytes_avx512_vnni_tile(const uint8_t* a, int64_t as, const uint8_
     __m256i y[4];
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j)
-      y[j] = _mm256_add_epi32(_mm512_castsi512_si256(acc[i][j]), _mm512_extracti64x4_epi64(acc[i][j], 1));
+      y[j] = _mm256_add_epi32(_mm512_castsi512_si256(acc[i][j]), _mm512_maskz_extracti64x4_epi64(0xF, acc[i][j], 1));
     const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(y[0], y[1]), _mm256_hadd_epi32(y[2], y[3]));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i * 4),
                      _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
