@@ -1,8 +1,9 @@
 // Integer matrix products for the quantized runtime: activation codes (unsigned, per token) times
 // weight values (signed, per output channel or per group), accumulated exactly in int32, with
-// scales and zero points applied afterwards in double: each output is the exact value of the
-// dequantized product rounded once to f32, whatever the block structure (per-head activation groups
-// make several blocks per output; an f32 epilogue rounded every block's contribution).
+// scales and zero points applied afterwards in double: each block's exact integer sum times its two
+// scales, added up with fused multiply-adds in block order and rounded once to f32 (per-head
+// activation groups make several blocks per output; an f32 epilogue rounded every block's
+// contribution). Every path does these same operations, so all give the same bits.
 //
 // For a column block where one activation scale/zero (sa, za) and one weight scale/zero (sw, zw)
 // hold, with activation codes q and stored weight values s (the weight code minus an offset o,
@@ -95,9 +96,10 @@ struct IntActs {
 int32_t int_dot(IntPath p, int act_bits, const IntWeights& w, int64_t row, const uint8_t* a,
                 int64_t c0, int64_t c1);
 
-// How int_gemm walks the product on a vector path: register tiles of 4 tokens x 2 (AVX2, AVX-VNNI)
-// or 4 (AVX-512) weight rows over int8 weights (nibble rows expanded once per 32-token chunk), or
-// one (token, row) dot at a time (the earlier kernels; kept to compare against, in tests and
+// How int_gemm walks the product on a vector path: register tiles of 4 tokens x 2 weight rows
+// (AVX2, AVX-VNNI) or 6 tokens x 4 rows (AVX-512), smaller tiles for a chunk's last tokens, over
+// int8 weights (nibble rows expanded once per chunk of 32 tiles), with a vector epilogue; or one
+// (token, row) dot at a time (the earlier kernels; kept to compare against, in tests and
 // bench_gemm; single tokens, as in decoding, always go this way and read each packed byte once).
 // The scalar path is always row by row. Both give the same bits.
 enum class IntTiling { Tiles, Rows };
