@@ -10,6 +10,8 @@
 #   BUILD [build]   MODELS ["smollm2-135m-instruct llama-3.2-1b"]   WORK [/tmp/dq-bench-runtime]
 #   P [512] N [128] R [3]   prompt tokens, generated tokens, repetitions
 #   THREADS ["1 2"]   DQ_DATA_DIR [../shared/data]   SEED [0]
+#   INT_PATHS [""]   integer kernel paths to run as well, forced (bench --int-path), e.g. "avx2" for the
+#                    AVX2 + FMA baseline (Zen 3 build machines) on an AVX-512 machine: rows int-avx2-w4a8, ...
 #   P_<model> / N_<model> / R_<model> (dashes and dots as _): per-model overrides, e.g.
 #   P_llama_3_2_1b=128 N_llama_3_2_1b=16 R_llama_3_2_1b=1 for the 1B shape on a slow machine.
 # Checkpoints and quantized directories are kept in $WORK between runs; results go to $WORK/results.
@@ -54,7 +56,11 @@ bench() {
   local p=${!pv:-${P:-512}} n=${!nv:-${N:-128}} r=${!rv:-${R:-3}}
   echo "bench $model: -p $p -n $n -r $r, threads $THREADS, $(date -u +%FT%TZ), load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
   for t in $THREADS; do
-    for run in "f32 bf16" "fake-w4a4kv4 w4a4kv4 --fake-quant" "int-w4a4kv4 w4a4kv4" "int-w4a8 w4a8" "int-w8a8 w8a8"; do
+    local runs=("f32 bf16" "fake-w4a4kv4 w4a4kv4 --fake-quant" "int-w4a4kv4 w4a4kv4" "int-w4a8 w4a8" "int-w8a8 w8a8")
+    for ip in ${INT_PATHS:-}; do
+      for q in w4a4kv4 w4a8 w8a8; do runs+=("int-$ip-$q $q --int-path $ip"); done
+    done
+    for run in "${runs[@]}"; do
       set -- $run
       local name=$1 dir=$2
       shift 2
@@ -80,6 +86,7 @@ for model in models:
     print("| run | threads | kernels | pp t/s | pp t/cpu-s | tg t/s | tg t/cpu-s | cpu share pp/tg | peak RSS MiB | packed MiB | f32 linears MiB | lm_head MiB | KV MiB | load avg |")
     print("|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")
     order = ["f32", "fake-w4a4kv4", "int-w4a4kv4", "int-w4a8", "int-w8a8"]
+    order += [f"int-{p}-{q}" for p in ("avx2", "avx-vnni", "avx512-vnni", "scalar") for q in ("w4a4kv4", "w4a8", "w8a8")]
     rows.sort(key=lambda fr: (fr[1]["threads"], order.index(fr[0].split(".")[-3]) if fr[0].split(".")[-3] in order else 9))
     for f, j in rows:
         name = f.split(".")[-3]

@@ -28,7 +28,7 @@ namespace dq::cli {
 namespace {
 
 struct BenchArgs {
-  std::string model, tokenizer, json;
+  std::string model, tokenizer, json, int_path;
   int prompt = 512, gen = 128, reps = 5, threads = 0;
   uint64_t seed = 0;
   bool fake_quant = false, force = false;
@@ -82,7 +82,19 @@ int run_bench(const BenchArgs& a) {
   if (a.prompt > c.max_seq || a.gen > c.max_seq)
     throw Error(a.model + ": -p " + std::to_string(a.prompt) + " / -n " + std::to_string(a.gen) +
                 " do not fit the model's " + std::to_string(c.max_seq) + "-token context");
-  const std::string why_not = a.fake_quant ? "--fake-quant" : use_integer_runtime(m);
+  IntPath path = best_int_path();
+  if (!a.int_path.empty()) {
+    path = int_path_named(a.int_path);
+    const std::vector<IntPath> ok = supported_int_paths();
+    if (std::find(ok.begin(), ok.end(), path) == ok.end()) {
+      std::string names;
+      for (IntPath p : ok) names += std::string(names.empty() ? "" : ", ") + int_path_name(p);
+      throw Error("bench: --int-path " + a.int_path + ": this CPU cannot run it (it can: " + names + ")");
+    }
+  }
+  const std::string why_not = a.fake_quant ? "--fake-quant" : use_integer_runtime(m, path);
+  if (!a.int_path.empty() && !why_not.empty())
+    throw Error(a.model + ": --int-path needs the integer runtime, which cannot run this model: " + why_not);
   RuntimeHooks runtime(m);
 
   // What stays resident for the weights: each linear's packed form, or its f32 matrix (the f32 path
@@ -218,8 +230,14 @@ RegisterCommand reg("bench", "prompt-processing and generation speed and residen
   app.add_option("--seed", a->seed, "seed of the random token ids");
   app.add_option("--json", a->json, "write the results as JSON here");
   app.add_flag("--force", a->force, "replace a report that exists (only one dartquant wrote)");
-  app.add_flag("--fake-quant", a->fake_quant,
-               "run a quantized model on the f32 fake-quant reference path instead of the integer kernels");
+  auto* fake = app.add_flag("--fake-quant", a->fake_quant,
+                            "run a quantized model on the f32 fake-quant reference path instead of the integer kernels");
+  app.add_option("--int-path", a->int_path,
+                 "integer kernels to run instead of the fastest this CPU has (one it supports): scalar, avx2 "
+                 "(the AVX2 + FMA baseline, e.g. Zen 3), avx-vnni or avx512-vnni; the report's kernels name "
+                 "what ran")
+      ->check(CLI::IsMember({"scalar", "avx2", "avx-vnni", "avx512-vnni"}))
+      ->excludes(fake);
   return [a] {
     if (a->prompt == 0 && a->gen == 0) throw Error("bench: -p and -n are both 0, nothing to measure");
     return run_bench(*a);

@@ -13,6 +13,8 @@
 // (so x generates the multiplicative group and χ(x^i) = (−1)^i).
 #include "linalg/hadamard.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <map>
@@ -248,12 +250,38 @@ const IntMat& cached_block(int64_t K) {
   return *slot;
 }
 
+// In place, butterflies (a, b) → (a + b, a − b) at distances h = 1, 2, 4, ... Stages 1, 2, 4 stay
+// inside blocks of 8 and run in registers (lane shuffles put each a beside its b), the later ones
+// 8 pairs at a time: every element sees the same additions and subtractions, with the same
+// operands, as in the plain loop (kept for L < 8), so the results are the same bits.
 void fwht(float* x, int64_t L) {
-  for (int64_t h = 1; h < L; h *= 2)
+  if (L < 8) {
+    for (int64_t h = 1; h < L; h *= 2)
+      for (int64_t i = 0; i < L; i += 2 * h)
+        for (int64_t j = i; j < i + h; ++j) {
+          float a = x[j], b = x[j + h];
+          x[j] = a + b, x[j + h] = a - b;
+        }
+    return;
+  }
+  // One stage inside a vector of 8: p holds each lane's partner; lanes in the first half of each
+  // 2h-block take v + p (a + b), the others p − v (a − b with a from the partner).
+  auto stage = [](__m256 v, __m256 p, int upper) {
+    return _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), upper);
+  };
+  for (int64_t i = 0; i < L; i += 8) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    v = stage(v, _mm256_permute_ps(v, 0xB1), 0xAA);            // h = 1: partners 1 0 3 2 ...
+    v = stage(v, _mm256_permute_ps(v, 0x4E), 0xCC);            // h = 2: partners 2 3 0 1 ...
+    v = stage(v, _mm256_permute2f128_ps(v, v, 0x01), 0xF0);    // h = 4: the other half
+    _mm256_storeu_ps(x + i, v);
+  }
+  for (int64_t h = 8; h < L; h *= 2)
     for (int64_t i = 0; i < L; i += 2 * h)
-      for (int64_t j = i; j < i + h; ++j) {
-        float a = x[j], b = x[j + h];
-        x[j] = a + b, x[j + h] = a - b;
+      for (int64_t j = i; j < i + h; j += 8) {
+        const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + h);
+        _mm256_storeu_ps(x + j, _mm256_add_ps(a, b));
+        _mm256_storeu_ps(x + j + h, _mm256_sub_ps(a, b));
       }
 }
 

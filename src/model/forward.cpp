@@ -224,6 +224,30 @@ static void project(const Matrix& x, const Matrix& w, const PackedPtr& packed, M
     linear(x, w, y);
 }
 
+struct Projection {
+  const Matrix& w;
+  const PackedPtr& packed;
+  Matrix& y;
+};
+
+// project() for several linears of one input (q/k/v, gate/up): packed linears that read it the same
+// way convert it once (the integer runtime quantizes the activations once).
+static void project_all(const Matrix& x, std::initializer_list<Projection> ps) {
+  std::unique_ptr<PackedInput> in;
+  const PackedLinear* converted_by = nullptr;
+  for (const Projection& p : ps) {
+    if (!p.packed) {
+      linear(x, p.w, p.y);
+      continue;
+    }
+    if (!converted_by || !converted_by->shares_input(*p.packed)) {
+      in = p.packed->prepare(x);
+      converted_by = p.packed.get();
+    }
+    p.packed->apply(*in, p.y);
+  }
+}
+
 static void add_into(Matrix& x, const Matrix& y) {
   for (size_t i = 0; i < x.size(); ++i) x.data[i] += y.data[i];
 }
@@ -290,8 +314,7 @@ static void mlp_forward(const ModelConfig& c, const LayerWeights& w, int layer, 
     Matrix& in = always ? h : gathered;
     run_expert_hooks(hooks, Site::ExpertIn, layer, e, in);
     const ExpertWeights& ew = w.experts[size_t(e)];
-    project(in, ew.gate, ew.gate_packed, gate);
-    project(in, ew.up, ew.up_packed, up);
+    project_all(in, {{ew.gate, ew.gate_packed, gate}, {ew.up, ew.up_packed, up}});
     swiglu(gate, up);
     run_expert_hooks(hooks, Site::DownIn, layer, e, gate);
     project(gate, ew.down, ew.down_packed, out);
@@ -377,9 +400,7 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
   rmsnorm(h, w.attn_norm.data.data(), c.rms_eps);
   run_hooks(hooks, Site::AttnIn, layer, h);
   Matrix q, k, v;
-  project(h, w.q, w.q_packed, q);
-  project(h, w.k, w.k_packed, k);
-  project(h, w.v, w.v_packed, v);
+  project_all(h, {{w.q, w.q_packed, q}, {w.k, w.k_packed, k}, {w.v, w.v_packed, v}});
   add_bias(q, w.q_bias);
   add_bias(k, w.k_bias);
   add_bias(v, w.v_bias);

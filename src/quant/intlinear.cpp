@@ -1,25 +1,92 @@
 #include "quant/intlinear.h"
 
+#include <immintrin.h>
+
+#include <atomic>
 #include <cmath>
 
 #include "quant/quantize_model.h"
 
 namespace dq {
 
-IntLinear::IntLinear(IntWeights w, const QuantSpec& act, IntPath path) : w_(std::move(w)), act_(act), path_(path) {}
+namespace {
 
-void IntLinear::apply(const Matrix& x, Matrix& y) const { int_gemm(quantize_activations(x, act_), w_, path_, y); }
+struct ActCodes : PackedInput {
+  IntActs a;
+};
+
+// quant_code() of x[0, n) for one group, 8 values at a time: the same division, rounding in the
+// current mode (nearbyint), zero point and clamp, so the same codes. Returns their sum.
+int32_t quant_codes(const float* x, int64_t n, QuantParams p, int maxq, uint8_t* out) {
+  const __m256 scale = _mm256_set1_ps(p.scale), zero = _mm256_set1_ps(p.zero), hi = _mm256_set1_ps(float(maxq));
+  __m256i sum = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), scale), _MM_FROUND_CUR_DIRECTION);
+    const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, zero), _mm256_setzero_ps()), hi));
+    sum = _mm256_add_epi32(sum, q);
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));  // 0..255
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(w, w));
+  }
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  int32_t total = _mm_cvtsi128_si32(s);
+  for (; i < n; ++i) total += out[i] = uint8_t(quant_code(x[i], p, maxq));
+  return total;
+}
+
+}  // namespace
+
+IntLinear::IntLinear(IntWeights w, std::shared_ptr<const QuantSpec> act, IntPath path)
+    : w_(std::move(w)), act_(std::move(act)), path_(path) {}
+
+std::unique_ptr<PackedInput> IntLinear::prepare(const Matrix& x) const {
+  auto in = std::make_unique<ActCodes>();
+  in->a = quantize_activations(x, *act_);
+  return in;
+}
+
+bool IntLinear::shares_input(const PackedLinear& other) const {
+  const auto* o = dynamic_cast<const IntLinear*>(&other);
+  return o && o->act_ == act_;
+}
+
+void IntLinear::apply(const PackedInput& x, Matrix& y) const {
+  int_gemm(static_cast<const ActCodes&>(x).a, w_, path_, y);
+}
 
 IntActs quantize_activations(const Matrix& x, const QuantSpec& spec) {
-  QuantizedMatrix q = quantize(x, spec);
+  if (!spec.enabled() || spec.per_tensor) throw Error("integer activations: per-token quantization expected");
   IntActs a;
   a.rows = x.rows;
   a.cols = x.cols;
   a.bits = spec.bits;
   a.group = spec.group > 0 ? std::min<int64_t>(spec.group, x.cols) : x.cols;
-  a.codes = std::move(q.codes);
-  a.scales = std::move(q.scales.data);
-  a.zeros.assign(q.zeros.data.begin(), q.zeros.data.end());  // integer-valued floats
+  const int64_t ng = a.groups();
+  a.codes.resize(x.size());
+  a.scales.resize(size_t(x.rows * ng));
+  a.zeros.resize(a.scales.size());
+  a.sums.resize(a.scales.size());
+  const int maxq = spec.maxq();
+  std::atomic<bool> bad{false};
+#pragma omp parallel for schedule(static) if (int64_t(x.size()) > (1 << 16))
+  for (int64_t r = 0; r < x.rows; ++r) {
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t c0 = g * a.group, n = std::min(x.cols, c0 + a.group) - c0;
+      QuantParams p;
+      try {
+        p = find_params(x.row(r) + c0, n, spec);
+      } catch (const Error&) {  // a non-finite value: thrown below, outside the parallel loop
+        bad = true;
+        break;
+      }
+      a.scales[size_t(r * ng + g)] = p.scale;
+      a.zeros[size_t(r * ng + g)] = int32_t(p.zero);  // an integer-valued float
+      a.sums[size_t(r * ng + g)] = quant_codes(x.row(r) + c0, n, p, maxq, a.codes.data() + r * x.cols + c0);
+    }
+  }
+  if (bad) throw Error("quantize: non-finite input value");
   return a;
 }
 
@@ -27,8 +94,9 @@ size_t load_integer_weights(Model& m, const std::string& codes_path, const Quant
                             const QuantSpec& acts, IntPath path) {
   SafetensorsFile f(codes_path);
   const ModelConfig& c = m.config;
-  QuantSpec per_head = acts;
-  per_head.group = c.head_dim;
+  const auto per_token = std::make_shared<const QuantSpec>(acts);
+  auto per_head = std::make_shared<QuantSpec>(acts);
+  per_head->group = c.head_dim;
   size_t total = 0;
   for (int l = 0; l < c.num_layers; ++l) {
     for (const std::string& name : quantized_linears(c, l)) {
@@ -56,9 +124,9 @@ size_t load_integer_weights(Model& m, const std::string& codes_path, const Quant
       const std::vector<uint8_t> unpacked =
           unpack_codes(std::vector<uint8_t>(codes.data, codes.data + codes.nbytes), rows, cols, weights.bits);
       const bool o_proj = name.find("o_proj") != std::string::npos;
-      const QuantSpec& act = o_proj ? per_head : acts;
+      std::shared_ptr<const QuantSpec> act = o_proj ? per_head : per_token;
       IntWeights w = IntWeights::pack(unpacked.data(), rows, cols, weights.bits, weights.group, s.data(), z.data(),
-                                      act.group);
+                                      act->group);
       auto lin = std::make_shared<IntLinear>(std::move(w), act, path);
       total += lin->bytes();
       m.weights.set_packed(name, std::move(lin));

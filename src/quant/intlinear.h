@@ -13,19 +13,25 @@ namespace dq {
 
 class IntLinear : public PackedLinear {
  public:
-  IntLinear(IntWeights w, const QuantSpec& act, IntPath path);
-  void apply(const Matrix& x, Matrix& y) const override;
+  // Linears given the same `act` object read their inputs the same way and share one quantization
+  // of an input they all multiply (shares_input).
+  IntLinear(IntWeights w, std::shared_ptr<const QuantSpec> act, IntPath path);
+  std::unique_ptr<PackedInput> prepare(const Matrix& x) const override;
+  bool shares_input(const PackedLinear& other) const override;
+  void apply(const PackedInput& x, Matrix& y) const override;
+  using PackedLinear::apply;
   size_t bytes() const override { return w_.bytes(); }
   const IntWeights& weights() const { return w_; }
 
  private:
   IntWeights w_;
-  QuantSpec act_;
+  std::shared_ptr<const QuantSpec> act_;
   IntPath path_;
 };
 
 // Activation codes of x under spec (per token, per spec.group columns when set): the codes and
-// parameters fake_quantize rounds x to.
+// parameters quantize() gives, each group's scale and zero from find_params, the codes rounded
+// 8 at a time.
 IntActs quantize_activations(const Matrix& x, const QuantSpec& spec);
 
 // Replaces every quantized linear of m (quantized_linears()) by an IntLinear built from

@@ -4,7 +4,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <cmath>
+#include <utility>
 
 #include "tensor/kernels.h"
 
@@ -18,6 +21,12 @@ const char* int_path_name(IntPath p) {
     case IntPath::Avx512Vnni: return "avx512-vnni";
   }
   return "?";
+}
+
+IntPath int_path_named(const std::string& name) {
+  for (IntPath p : {IntPath::Scalar, IntPath::Avx2, IntPath::AvxVnni, IntPath::Avx512Vnni})
+    if (name == int_path_name(p)) return p;
+  throw Error("no integer kernel path named '" + name + "' (scalar, avx2, avx-vnni, avx512-vnni)");
 }
 
 static bool cpu_has_avx_vnni() {
@@ -191,26 +200,31 @@ DQ_AVX512 int32_t bytes_avx512_vnni(const uint8_t* a, const int8_t* w, int64_t n
   return _mm512_reduce_add_epi32(acc) + bytes_scalar(a + i, w + i, n - i);
 }
 
-// ---- register-blocked tiles: kTileTokens tokens x NR weight rows over the same columns ----
+// ---- register-blocked tiles: TT tokens x NR weight rows over the same columns ----
 // out[i * NR + j] = Σ_{c < n} a_i[c] · w_j[c] with a_i = a + i·a_stride and int8 weights
 // w_j = w + j·w_stride (nibble rows are expanded to int8 once per token chunk before, see int_gemm).
 // Each weight vector is loaded once per step and reused for every token, each token vector once for
-// every row; the accumulators stay in registers (AVX2/AVX-VNNI: 8 of the 16 ymm registers,
-// AVX-512: 16 of the 32 zmm). Integer sums are exact in any order, so a tile gives the same int32
-// results as the per-row kernels above.
+// every row; the accumulators stay in registers (AVX2/AVX-VNNI: up to 4 x 2 of the 16 ymm
+// registers; AVX-512: up to 6 x 4 of the 32 zmm). Every loop over the accumulators is unrolled at
+// compile time: an accumulator array indexed at run time lives in memory, not in registers. TT is a
+// template parameter so the last tokens of a chunk run as a smaller tile. Integer sums are exact in
+// any order, so a tile gives the same int32 results as the per-row kernels above.
 
-constexpr int kTileTokens = 4, kMaxTileRows = 4;
+constexpr int kMaxTileTokens = 6, kMaxTileRows = 4;
 
-void bytes_tail(const uint8_t* a, int64_t as, const uint8_t* w, int64_t ws, int nr, int64_t i0, int64_t n,
-                int32_t* out) {
-  for (int i = 0; i < kTileTokens; ++i)
-    for (int j = 0; j < nr; ++j)
-      out[i * nr + j] += bytes_scalar(a + i * as + i0, reinterpret_cast<const int8_t*>(w + j * ws) + i0, n - i0);
+template <int TT, int NR>
+inline void bytes_tail(const uint8_t* a, int64_t as, const uint8_t* w, int64_t ws, int64_t i0, int64_t n, int32_t* out) {
+  if (i0 == n) return;
+  for (int i = 0; i < TT; ++i)
+    for (int j = 0; j < NR; ++j)
+      out[i * NR + j] += bytes_scalar(a + i * as + i0, reinterpret_cast<const int8_t*>(w + j * ws) + i0, n - i0);
 }
 
 // out[i * 2 + j] = the lane sum of acc[i][j], two at a time through horizontal adds.
-void store_sums(__m256i (&acc)[kTileTokens][2], int32_t* out) {
-  for (int i = 0; i < kTileTokens; ++i) {
+template <int TT>
+inline void store_sums(const __m256i (&acc)[TT][2], int32_t* out) {
+#pragma GCC unroll 8
+  for (int i = 0; i < TT; ++i) {
     __m256i h = _mm256_hadd_epi32(acc[i][0], acc[i][1]);  // per 128-bit lane: 2 partials of each
     h = _mm256_hadd_epi32(h, h);
     const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
@@ -219,56 +233,100 @@ void store_sums(__m256i (&acc)[kTileTokens][2], int32_t* out) {
   }
 }
 
+template <int TT>
 void bytes_avx2_maddubs_tile(const uint8_t* a, int64_t as, const uint8_t* w, int64_t ws, int64_t n, int32_t* out) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[kTileTokens][2] = {};
+  __m256i acc[TT][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < TT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
   int64_t c = 0;
   for (; c + 32 <= n; c += 32) {
     const __m256i w0 = load32(w + c), w1 = load32(w + ws + c);
-#pragma GCC unroll 4
-    for (int i = 0; i < kTileTokens; ++i) {
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i) {
       const __m256i x = load32(a + i * as + c);
       acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w0), ones));
       acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w1), ones));
     }
   }
-  store_sums(acc, out);
-  bytes_tail(a, as, w, ws, 2, c, n, out);
+  store_sums<TT>(acc, out);
+  bytes_tail<TT, 2>(a, as, w, ws, c, n, out);
 }
 
+// The same for nibble weights (|s| ≤ 8): a maddubs pair sum is at most 2·255·8 = 4080 in
+// magnitude, so eight of them add exactly in int16 (8·4080 = 32640 ≤ 32767) before one madd by 1
+// widens them to int32: one madd per eight maddubs instead of one each.
+template <int TT>
+void bytes_avx2_nibble_tile(const uint8_t* a, int64_t as, const uint8_t* w, int64_t ws, int64_t n, int32_t* out) {
+  constexpr int64_t kInt16Steps = 8;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[TT][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < TT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  int64_t c = 0;
+  while (c + 32 <= n) {
+    const int64_t steps = std::min(kInt16Steps, (n - c) / 32);
+    __m256i s16[TT][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i) s16[i][0] = s16[i][1] = _mm256_setzero_si256();
+    for (int64_t s = 0; s < steps; ++s, c += 32) {
+      const __m256i w0 = load32(w + c), w1 = load32(w + ws + c);
+#pragma GCC unroll 8
+      for (int i = 0; i < TT; ++i) {
+        const __m256i x = load32(a + i * as + c);
+        s16[i][0] = _mm256_add_epi16(s16[i][0], _mm256_maddubs_epi16(x, w0));
+        s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_maddubs_epi16(x, w1));
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i) {
+      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s16[i][0], ones));
+      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(s16[i][1], ones));
+    }
+  }
+  store_sums<TT>(acc, out);
+  bytes_tail<TT, 2>(a, as, w, ws, c, n, out);
+}
+
+template <int TT>
 void bytes_avx2_madd16_tile(const uint8_t* a, int64_t as, const uint8_t* w, int64_t ws, int64_t n, int32_t* out) {
   auto widen_u = [](const uint8_t* p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
   auto widen_s = [](const uint8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
-  __m256i acc[kTileTokens][2] = {};
+  __m256i acc[TT][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < TT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
     const __m256i w0 = widen_s(w + c), w1 = widen_s(w + ws + c);
-#pragma GCC unroll 4
-    for (int i = 0; i < kTileTokens; ++i) {
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i) {
       const __m256i x = widen_u(a + i * as + c);
       acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(x, w0));
       acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(x, w1));
     }
   }
-  store_sums(acc, out);
-  bytes_tail(a, as, w, ws, 2, c, n, out);
+  store_sums<TT>(acc, out);
+  bytes_tail<TT, 2>(a, as, w, ws, c, n, out);
 }
 
-__attribute__((target("avxvnni"))) void bytes_avx_vnni_tile(const uint8_t* a, int64_t as, const uint8_t* w, int64_t ws,
-                                                            int64_t n, int32_t* out) {
-  __m256i acc[kTileTokens][2] = {};
+template <int TT>
+__attribute__((target("avxvnni"))) void bytes_avx_vnni_tile(const uint8_t* a, int64_t as, const uint8_t* w,
+                                                            int64_t ws, int64_t n, int32_t* out) {
+  __m256i acc[TT][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < TT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
   int64_t c = 0;
   for (; c + 32 <= n; c += 32) {
     const __m256i w0 = load32(w + c), w1 = load32(w + ws + c);
-#pragma GCC unroll 4
-    for (int i = 0; i < kTileTokens; ++i) {
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i) {
       const __m256i x = load32(a + i * as + c);
       acc[i][0] = _mm256_dpbusd_avx_epi32(acc[i][0], x, w0);
       acc[i][1] = _mm256_dpbusd_avx_epi32(acc[i][1], x, w1);
     }
   }
-  store_sums(acc, out);
-  bytes_tail(a, as, w, ws, 2, c, n, out);
+  store_sums<TT>(acc, out);
+  bytes_tail<TT, 2>(a, as, w, ws, c, n, out);
 }
 
 // Two nibble runs (32 bytes) as 64 int8 values in column order: their low and high nibbles
@@ -292,36 +350,71 @@ DQ_AVX512 int32_t runs_avx512_vnni(const uint8_t* a, const uint8_t* w, int64_t r
   return s;
 }
 
+// One step of the AVX-512 tile over 64 columns (or the masked last few: bytes past n load as zeros,
+// which add nothing).
+template <int TT>
+DQ_AVX512 inline void avx512_step(__m512i (&acc)[TT][4], const uint8_t* a, int64_t as, const uint8_t* w, int64_t ws,
+                                  __mmask64 m) {
+  __m512i wv[4];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) wv[j] = _mm512_maskz_loadu_epi8(m, w + j * ws);
+#pragma GCC unroll 8
+  for (int i = 0; i < TT; ++i) {
+    const __m512i x = _mm512_maskz_loadu_epi8(m, a + i * as);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], x, wv[j]);
+  }
+}
+
+template <int TT>
 DQ_AVX512 void bytes_avx512_vnni_tile(const uint8_t* a, int64_t as, const uint8_t* w, int64_t ws, int64_t n,
                                       int32_t* out) {
-  __m512i acc[kTileTokens][4] = {};
+  __m512i acc[TT][4];
+#pragma GCC unroll 8
+  for (int i = 0; i < TT; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
   int64_t c = 0;
-  for (; c + 64 <= n; c += 64) {
-    __m512i wv[4];
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) wv[j] = _mm512_loadu_si512(w + j * ws + c);
-#pragma GCC unroll 4
-    for (int i = 0; i < kTileTokens; ++i) {
-      const __m512i x = _mm512_loadu_si512(a + i * as + c);
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], x, wv[j]);
-    }
-  }
+  for (; c + 64 <= n; c += 64) avx512_step<TT>(acc, a + c, as, w + c, ws, ~__mmask64(0));
+  if (c < n) avx512_step<TT>(acc, a + c, as, w + c, ws, _bzhi_u64(~uint64_t(0), unsigned(n - c)));
   // Four lane sums at a time: fold each to 256 bits, then horizontal adds.
-  for (int i = 0; i < kTileTokens; ++i) {
+#pragma GCC unroll 8
+  for (int i = 0; i < TT; ++i) {
     __m256i y[4];
+#pragma GCC unroll 4
     for (int j = 0; j < 4; ++j)
-      y[j] = _mm256_add_epi32(_mm512_castsi512_si256(acc[i][j]), _mm512_extracti64x4_epi64(acc[i][j], 1));
+      y[j] = _mm256_add_epi32(_mm512_castsi512_si256(acc[i][j]), _mm512_maskz_extracti64x4_epi64(0xF, acc[i][j], 1));
     const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(y[0], y[1]), _mm256_hadd_epi32(y[2], y[3]));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i * 4),
                      _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
   }
-  bytes_tail(a, as, w, ws, 4, c, n, out);
 }
 
 using BytesDot = int32_t (*)(const uint8_t*, const int8_t*, int64_t);
 using RunsDot = int32_t (*)(const uint8_t*, const uint8_t*, int64_t);
 using TileDot = void (*)(const uint8_t*, int64_t, const uint8_t*, int64_t, int64_t, int32_t*);
+using TileSet = std::array<TileDot, kMaxTileTokens + 1>;  // [tt]: the tile of tt tokens
+
+// A kernel's tiles of 1..N tokens, as a table indexed by the token count.
+template <int TT>
+struct Avx2MaddubsTile { static constexpr TileDot fn = bytes_avx2_maddubs_tile<TT>; };
+template <int TT>
+struct Avx2NibbleTile { static constexpr TileDot fn = bytes_avx2_nibble_tile<TT>; };
+template <int TT>
+struct Avx2Madd16Tile { static constexpr TileDot fn = bytes_avx2_madd16_tile<TT>; };
+template <int TT>
+struct AvxVnniTile { static constexpr TileDot fn = bytes_avx_vnni_tile<TT>; };
+template <int TT>
+struct Avx512VnniTile { static constexpr TileDot fn = bytes_avx512_vnni_tile<TT>; };
+
+template <template <int> class K, int... TT>
+constexpr TileSet tile_set(std::integer_sequence<int, TT...>) {
+  return TileSet{nullptr, K<TT + 1>::fn...};
+}
+template <template <int> class K, int N>
+constexpr TileSet tiles_up_to() {
+  return tile_set<K>(std::make_integer_sequence<int, N>{});
+}
 
 // maddubs is exact for these widths (see intgemm.h: (2^a − 1)·2^b ≤ 32767).
 bool maddubs_exact(int act_bits, int weight_bits) { return ((1 << act_bits) - 1) * (1 << weight_bits) <= 32767; }
@@ -330,10 +423,10 @@ struct Kernel {
   const char* name;
   BytesDot bytes;
   RunsDot runs;
-  // Tiles of kTileTokens tokens x tile_rows int8 weight rows; none on the scalar path, which stays
-  // the row-by-row reference.
-  TileDot tile = nullptr;
-  int tile_rows = 1;
+  // tiles[tt]: tt tokens (1..tile_tokens) x tile_rows int8 weight rows; none on the scalar path,
+  // which stays the row-by-row reference.
+  TileSet tiles{};
+  int tile_rows = 1, tile_tokens = 0;
 };
 
 Kernel select(IntPath p, int act_bits, const IntWeights& w) {
@@ -341,13 +434,14 @@ Kernel select(IntPath p, int act_bits, const IntWeights& w) {
   switch (p) {
     case IntPath::Scalar: return {"scalar", bytes_scalar, runs_scalar};
     case IntPath::Avx2:
-      if (w.nibbles || maddubs_exact(act_bits, w.bits))
-        return {"avx2-maddubs", bytes_avx2_maddubs, runs_avx2, bytes_avx2_maddubs_tile, 2};
-      return {"avx2-madd16", bytes_avx2_madd16, runs_avx2, bytes_avx2_madd16_tile, 2};
+      if (w.nibbles) return {"avx2-maddubs", bytes_avx2_maddubs, runs_avx2, tiles_up_to<Avx2NibbleTile, 4>(), 2, 4};
+      if (maddubs_exact(act_bits, w.bits))
+        return {"avx2-maddubs", bytes_avx2_maddubs, runs_avx2, tiles_up_to<Avx2MaddubsTile, 4>(), 2, 4};
+      return {"avx2-madd16", bytes_avx2_madd16, runs_avx2, tiles_up_to<Avx2Madd16Tile, 4>(), 2, 4};
     case IntPath::AvxVnni:
-      return {"avx-vnni", bytes_avx_vnni, runs_avx_vnni, bytes_avx_vnni_tile, 2};
+      return {"avx-vnni", bytes_avx_vnni, runs_avx_vnni, tiles_up_to<AvxVnniTile, 4>(), 2, 4};
     case IntPath::Avx512Vnni:
-      return {"avx512-vnni", bytes_avx512_vnni, runs_avx512_vnni, bytes_avx512_vnni_tile, 4};
+      return {"avx512-vnni", bytes_avx512_vnni, runs_avx512_vnni, tiles_up_to<Avx512VnniTile, 6>(), 4, 6};
   }
   throw Error("integer kernels: unknown path");
 }
@@ -406,100 +500,171 @@ std::vector<std::string> int_kernels_used() {
   return names;
 }
 
+namespace {
+
+// One int_gemm call: the blocks' layout, each token's code sums, and the epilogue that turns a
+// (token, row) pair's exact block dots into its f32 output.
+struct Gemm {
+  const IntActs& a;
+  const IntWeights& w;
+  const Kernel& k;
+  Matrix& y;
+  int64_t nb, nwg, nag;
+  std::vector<int32_t> asum;  // [token][block]: each token's sum of codes (the zero-point correction's other half)
+  // Per block: its weight group, activation group and width (divisions kept out of the loops).
+  std::vector<int64_t> block_wg, block_ag, block_len;
+
+  Gemm(const IntActs& a_, const IntWeights& w_, const Kernel& k_, Matrix& y_)
+      : a(a_), w(w_), k(k_), y(y_), nb(w_.blocks()), nwg(w_.weight_groups()), nag(a_.groups()) {
+    if (!a.sums.empty() && nb == a.groups()) {  // blocks refine the activation groups: here they are them
+      asum = a.sums;
+    } else {
+      asum.resize(size_t(a.rows * nb));
+      for (int64_t t = 0; t < a.rows; ++t)
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t c0 = w.bounds[size_t(b)];
+          asum[size_t(t * nb + b)] = code_sum(a.codes.data() + t * a.cols + c0, w.bounds[size_t(b) + 1] - c0);
+        }
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t c0 = w.bounds[size_t(b)];
+      block_wg.push_back(c0 / w.group);
+      block_ag.push_back(c0 / a.group);
+      block_len.push_back(w.bounds[size_t(b) + 1] - c0);
+    }
+  }
+
+  // f32 result of one (token, row) pair from its blocks' exact dots, in block order: each block's
+  // exact integer sum (dot − zw·Σq − za·Σs + n·za·zw) times sa·sw (exact in double: two floats)
+  // added with one fused multiply-add, and the total rounded once to f32. The tiles' vector epilogue
+  // does the same operations, so every path gives the same bits.
+  void finish(int64_t t, int64_t r, const int32_t* dots) const {
+    double acc = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t wi = r * nwg + block_wg[size_t(b)], ai = t * nag + block_ag[size_t(b)];
+      const int64_t zw = w.zeros[size_t(wi)], za = a.zeros[size_t(ai)];
+      const int64_t exact = int64_t(dots[b]) - zw * asum[size_t(t * nb + b)] - za * w.block_sums[size_t(r * nb + b)] +
+                            block_len[size_t(b)] * za * zw;
+      acc = std::fma(double(a.scales[size_t(ai)]) * double(w.scales[size_t(wi)]), double(exact), acc);
+    }
+    y(t, r) = float(acc);
+  }
+
+  // Tokens [t0, t1) x rows [r0, r1) one (token, row) dot at a time.
+  void rows(int64_t t0, int64_t t1, int64_t r0, int64_t r1, std::vector<int32_t>& dots) const {
+    dots.resize(size_t(nb));
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* at = a.codes.data() + t * a.cols;
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t b = 0; b < nb; ++b) dots[size_t(b)] = dot(k, w, r, at, w.bounds[size_t(b)], w.bounds[size_t(b) + 1]);
+        finish(t, r, dots.data());
+      }
+    }
+  }
+
+  // Tokens [t0, t1) x rows [r0, r0 + NR) in tiles of k.tile_tokens tokens (fewer for the last).
+  // The epilogue runs on 4 double lanes = 4 (token, row) pairs: one token's 4 rows (NR = 4) or two
+  // tokens' 2 rows (NR = 2). Per block and lane: e = dot − zw·Σq − za·(Σs − n·zw), exact in double
+  // (integers far below 2^53, so fused or not every step is exact), then acc = fma(sa·sw, e, acc):
+  // the operations of finish() in the same block order.
+  template <int NR>
+  void tiles(int64_t t0, int64_t t1, int64_t r0, std::vector<uint8_t>& expanded, std::vector<double>& row_params) const {
+    static_assert(NR == 2 || NR == 4);
+    // Nibble rows are expanded to int8 once here, for every token tile of the chunk.
+    const uint8_t* wt = w.values.data() + r0 * w.row_bytes;
+    int64_t ws = w.row_bytes;
+    if (w.nibbles) {
+      ws = 2 * w.row_bytes;
+      expanded.resize(size_t(NR * ws));
+      for (int64_t j = 0; j < NR; ++j) expand_row(wt + j * w.row_bytes, w.row_bytes, expanded.data() + j * ws);
+      wt = expanded.data();
+    }
+    // Per block, the 4 lanes' row parameters: sw, zw, Σs − n·zw.
+    row_params.resize(size_t(nb * 12));
+    for (int64_t b = 0; b < nb; ++b)
+      for (int l = 0; l < 4; ++l) {
+        const int64_t r = r0 + l % NR, wi = r * nwg + block_wg[size_t(b)];
+        double* p = row_params.data() + b * 12;
+        p[l] = w.scales[size_t(wi)];
+        p[4 + l] = w.zeros[size_t(wi)];
+        p[8 + l] = double(int64_t(w.block_sums[size_t(r * nb + b)]) - block_len[size_t(b)] * w.zeros[size_t(wi)]);
+      }
+    alignas(16) int32_t dots[kMaxTileTokens * kMaxTileRows + 4] = {};
+    for (int64_t t = t0; t < t1; t += k.tile_tokens) {
+      const int tt = int(std::min<int64_t>(k.tile_tokens, t1 - t)), lanes = (tt * NR + 3) / 4;
+      const uint8_t* at = a.codes.data() + t * a.cols;
+      __m256d acc[kMaxTileTokens];
+      for (int v = 0; v < lanes; ++v) acc[v] = _mm256_setzero_pd();
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t c0 = w.bounds[size_t(b)];
+        k.tiles[size_t(tt)](at + c0, a.cols, wt + c0, ws, block_len[size_t(b)], dots);
+        const double* p = row_params.data() + b * 12;
+        const __m256d sw = _mm256_loadu_pd(p), zw = _mm256_loadu_pd(p + 4), bz = _mm256_loadu_pd(p + 8);
+        // A token's parameters for this block.
+        auto sa = [&](int i) { return double(a.scales[size_t((t + i) * nag + block_ag[size_t(b)])]); };
+        auto za = [&](int i) { return double(a.zeros[size_t((t + i) * nag + block_ag[size_t(b)])]); };
+        auto as = [&](int i) { return double(asum[size_t((t + i) * nb + b)]); };
+        for (int v = 0; v < lanes; ++v) {
+          __m256d vsa, vza, vas;
+          if constexpr (NR == 4) {
+            vsa = _mm256_set1_pd(sa(v)), vza = _mm256_set1_pd(za(v)), vas = _mm256_set1_pd(as(v));
+          } else {  // tokens 2v and 2v + 1 (the last token twice when tt is odd; its copy is not stored)
+            const int i0 = 2 * v, i1 = std::min(2 * v + 1, tt - 1);
+            vsa = _mm256_set_pd(sa(i1), sa(i1), sa(i0), sa(i0));
+            vza = _mm256_set_pd(za(i1), za(i1), za(i0), za(i0));
+            vas = _mm256_set_pd(as(i1), as(i1), as(i0), as(i0));
+          }
+          const __m256d d = _mm256_cvtepi32_pd(_mm_load_si128(reinterpret_cast<const __m128i*>(dots + 4 * v)));
+          const __m256d e = _mm256_fnmadd_pd(vza, bz, _mm256_fnmadd_pd(zw, vas, d));
+          acc[v] = _mm256_fmadd_pd(_mm256_mul_pd(vsa, sw), e, acc[v]);
+        }
+      }
+      for (int v = 0; v < lanes; ++v) {
+        const __m128 f = _mm256_cvtpd_ps(acc[v]);
+        if constexpr (NR == 4) {
+          _mm_storeu_ps(y.row(t + v) + r0, f);
+        } else {
+          _mm_storel_pi(reinterpret_cast<__m64*>(y.row(t + 2 * v) + r0), f);
+          if (2 * v + 1 < tt) _mm_storeh_pi(reinterpret_cast<__m64*>(y.row(t + 2 * v + 1) + r0), f);
+        }
+      }
+    }
+  }
+};
+
+}  // namespace
+
 void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTiling tiling) {
   if (a.cols != w.cols) throw Error("int_gemm: activation and weight widths differ");
   if (a.group != w.act_group) throw Error("int_gemm: activation groups differ from the weight's blocks");
   const Kernel k = select(p, a.bits, w);
   mark_used(k.name);
-  const int64_t T = a.rows, R = w.rows, nb = w.blocks(), nwg = w.weight_groups(), nag = a.groups();
+  const int64_t T = a.rows, R = w.rows;
   y.reshape_for_overwrite(T, R);
-  // Each token's sum of codes per block (the zero-point correction's other half).
-  std::vector<int32_t> asum(size_t(T * nb));
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t c0 = w.bounds[size_t(b)];
-      asum[size_t(t * nb + b)] = code_sum(a.codes.data() + t * a.cols + c0, w.bounds[size_t(b) + 1] - c0);
-    }
-  // Per block: its weight group, activation group and width (divisions kept out of the loops).
-  std::vector<int64_t> block_wg(static_cast<size_t>(nb)), block_ag(block_wg), block_len(block_wg);
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t c0 = w.bounds[size_t(b)];
-    block_wg[size_t(b)] = c0 / w.group;
-    block_ag[size_t(b)] = c0 / a.group;
-    block_len[size_t(b)] = w.bounds[size_t(b) + 1] - c0;
-  }
-  // f32 result of one (token, row) pair from its blocks' exact dots, in block order on every path,
-  // summed in double and rounded once (see the header).
-  auto finish = [&](int64_t t, int64_t r, const int32_t* dots, int64_t dot_stride) {
-    double acc = 0;
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t wi = r * nwg + block_wg[size_t(b)], ai = t * nag + block_ag[size_t(b)];
-      const int64_t zw = w.zeros[size_t(wi)], za = a.zeros[size_t(ai)];
-      const int64_t exact = int64_t(dots[b * dot_stride]) - zw * asum[size_t(t * nb + b)] -
-                            za * w.block_sums[size_t(r * nb + b)] + block_len[size_t(b)] * za * zw;
-      acc += double(a.scales[size_t(ai)]) * double(w.scales[size_t(wi)]) * double(exact);
-    }
-    y(t, r) = float(acc);
-  };
+  const Gemm g(a, w, k, y);
   // Tokens in chunks small enough that their codes stay in cache while the weight rows pass; within
-  // a chunk, tiles of kTileTokens tokens x tile_rows rows, and row by row where a tile does not fit
-  // (the last tokens or rows, single-token decoding, the scalar path). One parallel region over
-  // (chunk, row tile), and none for small products (waking threads costs more).
-  constexpr int64_t kTokenChunk = 32;
-  const int64_t chunks = (T + kTokenChunk - 1) / kTokenChunk;
-  const bool tiles = k.tile && tiling == IntTiling::Tiles;
+  // a chunk, tiles of tile_tokens tokens (fewer for the last) x tile_rows rows, and row by row where
+  // a row tile does not fit (the last rows), for single-token decoding (which then reads each packed
+  // byte once instead of expanding nibble rows first) and on the scalar path. One parallel region
+  // over (chunk, row tile), and none for small products (waking threads costs more).
+  const bool tiles = k.tile_tokens > 0 && tiling == IntTiling::Tiles && T > 1;
+  const int64_t chunk = tiles ? 32 * k.tile_tokens : 32, chunks = (T + chunk - 1) / chunk;
   const int64_t nr = tiles ? k.tile_rows : 1, row_tiles = (R + nr - 1) / nr;
-#pragma omp parallel for collapse(2) schedule(static) if (T * R * w.cols > (int64_t(1) << 22))
-  for (int64_t tc = 0; tc < chunks; ++tc) {
-    for (int64_t rt = 0; rt < row_tiles; ++rt) {
-      const int64_t r0 = rt * nr, r1 = std::min(R, r0 + nr), t1 = std::min(T, (tc + 1) * kTokenChunk);
-      int64_t t = tc * kTokenChunk;
-      if (tiles && r1 - r0 == nr && t1 - t >= kTileTokens) {
-        // Nibble rows are expanded to int8 once here, for every token tile of the chunk.
-        const uint8_t* wt = w.values.data() + r0 * w.row_bytes;
-        int64_t ws = w.row_bytes;
-        std::vector<uint8_t> expanded;
-        if (w.nibbles) {
-          ws = 2 * w.row_bytes;
-          expanded.resize(size_t(nr * ws));
-          for (int64_t j = 0; j < nr; ++j) expand_row(wt + j * w.row_bytes, w.row_bytes, expanded.data() + j * ws);
-          wt = expanded.data();
-        }
-        std::vector<int32_t> dots(static_cast<size_t>(nb * kTileTokens * nr));
-        for (; t + kTileTokens <= t1; t += kTileTokens) {
-          const uint8_t* at = a.codes.data() + t * a.cols;
-          for (int64_t b = 0; b < nb; ++b) {
-            const int64_t c0 = w.bounds[size_t(b)], c1 = w.bounds[size_t(b) + 1];
-            k.tile(at + c0, a.cols, wt + c0, ws, c1 - c0, dots.data() + b * kTileTokens * nr);
-          }
-          // dots[b][i][j]: pair (t + i, r0 + j) of block b; the same sums as finish(), in the same
-          // block order, with each token's and row's parameters read once per block.
-          double acc[kTileTokens][kMaxTileRows] = {};
-          for (int64_t b = 0; b < nb; ++b) {
-            const int32_t* d = dots.data() + b * kTileTokens * nr;
-            for (int i = 0; i < kTileTokens; ++i) {
-              const int64_t ai = (t + i) * nag + block_ag[size_t(b)];
-              const int64_t za = a.zeros[size_t(ai)], as = asum[size_t((t + i) * nb + b)];
-              const double sa = a.scales[size_t(ai)];
-              for (int64_t j = 0; j < nr; ++j) {
-                const int64_t r = r0 + j, wi = r * nwg + block_wg[size_t(b)], zw = w.zeros[size_t(wi)];
-                const int64_t exact = int64_t(d[i * nr + j]) - zw * as - za * w.block_sums[size_t(r * nb + b)] +
-                                      block_len[size_t(b)] * za * zw;
-                acc[i][j] += sa * double(w.scales[size_t(wi)]) * double(exact);
-              }
-            }
-          }
-          for (int i = 0; i < kTileTokens; ++i)
-            for (int64_t j = 0; j < nr; ++j) y(t + i, r0 + j) = float(acc[i][j]);
-        }
-      }
-      std::vector<int32_t> row_dots(static_cast<size_t>(nb));
-      for (; t < t1; ++t) {
-        const uint8_t* at = a.codes.data() + t * a.cols;
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t b = 0; b < nb; ++b) row_dots[size_t(b)] = dot(k, w, r, at, w.bounds[size_t(b)], w.bounds[size_t(b) + 1]);
-          finish(t, r, row_dots.data(), 1);
-        }
+#pragma omp parallel if (T * R * w.cols > (int64_t(1) << 22))
+  {
+    std::vector<uint8_t> expanded;
+    std::vector<double> row_params;
+    std::vector<int32_t> dots;
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t tc = 0; tc < chunks; ++tc) {
+      for (int64_t rt = 0; rt < row_tiles; ++rt) {
+        const int64_t r0 = rt * nr, r1 = std::min(R, r0 + nr), t0 = tc * chunk, t1 = std::min(T, t0 + chunk);
+        if (!tiles || r1 - r0 < nr)
+          g.rows(t0, t1, r0, r1, dots);
+        else if (nr == 4)
+          g.tiles<4>(t0, t1, r0, expanded, row_params);
+        else
+          g.tiles<2>(t0, t1, r0, expanded, row_params);
       }
     }
   }

@@ -1,8 +1,9 @@
 // Integer matrix products for the quantized runtime: activation codes (unsigned, per token) times
 // weight values (signed, per output channel or per group), accumulated exactly in int32, with
-// scales and zero points applied afterwards in double: each output is the exact value of the
-// dequantized product rounded once to f32, whatever the block structure (per-head activation groups
-// make several blocks per output; an f32 epilogue rounded every block's contribution).
+// scales and zero points applied afterwards in double: each block's exact integer sum times its two
+// scales, added up with fused multiply-adds in block order and rounded once to f32 (per-head
+// activation groups make several blocks per output; an f32 epilogue rounded every block's
+// contribution). Every path does these same operations, so all give the same bits.
 //
 // For a column block where one activation scale/zero (sa, za) and one weight scale/zero (sw, zw)
 // hold, with activation codes q and stored weight values s (the weight code minus an offset o,
@@ -28,6 +29,7 @@
 // Accumulators are int32: |Σ q·s| ≤ n·255·128, exact for n ≤ 65536 columns (checked).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -37,6 +39,8 @@ namespace dq {
 
 enum class IntPath { Scalar, Avx2, AvxVnni, Avx512Vnni };
 const char* int_path_name(IntPath p);
+// The path of that name ("scalar", "avx2", "avx-vnni", "avx512-vnni"); an Error otherwise.
+IntPath int_path_named(const std::string& name);
 // The paths this CPU can run, scalar first; the last is the fastest.
 std::vector<IntPath> supported_int_paths();
 IntPath best_int_path();
@@ -81,6 +85,9 @@ struct IntActs {
   std::vector<uint8_t> codes;   // rows * cols
   std::vector<float> scales;    // rows * groups
   std::vector<int32_t> zeros;   // rows * groups
+  // rows * groups: each group's sum of codes, when whoever made the codes summed them too (int_gemm
+  // uses them where its blocks are the activation groups, else it sums the codes itself); or empty.
+  std::vector<int32_t> sums;
   int64_t groups() const { return (cols + group - 1) / group; }
 };
 
@@ -89,9 +96,10 @@ struct IntActs {
 int32_t int_dot(IntPath p, int act_bits, const IntWeights& w, int64_t row, const uint8_t* a,
                 int64_t c0, int64_t c1);
 
-// How int_gemm walks the product on a vector path: register tiles of 4 tokens x 2 (AVX2, AVX-VNNI)
-// or 4 (AVX-512) weight rows over int8 weights (nibble rows expanded once per 32-token chunk), or
-// one (token, row) dot at a time (the earlier kernels; kept to compare against, in tests and
+// How int_gemm walks the product on a vector path: register tiles of 4 tokens x 2 weight rows
+// (AVX2, AVX-VNNI) or 6 tokens x 4 rows (AVX-512), smaller tiles for a chunk's last tokens, over
+// int8 weights (nibble rows expanded once per chunk of 32 tiles), with a vector epilogue; or one
+// (token, row) dot at a time (the earlier kernels; kept to compare against, in tests and
 // bench_gemm; single tokens, as in decoding, always go this way and read each packed byte once).
 // The scalar path is always row by row. Both give the same bits.
 enum class IntTiling { Tiles, Rows };
@@ -102,11 +110,21 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTi
 // The kernel names int_gemm ran since start (e.g. "avx2-maddubs"), in a fixed order.
 std::vector<std::string> int_kernels_used();
 
+// An input converted to what a PackedLinear multiplies (the integer runtime's activation codes).
+struct PackedInput {
+  virtual ~PackedInput() = default;
+};
+
 // A linear layer whose weight a backend keeps in its own form (the integer runtime's packed codes):
-// Y = X Wᵀ from an f32 input.
+// Y = X Wᵀ from an f32 input. Linears that read one input the same way (q/k/v, gate/up) can share
+// its conversion: prepare() once, then apply() of each linear that shares_input() with the first.
 struct PackedLinear {
   virtual ~PackedLinear() = default;
-  virtual void apply(const Matrix& x, Matrix& y) const = 0;
+  virtual std::unique_ptr<PackedInput> prepare(const Matrix& x) const = 0;
+  virtual bool shares_input(const PackedLinear& other) const = 0;
+  // x must come from prepare() of this linear or of one it shares_input() with.
+  virtual void apply(const PackedInput& x, Matrix& y) const = 0;
+  void apply(const Matrix& x, Matrix& y) const { apply(*prepare(x), y); }
   virtual size_t bytes() const = 0;  // resident size
 };
 

@@ -3,8 +3,10 @@
 // not tested: it lives in bench/README.md.)
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
+#include "tensor/intgemm.h"
 #include "test_helpers.h"
 
 using namespace dq::test;
@@ -79,6 +81,37 @@ TEST(BenchCli, ReportsEveryPathWithFinitePositiveFigures) {
   expect_complete(fake);
   EXPECT_EQ(fake["path"], "fake-quant");
   EXPECT_EQ(fake["packed_weight_bytes"], 0);
+
+  // A forced kernel path runs, and the report names the kernels that ran (AVX2 with 4-bit weights
+  // and activations: maddubs).
+  json scalar = bench(dir, q, "--int-path scalar");
+  expect_complete(scalar);
+  EXPECT_EQ(scalar["kernels"], json::array({"scalar"}));
+  if (dq::supported_int_paths().size() > 1) {
+    json avx2 = bench(dir, q, "--int-path avx2");
+    EXPECT_EQ(avx2["kernels"], json::array({"avx2-maddubs"}));
+  }
+  // A path this CPU lacks, an unknown one, one on an unquantized model or with --fake-quant: errors.
+  const std::string out = dir / "refused.json";
+  using dq::IntPath;
+  for (IntPath p : {IntPath::Avx2, IntPath::AvxVnni, IntPath::Avx512Vnni}) {
+    const auto ok = dq::supported_int_paths();
+    if (std::find(ok.begin(), ok.end(), p) != ok.end()) continue;
+    expect_one_line_error(run_cli("bench --model " + q + " -p 4 -n 1 --int-path " + dq::int_path_name(p) + " --json " + out, dir),
+                          "--int-path", "this CPU cannot run it");
+  }
+  auto usage_error = [](const CliResult& r, const std::string& says) {  // option errors: CLI11's exit codes
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << r.err;
+    EXPECT_EQ(r.err.rfind("dartquant: error: ", 0), 0u) << r.err;
+    EXPECT_NE(r.err.find(says), std::string::npos) << r.err;
+  };
+  usage_error(run_cli("bench --model " + q + " -p 4 -n 1 --int-path avx3 --json " + out, dir), "--int-path: avx3");
+  expect_one_line_error(run_cli("bench --model " + kStories + " -p 4 -n 1 --int-path scalar --json " + out, dir), kStories,
+                        "not a quantized model");
+  usage_error(run_cli("bench --model " + q + " -p 4 -n 1 --int-path scalar --fake-quant --json " + out, dir),
+              "--fake-quant excludes --int-path");
+  EXPECT_FALSE(fs::exists(out));
 }
 
 TEST(BenchCli, BadOptionsAreOneLineErrorsAndWriteNothing) {

@@ -102,6 +102,27 @@ TEST(Hadamard, FastTransformEqualsDenseProduct) {
   }
 }
 
+// Powers of two go through the butterflies alone (then the 1/√n scale): the vectorised transform
+// gives exactly the bits of the plain loop, for every length from below one vector up.
+TEST(Hadamard, PowerOfTwoTransformHasThePlainButterflysBits) {
+  for (int64_t n : {2, 4, 8, 16, 32, 64, 512, 4096}) {
+    Matrix X = gaussian_matrix(3, n, uint64_t(n) + 1), Y = X;
+    Hadamard(n).apply(Y);
+    const float scale = 1.f / std::sqrt(float(n));
+    for (int64_t r = 0; r < X.rows; ++r) {
+      float* x = X.row(r);
+      for (int64_t h = 1; h < n; h *= 2)
+        for (int64_t i = 0; i < n; i += 2 * h)
+          for (int64_t j = i; j < i + h; ++j) {
+            const float a = x[j], b = x[j + h];
+            x[j] = a + b, x[j + h] = a - b;
+          }
+      for (int64_t j = 0; j < n; ++j) x[j] *= scale;
+    }
+    EXPECT_EQ(Y.data, X.data) << n;
+  }
+}
+
 TEST(Hadamard, FallbackIsOrthogonalAndFlagged) {
   for (int64_t n : {3, 6, 10, 18}) {
     bool genuine = true;

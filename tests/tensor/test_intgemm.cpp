@@ -224,23 +224,34 @@ IntActs random_acts(int64_t tokens, int64_t cols, int bits, int64_t group, uint6
   return a;
 }
 
-// int_gemm on every path, tiled and row by row, gives exactly the scalar path's output.
+// int_gemm on every path, tiled and row by row, gives exactly the scalar path's output; also when
+// the activations come with their group sums (as the runtime's quantizer makes them).
 void expect_scalar_bits(const IntActs& a, const IntWeights& w, const std::string& what) {
   Matrix ref;
   int_gemm(a, w, IntPath::Scalar, ref);
-  for (IntPath p : supported_int_paths())
-    for (IntTiling tiling : {IntTiling::Tiles, IntTiling::Rows}) {
-      Matrix y;
-      int_gemm(a, w, p, y, tiling);
-      ASSERT_EQ(y.data, ref.data) << int_path_name(p) << (tiling == IntTiling::Tiles ? " tiles " : " rows ") << what;
+  IntActs with_sums = a;
+  for (int64_t t = 0; t < a.rows; ++t)
+    for (int64_t g = 0; g < a.groups(); ++g) {
+      int32_t s = 0;
+      for (int64_t c = g * a.group; c < std::min(a.cols, (g + 1) * a.group); ++c) s += a.codes[size_t(t * a.cols + c)];
+      with_sums.sums.push_back(s);
     }
+  const IntActs& summed = with_sums;
+  for (const IntActs* in : {&a, &summed})
+    for (IntPath p : supported_int_paths())
+      for (IntTiling tiling : {IntTiling::Tiles, IntTiling::Rows}) {
+        Matrix y;
+        int_gemm(*in, w, p, y, tiling);
+        ASSERT_EQ(y.data, ref.data) << int_path_name(p) << (tiling == IntTiling::Tiles ? " tiles " : " rows ")
+                                    << (in == &a ? "" : "with sums ") << what;
+      }
 }
 
 }  // namespace
 
 TEST(IntGemm, TilesGiveTheScalarBitsForEveryWidthSizeGroupTailAndOddCounts) {
-  // 9 tokens x 9 rows: two whole 4-token tiles and a leftover token, whole row tiles (2 or 4 rows)
-  // and a leftover row. Weight groups per channel and of 50 (a partial last group), activations
+  // 9 tokens x 9 rows: a whole tile and a smaller one for the last tokens (4 + 4 + 1 on AVX2, 6 + 3
+  // on AVX-512), whole row tiles (2 or 4 rows) and a leftover row. Weight groups per channel and of 50 (a partial last group), activations
   // per token and per head of 64; group boundaries inside 32-column runs included.
   for (int64_t cols : kSizes)
     for (int wb = 2; wb <= 8; ++wb)
@@ -253,12 +264,18 @@ TEST(IntGemm, TilesGiveTheScalarBitsForEveryWidthSizeGroupTailAndOddCounts) {
         expect_scalar_bits(random_acts(tokens, cols, ab, agroup, uint64_t(ab + cols)), w,
                            "a" + std::to_string(ab) + " w" + std::to_string(wb) + " cols " + std::to_string(cols));
       }
-  // Token counts across the 32-token chunks, and the other grouping at 576.
-  for (int64_t tokens : {1, 3, 4, 5, 32, 37})
+  // Token counts against every tile height (4 tokens on AVX2, 6 on AVX-512, and each smaller tile
+  // for a chunk's last tokens) and across token chunks (128 / 192 tokens), row counts against the row
+  // tiles (2, 4) with leftovers, and the other grouping at 576.
+  for (int64_t tokens : {1, 2, 3, 4, 5, 6, 7, 11, 13, 32, 37, 131, 197})
     for (int wb : {4, 8}) {
-      const auto codes = random_codes(7 * 576, wb, uint64_t(tokens + wb));
-      const IntWeights w = pack(codes, 7, 576, wb, 50, 64, 5);
+      const int64_t rows = tokens % 2 ? 7 : 8;
+      const auto codes = random_codes(rows * 576, wb, uint64_t(tokens + wb));
+      const IntWeights w = pack(codes, rows, 576, wb, 50, 64, 5);
       expect_scalar_bits(random_acts(tokens, 576, 8, 64, uint64_t(tokens)), w, "tokens " + std::to_string(tokens));
+      const IntWeights per_channel = pack(codes, rows, 576, wb, 0, 0, 7);
+      expect_scalar_bits(random_acts(tokens, 576, 8, 0, uint64_t(tokens + 1)), per_channel,
+                         "per channel, tokens " + std::to_string(tokens));
     }
 }
 
