@@ -211,12 +211,14 @@ static void attention(const ModelConfig& c, const Matrix& q, const Matrix& k, co
   }
 }
 
-// Y = X Wᵀ, through the packed form when the layer has one.
-static void project(const Matrix& x, const Matrix& w, const PackedPtr& packed, Matrix& y) {
-  if (packed)
-    packed->apply(x, y);
-  else
-    linear(x, w, y);
+// Y = X Wᵀ for a linear reading `input`: through the packed form when the layer has one, else by
+// the first hook that computes such products, else in f32.
+static void project(const Hooks& hooks, Site input, const Matrix& x, const Matrix& w, const PackedPtr& packed,
+                    Matrix& y) {
+  if (packed) return packed->apply(x, y);
+  for (Hook* h : hooks)
+    if (h->linear(input, x, w, y)) return;
+  linear(x, w, y);
 }
 
 static void add_into(Matrix& x, const Matrix& y) {
@@ -285,11 +287,11 @@ static void mlp_forward(const ModelConfig& c, const LayerWeights& w, int layer, 
     Matrix& in = always ? h : gathered;
     run_expert_hooks(hooks, Site::ExpertIn, layer, e, in);
     const ExpertWeights& ew = w.experts[size_t(e)];
-    project(in, ew.gate, ew.gate_packed, gate);
-    project(in, ew.up, ew.up_packed, up);
+    project(hooks, Site::ExpertIn, in, ew.gate, ew.gate_packed, gate);
+    project(hooks, Site::ExpertIn, in, ew.up, ew.up_packed, up);
     swiglu(gate, up);
     run_expert_hooks(hooks, Site::DownIn, layer, e, gate);
-    project(gate, ew.down, ew.down_packed, out);
+    project(hooks, Site::DownIn, gate, ew.down, ew.down_packed, out);
     if (always) {
       add_into(acc, out);
       continue;
@@ -372,9 +374,9 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
   rmsnorm(h, w.attn_norm.data.data(), c.rms_eps);
   run_hooks(hooks, Site::AttnIn, layer, h);
   Matrix q, k, v;
-  project(h, w.q, w.q_packed, q);
-  project(h, w.k, w.k_packed, k);
-  project(h, w.v, w.v_packed, v);
+  project(hooks, Site::AttnIn, h, w.q, w.q_packed, q);
+  project(hooks, Site::AttnIn, h, w.k, w.k_packed, k);
+  project(hooks, Site::AttnIn, h, w.v, w.v_packed, v);
   add_bias(q, w.q_bias);
   add_bias(k, w.k_bias);
   add_bias(v, w.v_bias);
@@ -393,7 +395,7 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
     attention(c, q, k, v, batch, seq, 0, att);
   }
   run_hooks(hooks, Site::OprojIn, layer, att);
-  project(att, w.o, w.o_packed, q);  // so does q's for the o_proj output
+  project(hooks, Site::OprojIn, att, w.o, w.o_packed, q);  // so does q's for the o_proj output
   add_into(x, q);
 
   h = x;

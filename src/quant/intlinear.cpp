@@ -2,8 +2,6 @@
 
 #include <cmath>
 
-#include "quant/quantize_model.h"
-
 namespace dq {
 
 IntLinear::IntLinear(IntWeights w, const QuantSpec& act, IntPath path) : w_(std::move(w)), act_(act), path_(path) {}
@@ -24,11 +22,9 @@ IntActs quantize_activations(const Matrix& x, const QuantSpec& spec) {
 }
 
 size_t load_integer_weights(Model& m, const std::string& codes_path, const QuantSpec& weights,
-                            const QuantSpec& acts, IntPath path) {
+                            const ActQuantConfig& acts, IntPath path) {
   SafetensorsFile f(codes_path);
   const ModelConfig& c = m.config;
-  QuantSpec per_head = acts;
-  per_head.group = c.head_dim;
   size_t total = 0;
   for (int l = 0; l < c.num_layers; ++l) {
     for (const std::string& name : quantized_linears(c, l)) {
@@ -56,7 +52,7 @@ size_t load_integer_weights(Model& m, const std::string& codes_path, const Quant
       const std::vector<uint8_t> unpacked =
           unpack_codes(std::vector<uint8_t>(codes.data, codes.data + codes.nbytes), rows, cols, weights.bits);
       const bool o_proj = name.find("o_proj") != std::string::npos;
-      const QuantSpec& act = o_proj ? per_head : acts;
+      const QuantSpec act = acts.input(c, o_proj ? Site::OprojIn : Site::AttnIn);
       IntWeights w = IntWeights::pack(unpacked.data(), rows, cols, weights.bits, weights.group, s.data(), z.data(),
                                       act.group);
       auto lin = std::make_shared<IntLinear>(std::move(w), act, path);

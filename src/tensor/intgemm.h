@@ -41,6 +41,12 @@ const char* int_path_name(IntPath p);
 std::vector<IntPath> supported_int_paths();
 IntPath best_int_path();
 
+// The column blocks of a product whose weights are grouped by `group` columns and activations by
+// `act_group` (0: one group per row): a block starts wherever either group does, block b is
+// [bounds[b], bounds[b + 1]). int_gemm and the fake-quant reference (quant/quantize_model.h) add
+// the blocks' exact products in this order.
+std::vector<int64_t> column_blocks(int64_t cols, int64_t group, int64_t act_group);
+
 // Packed weight values, one row per output channel, in one of two containers:
 // - nibbles (codes of 2..4 bits): value s = code − 8 ∈ [−8, 7]; each run of 32 columns is 16 bytes,
 //   column j of the run in the low nibble of byte j (j < 16) or the high nibble of byte j − 16;
