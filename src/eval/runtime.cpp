@@ -49,8 +49,9 @@ struct SectionReader {
   }
 };
 
-// The section's run-time quantization, every field checked.
-ActQuantConfig read_section(const Model& m) {
+}  // namespace
+
+ActQuantConfig quant_config(const Model& m) {
   const json& q = m.quantization;
   const SectionReader r{m.source};
   if (!q.is_object()) r.fail("not an object");
@@ -71,11 +72,9 @@ ActQuantConfig read_section(const Model& m) {
   return a;
 }
 
-}  // namespace
-
 std::string use_integer_runtime(Model& m, IntPath path) {
   if (m.quantization.is_null()) return "not a quantized model";
-  const ActQuantConfig a = read_section(m);
+  const ActQuantConfig a = quant_config(m);
   if (a.weight_bits == 16) return "weights are not quantized";
   if (a.bits == 16) return "activations are not quantized";
   for (int l = 0; l < m.config.num_layers; ++l)
@@ -91,7 +90,7 @@ std::string use_integer_runtime(Model& m, IntPath path) {
 
 RuntimeHooks::RuntimeHooks(const Model& m) {
   if (m.quantization.is_null()) return;
-  ActQuantConfig a = read_section(m);
+  ActQuantConfig a = quant_config(m);
   const SectionReader r{m.source};
   const bool integer = m.weights.has_packed();
   path_ = integer ? "integer" : "fake-quant";
