@@ -28,18 +28,27 @@ void exact_linear(const Matrix& x, const Matrix& w, const std::vector<int64_t>& 
   if (x.cols != w.cols || bounds.size() < 2 || bounds.front() != 0 || bounds.back() != w.cols)
     throw Error("exact_linear: shapes and blocks do not match");
   const int64_t T = x.rows, R = w.rows, K = w.cols;
-  std::vector<double> xd(x.size()), wd(w.size()), acc(size_t(T * R), 0.0), part(acc.size());
+  // Buffers kept between calls: fresh ones page-faulted in on every linear of every forward pass.
+  static thread_local std::vector<double> xd, wd, acc, part;
+  xd.resize(x.size());
+  wd.resize(w.size());
+  acc.resize(size_t(T * R));
 #pragma omp parallel for schedule(static) if (int64_t(x.size()) > kParallelMinWork)
   for (int64_t i = 0; i < int64_t(x.size()); ++i) xd[size_t(i)] = x.data[size_t(i)];
 #pragma omp parallel for schedule(static) if (int64_t(w.size()) > kParallelMinWork)
   for (int64_t i = 0; i < int64_t(w.size()); ++i) wd[size_t(i)] = w.data[size_t(i)];
-  for (size_t b = 0; b + 1 < bounds.size(); ++b) {
+  // Block 0 straight into acc, each later one into part and then added: a block's own sum is exact,
+  // adding part in pieces (dgemm with beta 1 splits long blocks into panels) would round.
+  dgemm(false, true, T, R, bounds[1], 1.0, xd.data(), K, wd.data(), K, 0.0, acc.data(), R);
+  if (bounds.size() > 2) part.resize(acc.size());
+  for (size_t b = 1; b + 1 < bounds.size(); ++b) {
     const int64_t c0 = bounds[b];
     dgemm(false, true, T, R, bounds[b + 1] - c0, 1.0, xd.data() + c0, K, wd.data() + c0, K, 0.0, part.data(), R);
     for (size_t i = 0; i < acc.size(); ++i) acc[i] += part[i];
   }
+  // + 0.0: a zero is +0 as in int_gemm, whose sums start from +0.
   y.reshape_for_overwrite(T, R);
-  for (size_t i = 0; i < acc.size(); ++i) y.data[i] = float(acc[i]);
+  for (size_t i = 0; i < acc.size(); ++i) y.data[i] = float(acc[i] + 0.0);
 }
 
 ActQuantHook::ActQuantHook(const ModelConfig& c, const ActQuantConfig& q)

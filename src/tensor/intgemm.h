@@ -2,7 +2,9 @@
 // weight values (signed, per output channel or per group), accumulated exactly in int32, with
 // scales and zero points applied afterwards in double: each output is the exact value of the
 // dequantized product rounded once to f32, whatever the block structure (per-head activation groups
-// make several blocks per output; an f32 epilogue rounded every block's contribution).
+// make several blocks per output; an f32 epilogue rounded every block's contribution). Exactly so
+// when the scales have scale_bits significant bits (quant/quantizer.h: then sa·sw·(exact sum) needs
+// at most 52 bits); a longer scale leaves each block's term rounded once in double.
 //
 // For a column block where one activation scale/zero (sa, za) and one weight scale/zero (sw, zw)
 // hold, with activation codes q and stored weight values s (the weight code minus an offset o,
