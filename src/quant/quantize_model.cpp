@@ -28,8 +28,16 @@ void exact_linear(const Matrix& x, const Matrix& w, const std::vector<int64_t>& 
   if (x.cols != w.cols || bounds.size() < 2 || bounds.front() != 0 || bounds.back() != w.cols)
     throw Error("exact_linear: shapes and blocks do not match");
   const int64_t T = x.rows, R = w.rows, K = w.cols;
-  // Buffers kept between calls: fresh ones page-faulted in on every linear of every forward pass.
-  static thread_local std::vector<double> xd, wd, acc, part;
+  // Buffers kept between calls (fresh ones were page-faulted in on every linear of every forward
+  // pass), the calling thread's: the parallel loops below reach them through these references.
+  struct Buffers {
+    std::vector<double> x, w, acc, part;
+  };
+  static thread_local Buffers buffers;
+  std::vector<double>& xd = buffers.x;
+  std::vector<double>& wd = buffers.w;
+  std::vector<double>& acc = buffers.acc;
+  std::vector<double>& part = buffers.part;
   xd.resize(x.size());
   wd.resize(w.size());
   acc.resize(size_t(T * R));

@@ -9,6 +9,7 @@
 
 #include "quant/intlinear.h"
 #include "quant/quantize_model.h"
+#include "tensor/kernels.h"
 #include "test_helpers.h"
 
 using namespace dq;
@@ -149,4 +150,23 @@ TEST(ExactLinear, FullMantissaWeightScalesAgreeWithinTheirRounding) {
       differ += y(t, r) != ref(t, r);
     }
   EXPECT_GT(differ, 0);  // the rounded weights do show: this is not the exact case
+}
+
+// Large enough for the parallel conversions (the buffers are the calling thread's), on two threads
+// and on one: the same bits.
+TEST(ExactLinear, ThreadsGiveTheSameBits) {
+  const Case k{4, 4, true, 64, 0};
+  const Matrix x = heavy_rows(300, 256, 8), w = gaussian_matrix(300, 256, 9);
+  Matrix xq = x;
+  fake_quantize(xq, act_spec(k));
+  const Matrix wf = quantize(w, weight_spec(k)).dequantize();
+  const std::vector<int64_t> bounds = column_blocks(256, k.w_group, k.a_group);
+  const int threads = num_threads();
+  Matrix one, two;
+  set_num_threads(1);
+  exact_linear(xq, wf, bounds, one);
+  set_num_threads(2);
+  exact_linear(xq, wf, bounds, two);
+  set_num_threads(threads);
+  EXPECT_EQ(one.data, two.data);
 }
