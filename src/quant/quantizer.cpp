@@ -35,8 +35,8 @@ void QuantSpec::validate() const {
 
 namespace {
 
-// The scale as stored: an f16 when asked, else rounded up to scale_bits significant bits (a scale
-// that is not a normal float, or would overflow, is left to range_params' fallback).
+// The scale as stored: an f16 when asked, else rounded up to scale_bits significant bits. One below
+// FLT_MIN is left for range_params' fallback; one that would round past FLT_MAX keeps its bits.
 float stored_scale(float s, const QuantSpec& spec) {
   if (spec.f16_scales) return f16_to_f32(f32_to_f16(s));
   if (!(s >= FLT_MIN && s <= FLT_MAX)) return s;

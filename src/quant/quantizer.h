@@ -9,8 +9,8 @@
 //   signed code in [-2^(b-1), 2^(b-1) - 1] (the most negative one is reached only by clipping).
 // - Asymmetric: lo = clip * min(min x, 0), hi = clip * max(max x, 0) (the range always holds 0,
 //   as in GPTQ), scale = (hi - lo) / (2^b - 1), zero = round(-lo / scale), in [0, 2^b - 1].
-// - Every scale is then rounded up to scale_bits(b) = 18 - b significant bits (unless f16_scales
-//   rounds it to an f16 instead), so that scale * (q - zero), with |q - zero| < 2^b, has at most 18
+// - Every scale is rounded up to scale_bits(b) = 18 - b significant bits before the zero point is
+//   taken from it (f16_scales rounds it to an f16 instead), so that scale * (q - zero), with |q - zero| < 2^b, has at most 18
 //   significant bits: it is exact in f32, and a product of two such values (36 bits) summed over up
 //   to 2^17 columns that share their two scales is exact in double. The integer runtime's sums and
 //   the fake-quant reference's (double) products therefore both give the exact dequantized product,
