@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -146,6 +147,15 @@ inline nlohmann::json cli_eval(const std::string& args, const ScratchDir& scratc
   CliResult r = run_cli("eval " + args + " --json " + report + " --force", scratch);  // the last report is ours
   EXPECT_EQ(r.exit_code, 0) << r.err;
   return r.exit_code == 0 ? nlohmann::json::parse(slurp(report)) : nlohmann::json::object();
+}
+
+// The smallest value >= s (a positive normal float) with at most m significant bits, by search: the
+// scale a quantizer stores (quant/quantizer.h), written independently of it.
+inline float naive_round_up(float s, int m) {
+  double step = 1;  // brought to s in [2^(m-1), 2^m) * step, where steps of `step` are m-bit values
+  while (double(s) >= std::ldexp(step, m)) step *= 2;
+  while (double(s) < std::ldexp(step, m - 1)) step /= 2;
+  return float(std::ceil(double(s) / step) * step);
 }
 
 }  // namespace dq::test

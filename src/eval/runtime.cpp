@@ -51,50 +51,53 @@ struct SectionReader {
 
 }  // namespace
 
-std::string use_integer_runtime(Model& m, IntPath path) {
+ActQuantConfig quant_config(const Model& m) {
   const json& q = m.quantization;
-  if (q.is_null()) return "not a quantized model";
   const SectionReader r{m.source};
   if (!q.is_object()) r.fail("not an object");
   const json& w = r.object(q, "weights");
   const json& act = r.object(q, "activations");
-  QuantSpec weights, acts;
-  weights.bits = r.bits(w, "weights");
-  acts.bits = r.bits(act, "activations");
-  acts.symmetric = false;
-  acts.clip_ratio = r.clip(act, "activations", 0.9f);
+  const json& kv = r.object(q, "kv_cache");
+  ActQuantConfig a;
+  a.bits = r.bits(act, "activations");
+  a.clip_ratio = r.clip(act, "activations", 0.9f);
+  a.kv_bits = r.bits(kv, "kv_cache");
+  a.kv_clip_ratio = r.clip(kv, "kv_cache", 1.f);
+  a.weight_bits = r.bits(w, "weights");
   if (w.contains("group")) {
     if (!w["group"].is_number_integer() || w["group"].get<int64_t>() < 0 || w["group"].get<int64_t>() > (1 << 20))
       r.fail("weights.group is not a group size");
-    weights.group = int(w["group"].get<int64_t>());
+    a.weight_group = int(w["group"].get<int64_t>());
   }
-  if (weights.bits == 16) return "weights are not quantized";
-  if (acts.bits == 16) return "activations are not quantized";
+  return a;
+}
+
+std::string use_integer_runtime(Model& m, IntPath path) {
+  if (m.quantization.is_null()) return "not a quantized model";
+  const ActQuantConfig a = quant_config(m);
+  if (a.weight_bits == 16) return "weights are not quantized";
+  if (a.bits == 16) return "activations are not quantized";
   for (int l = 0; l < m.config.num_layers; ++l)
     if (!router_name(m.config, l).empty()) return "mixture-of-experts models run on the fake-quant path";
   const std::string codes = (std::filesystem::path(m.source) / "quantized.safetensors").string();
   if (!std::filesystem::is_regular_file(codes)) return "no quantized.safetensors beside the model";
-  load_integer_weights(m, codes, weights, acts, path);
+  QuantSpec weights;
+  weights.bits = a.weight_bits;
+  weights.group = a.weight_group;
+  load_integer_weights(m, codes, weights, a, path);
   return "";
 }
 
 RuntimeHooks::RuntimeHooks(const Model& m) {
-  const json& q = m.quantization;
-  if (q.is_null()) return;
+  if (m.quantization.is_null()) return;
+  ActQuantConfig a = quant_config(m);
   const SectionReader r{m.source};
-  if (!q.is_object()) r.fail("not an object");
   const bool integer = m.weights.has_packed();
   path_ = integer ? "integer" : "fake-quant";
-  const json& online = r.object(q, "online");
+  const json& online = r.object(m.quantization, "online");
   const bool r3 = r.flag(online, "r3"), r4 = r.flag(online, "r4");
   if (r3 || r4) owned_.push_back(std::make_unique<OnlineHadamard>(m.config, r3, r4));
-  const json& act = r.object(q, "activations");
-  const json& kv = r.object(q, "kv_cache");
-  ActQuantConfig a;
-  a.bits = integer ? 16 : r.bits(act, "activations");  // integer linears quantize their inputs
-  a.clip_ratio = r.clip(act, "activations", 0.9f);
-  a.kv_bits = r.bits(kv, "kv_cache");
-  a.kv_clip_ratio = r.clip(kv, "kv_cache", 1.f);
+  if (integer) a.bits = 16;  // integer linears quantize their inputs
   if (a.bits < 16 || a.kv_bits < 16) {
     owned_.push_back(std::make_unique<ActQuantHook>(m.config, a));
     if (a.kv_bits < 16) kv_quantizer_ = static_cast<const ActQuantHook*>(owned_.back().get());

@@ -7,9 +7,14 @@
 #include <vector>
 
 #include "model/forward.h"
+#include "quant/quantize_model.h"
 #include "tensor/intgemm.h"
 
 namespace dq {
+
+// The run-time quantization of a quantized model (m.quantization non-null), every field of the
+// section checked (an Error names the file and field).
+ActQuantConfig quant_config(const Model& m);
 
 // Loads the packed weights of a quantized model directory (m.source) so its linears run on the
 // integer kernels (quant/intlinear.h) on `path`. Returns "" on success, or why the model cannot

@@ -216,12 +216,14 @@ static void attention(const ModelConfig& c, const Matrix& q, const Matrix& k, co
   }
 }
 
-// Y = X Wᵀ, through the packed form when the layer has one.
-static void project(const Matrix& x, const Matrix& w, const PackedPtr& packed, Matrix& y) {
-  if (packed)
-    packed->apply(x, y);
-  else
-    linear(x, w, y);
+// Y = X Wᵀ for a linear reading `input`: through the packed form when the layer has one, else by
+// the first hook that computes such products, else in f32.
+static void project(const Hooks& hooks, Site input, const Matrix& x, const Matrix& w, const PackedPtr& packed,
+                    Matrix& y) {
+  if (packed) return packed->apply(x, y);
+  for (Hook* h : hooks)
+    if (h->linear(input, x, w, y)) return;
+  linear(x, w, y);
 }
 
 struct Projection {
@@ -232,12 +234,12 @@ struct Projection {
 
 // project() for several linears of one input (q/k/v, gate/up): packed linears that read it the same
 // way convert it once (the integer runtime quantizes the activations once).
-static void project_all(const Matrix& x, std::initializer_list<Projection> ps) {
+static void project_all(const Hooks& hooks, Site input, const Matrix& x, std::initializer_list<Projection> ps) {
   std::unique_ptr<PackedInput> in;
   const PackedLinear* converted_by = nullptr;
   for (const Projection& p : ps) {
     if (!p.packed) {
-      linear(x, p.w, p.y);
+      project(hooks, input, x, p.w, nullptr, p.y);
       continue;
     }
     if (!converted_by || !converted_by->shares_input(*p.packed)) {
@@ -314,10 +316,10 @@ static void mlp_forward(const ModelConfig& c, const LayerWeights& w, int layer, 
     Matrix& in = always ? h : gathered;
     run_expert_hooks(hooks, Site::ExpertIn, layer, e, in);
     const ExpertWeights& ew = w.experts[size_t(e)];
-    project_all(in, {{ew.gate, ew.gate_packed, gate}, {ew.up, ew.up_packed, up}});
+    project_all(hooks, Site::ExpertIn, in, {{ew.gate, ew.gate_packed, gate}, {ew.up, ew.up_packed, up}});
     swiglu(gate, up);
     run_expert_hooks(hooks, Site::DownIn, layer, e, gate);
-    project(gate, ew.down, ew.down_packed, out);
+    project(hooks, Site::DownIn, gate, ew.down, ew.down_packed, out);
     if (always) {
       add_into(acc, out);
       continue;
@@ -400,7 +402,7 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
   rmsnorm(h, w.attn_norm.data.data(), c.rms_eps);
   run_hooks(hooks, Site::AttnIn, layer, h);
   Matrix q, k, v;
-  project_all(h, {{w.q, w.q_packed, q}, {w.k, w.k_packed, k}, {w.v, w.v_packed, v}});
+  project_all(hooks, Site::AttnIn, h, {{w.q, w.q_packed, q}, {w.k, w.k_packed, k}, {w.v, w.v_packed, v}});
   add_bias(q, w.q_bias);
   add_bias(k, w.k_bias);
   add_bias(v, w.v_bias);
@@ -419,7 +421,7 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
     attention(c, q, k, v, batch, seq, 0, att);
   }
   run_hooks(hooks, Site::OprojIn, layer, att);
-  project(att, w.o, w.o_packed, q);  // so does q's for the o_proj output
+  project(hooks, Site::OprojIn, att, w.o, w.o_packed, q);  // so does q's for the o_proj output
   add_into(x, q);
 
   h = x;

@@ -31,6 +31,10 @@ struct Hook {
   // The per-expert sites (ExpertIn, DownIn) come here, `expert` indexing LayerWeights::experts
   // (a dense MLP is expert 0); hooks that need not tell experts apart keep this default.
   virtual void at_expert(Site site, int layer, int expert, Matrix& x) { at(site, layer, x); }
+  // A hook may compute the products of the linears that read a site itself (AttnIn: q/k/v,
+  // OprojIn: o_proj, ExpertIn: gate/up, DownIn: down_proj), x being what the hooks left there:
+  // it sets y = x Wᵀ and returns true. The fake-quant reference does (quant/quantize_model.h).
+  virtual bool linear(Site input, const Matrix& x, const Matrix& w, Matrix& y) { return false; }
 };
 using Hooks = std::vector<Hook*>;
 

@@ -5,8 +5,6 @@
 #include <atomic>
 #include <cmath>
 
-#include "quant/quantize_model.h"
-
 namespace dq {
 
 namespace {
@@ -91,12 +89,12 @@ IntActs quantize_activations(const Matrix& x, const QuantSpec& spec) {
 }
 
 size_t load_integer_weights(Model& m, const std::string& codes_path, const QuantSpec& weights,
-                            const QuantSpec& acts, IntPath path) {
+                            const ActQuantConfig& acts, IntPath path) {
   SafetensorsFile f(codes_path);
   const ModelConfig& c = m.config;
-  const auto per_token = std::make_shared<const QuantSpec>(acts);
-  auto per_head = std::make_shared<QuantSpec>(acts);
-  per_head->group = c.head_dim;
+  // One spec object per kind of input: linears that share an input share its codes (shares_input).
+  const auto per_token = std::make_shared<const QuantSpec>(acts.input(c, Site::AttnIn));
+  const auto per_head = std::make_shared<const QuantSpec>(acts.input(c, Site::OprojIn));
   size_t total = 0;
   for (int l = 0; l < c.num_layers; ++l) {
     for (const std::string& name : quantized_linears(c, l)) {

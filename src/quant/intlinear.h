@@ -6,6 +6,7 @@
 #include <string>
 
 #include "model/model.h"
+#include "quant/quantize_model.h"
 #include "quant/quantizer.h"
 #include "tensor/intgemm.h"
 
@@ -36,10 +37,10 @@ IntActs quantize_activations(const Matrix& x, const QuantSpec& spec);
 
 // Replaces every quantized linear of m (quantized_linears()) by an IntLinear built from
 // `codes_path` (a model directory's quantized.safetensors), weights quantized as `weights`
-// (bits, group), inputs quantized as `acts` (the o_proj input one group per head), running on
-// `path`. The f32 weights are then never read. Returns the packed bytes resident. Malformed
-// codes are an Error naming the file and tensor.
+// (bits, group), inputs quantized as `acts` says (ActQuantConfig::input), running on `path`. The
+// f32 weights are then never read. Returns the packed bytes resident. Malformed codes are an Error
+// naming the file and tensor.
 size_t load_integer_weights(Model& m, const std::string& codes_path, const QuantSpec& weights,
-                            const QuantSpec& acts, IntPath path);
+                            const ActQuantConfig& acts, IntPath path);
 
 }  // namespace dq

@@ -2,19 +2,69 @@
 
 #include <random>
 
+#include "tensor/kernels.h"
+
 namespace dq {
 
-ActQuantHook::ActQuantHook(const ModelConfig& c, const ActQuantConfig& q) {
-  token_.bits = q.bits;
-  token_.symmetric = false;
-  token_.clip_ratio = q.clip_ratio;
-  head_ = token_;
-  head_.group = c.head_dim;
-  kv_.bits = q.kv_bits;
-  kv_.symmetric = false;
-  kv_.clip_ratio = q.kv_clip_ratio;
-  kv_.group = c.head_dim;
+QuantSpec ActQuantConfig::input(const ModelConfig& c, Site site) const {
+  QuantSpec s;
+  s.bits = bits;
+  s.symmetric = false;
+  s.clip_ratio = clip_ratio;
+  if (site == Site::OprojIn) s.group = c.head_dim;
+  return s;
 }
+
+QuantSpec ActQuantConfig::kv(const ModelConfig& c) const {
+  QuantSpec s;
+  s.bits = kv_bits;
+  s.symmetric = false;
+  s.clip_ratio = kv_clip_ratio;
+  s.group = c.head_dim;
+  return s;
+}
+
+void exact_linear(const Matrix& x, const Matrix& w, const std::vector<int64_t>& bounds, Matrix& y) {
+  if (x.cols != w.cols || bounds.size() < 2 || bounds.front() != 0 || bounds.back() != w.cols)
+    throw Error("exact_linear: shapes and blocks do not match");
+  const int64_t T = x.rows, R = w.rows, K = w.cols;
+  // Buffers kept between calls (fresh ones were page-faulted in on every linear of every forward
+  // pass), the calling thread's: the parallel loops below reach them through these references.
+  struct Buffers {
+    std::vector<double> x, w, acc, part;
+  };
+  static thread_local Buffers buffers;
+  std::vector<double>& xd = buffers.x;
+  std::vector<double>& wd = buffers.w;
+  std::vector<double>& acc = buffers.acc;
+  std::vector<double>& part = buffers.part;
+  xd.resize(x.size());
+  wd.resize(w.size());
+  acc.resize(size_t(T * R));
+#pragma omp parallel for schedule(static) if (int64_t(x.size()) > kParallelMinWork)
+  for (int64_t i = 0; i < int64_t(x.size()); ++i) xd[size_t(i)] = x.data[size_t(i)];
+#pragma omp parallel for schedule(static) if (int64_t(w.size()) > kParallelMinWork)
+  for (int64_t i = 0; i < int64_t(w.size()); ++i) wd[size_t(i)] = w.data[size_t(i)];
+  // Block 0 straight into acc, each later one into part and then added: a block's own sum is exact,
+  // adding part in pieces (dgemm with beta 1 splits long blocks into panels) would round.
+  dgemm(false, true, T, R, bounds[1], 1.0, xd.data(), K, wd.data(), K, 0.0, acc.data(), R);
+  if (bounds.size() > 2) part.resize(acc.size());
+  for (size_t b = 1; b + 1 < bounds.size(); ++b) {
+    const int64_t c0 = bounds[b];
+    dgemm(false, true, T, R, bounds[b + 1] - c0, 1.0, xd.data() + c0, K, wd.data() + c0, K, 0.0, part.data(), R);
+    for (size_t i = 0; i < acc.size(); ++i) acc[i] += part[i];
+  }
+  // + 0.0: a zero is +0 as in int_gemm, whose sums start from +0.
+  y.reshape_for_overwrite(T, R);
+  for (size_t i = 0; i < acc.size(); ++i) y.data[i] = float(acc[i] + 0.0);
+}
+
+ActQuantHook::ActQuantHook(const ModelConfig& c, const ActQuantConfig& q)
+    : token_(q.input(c, Site::AttnIn)),
+      head_(q.input(c, Site::OprojIn)),
+      kv_(q.kv(c)),
+      exact_products_(q.bits < 16 && q.weight_bits < 16),
+      weight_group_(q.weight_group) {}
 
 void ActQuantHook::at(Site site, int layer, Matrix& x) {
   switch (site) {
@@ -23,6 +73,12 @@ void ActQuantHook::at(Site site, int layer, Matrix& x) {
     case Site::K: case Site::V: fake_quantize(x, kv_); break;
     default: break;
   }
+}
+
+bool ActQuantHook::linear(Site input, const Matrix& x, const Matrix& w, Matrix& y) {
+  if (!exact_products_) return false;
+  exact_linear(x, w, column_blocks(w.cols, weight_group_, input == Site::OprojIn ? head_.group : 0), y);
+  return true;
 }
 
 int64_t ActQuantHook::row_bytes(int64_t cols) const { return encoded_row_bytes(cols, kv_); }

@@ -17,27 +17,48 @@
 
 namespace dq {
 
-// Activations per token (asymmetric, clipped) at every linear input but lm_head's; the o_proj input
-// one group per head. K (after RoPE and R3) and V per head.
+// A quantized model's run-time quantization: activations per token (asymmetric, clipped) at every
+// linear input but lm_head's, the o_proj input one group per head; K (after RoPE and R3) and V per
+// head; and the weights' bits and group, which fix how the products are summed.
 struct ActQuantConfig {
   int bits = 16;
   float clip_ratio = 0.9f;
   int kv_bits = 16;
   float kv_clip_ratio = 1.f;
+  int weight_bits = 16;
+  int weight_group = 0;
+
+  // The quantizer of the input of the linears that read `site` (AttnIn, OprojIn, MlpIn, ExpertIn,
+  // DownIn), and of K and V: the one place the fake-quant hooks and the integer runtime take them.
+  QuantSpec input(const ModelConfig& c, Site site) const;
+  QuantSpec kv(const ModelConfig& c) const;
 };
 
-// It is also the KV cache's quantizer (forward.h) when kv_bits < 16: the cache then keeps K and V
-// as these codes, encoded by encode_rows (quantizer.h).
+// Y = X Wᵀ as the integer runtime sums a quantized linear (tensor/intgemm.h): each column block's
+// products accumulated in double, the blocks (`bounds`, column_blocks) added in order to 0 in
+// double, rounded once to f32. When X and W hold fake-quantized values (scales of scale_bits,
+// quantizer.h) every block's products and partial sums are exact in double, so each output is the
+// exact block-wise sum rounded once, whatever order the double product runs in: the integer
+// runtime's result, bit for bit.
+void exact_linear(const Matrix& x, const Matrix& w, const std::vector<int64_t>& bounds, Matrix& y);
+
+// Fake quantization: rounds each site's activations to the codes of its quantizer and, when weights
+// and activations are both quantized, computes the linears' products with exact_linear (the
+// reference the integer runtime reproduces). It is also the KV cache's quantizer (forward.h) when
+// kv_bits < 16: the cache then keeps K and V as these codes, encoded by encode_rows (quantizer.h).
 class ActQuantHook : public KvQuantizer {
  public:
   ActQuantHook(const ModelConfig& c, const ActQuantConfig& q);
   void at(Site site, int layer, Matrix& x) override;
+  bool linear(Site input, const Matrix& x, const Matrix& w, Matrix& y) override;
   int64_t row_bytes(int64_t cols) const override;
   void encode(Matrix& x, std::vector<uint8_t>& out) const override;
   void decode(const uint8_t* rows, int64_t n, int64_t cols, float* out) const override;
 
  private:
   QuantSpec token_, head_, kv_;
+  bool exact_products_ = false;
+  int weight_group_ = 0;
 };
 
 // n windows of len tokens at seeded uniform random offsets (GPTQ's calibration sampling).

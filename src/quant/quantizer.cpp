@@ -10,6 +10,12 @@
 
 namespace dq {
 
+float round_up_significand(float s, int bits) {
+  int e;
+  const float f = std::frexp(s, &e);  // s = f * 2^e, f in [0.5, 1)
+  return std::ldexp(std::ceil(std::ldexp(f, bits)), e - bits);
+}
+
 int64_t QuantSpec::num_groups(int64_t cols) const {
   if (per_tensor || group <= 0) return 1;
   return (cols + group - 1) / group;
@@ -29,17 +35,24 @@ void QuantSpec::validate() const {
 
 namespace {
 
+// The scale as stored: an f16 when asked, else rounded up to scale_bits significant bits. One below
+// FLT_MIN is left for range_params' fallback; one that would round past FLT_MAX keeps its bits.
+float stored_scale(float s, const QuantSpec& spec) {
+  if (spec.f16_scales) return f16_to_f32(f32_to_f16(s));
+  if (!(s >= FLT_MIN && s <= FLT_MAX)) return s;
+  const float r = round_up_significand(s, scale_bits(spec.bits));
+  return std::isfinite(r) ? r : s;
+}
+
 // Scale/zero for the range [lo, hi] (lo <= 0 <= hi, clip already applied).
 QuantParams range_params(float lo, float hi, const QuantSpec& spec) {
   QuantParams p;
   const float half = float(1 << (spec.bits - 1));
   if (spec.symmetric) {
-    p.scale = std::max(-lo, hi) / (half - 1.f);
-    if (spec.f16_scales) p.scale = f16_to_f32(f32_to_f16(p.scale));
+    p.scale = stored_scale(std::max(-lo, hi) / (half - 1.f), spec);
     p.zero = half;
   } else {
-    p.scale = (hi - lo) / float(spec.maxq());
-    if (spec.f16_scales) p.scale = f16_to_f32(f32_to_f16(p.scale));
+    p.scale = stored_scale((hi - lo) / float(spec.maxq()), spec);
     p.zero = std::nearbyint(-lo / p.scale);
   }
   if (!(p.scale >= FLT_MIN)) p = {1.f, spec.symmetric ? half : 0.f};

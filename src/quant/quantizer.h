@@ -9,6 +9,13 @@
 //   signed code in [-2^(b-1), 2^(b-1) - 1] (the most negative one is reached only by clipping).
 // - Asymmetric: lo = clip * min(min x, 0), hi = clip * max(max x, 0) (the range always holds 0,
 //   as in GPTQ), scale = (hi - lo) / (2^b - 1), zero = round(-lo / scale), in [0, 2^b - 1].
+// - Every scale is rounded up to scale_bits(b) = 18 - b significant bits before the zero point is
+//   taken from it (f16_scales rounds it to an f16 instead), so that scale * (q - zero), with |q - zero| < 2^b, has at most 18
+//   significant bits: it is exact in f32, and a product of two such values (36 bits) summed over up
+//   to 2^17 columns that share their two scales is exact in double. The integer runtime's sums and
+//   the fake-quant reference's (double) products therefore both give the exact dequantized product,
+//   and round it the same way (docs/FORMAT.md). Rounding up, never down, keeps the range: nothing
+//   the unrounded scale would keep is clipped, and the step grows by less than 2^-(17-b).
 // - A row-group whose range is zero (or so small that scale would underflow) gets scale 1 and
 //   zero as if lo = 0, so it quantizes to exact zeros instead of dividing by 0. A NaN or infinity
 //   in the input is an Error.
@@ -52,6 +59,11 @@ struct QuantSpec {
   // Throws Error naming the bad field.
   void validate() const;
 };
+
+// Significant bits of a b-bit quantizer's scale (see the conventions above).
+constexpr int scale_bits(int bits) { return 18 - bits; }
+// s rounded up to `bits` significant bits (s > 0 and finite).
+float round_up_significand(float s, int bits);
 
 struct QuantParams {
   float scale = 1.f;

@@ -66,6 +66,16 @@ int IntWeights::value(int64_t r, int64_t c) const {
   return nibbles ? nibble_value(row, c) : int(int8_t(row[c]));
 }
 
+std::vector<int64_t> column_blocks(int64_t cols, int64_t group, int64_t act_group) {
+  if (group <= 0) group = cols;
+  if (act_group <= 0) act_group = cols;
+  std::vector<int64_t> bounds;
+  for (int64_t c = 0; c < cols; ++c)
+    if (c % group == 0 || c % act_group == 0) bounds.push_back(c);
+  bounds.push_back(cols);
+  return bounds;
+}
+
 IntWeights IntWeights::pack(const uint8_t* codes, int64_t rows, int64_t cols, int bits, int64_t group,
                             const float* scales, const float* zeros, int64_t act_group) {
   if (bits < 2 || bits > 8) throw Error("integer weights: bits must be 2..8, got " + std::to_string(bits));
@@ -97,9 +107,7 @@ IntWeights IntWeights::pack(const uint8_t* codes, int64_t rows, int64_t cols, in
   w.scales.assign(scales, scales + rows * ng);
   w.zeros.resize(size_t(rows * ng));
   for (size_t i = 0; i < w.zeros.size(); ++i) w.zeros[i] = int32_t(zeros[i]) - offset;
-  for (int64_t c = 0; c < cols; ++c)
-    if (c % w.group == 0 || c % w.act_group == 0) w.bounds.push_back(c);
-  w.bounds.push_back(cols);
+  w.bounds = column_blocks(cols, w.group, w.act_group);
   const int64_t nb = w.blocks();
   w.block_sums.assign(size_t(rows * nb), 0);
   for (int64_t r = 0; r < rows; ++r)

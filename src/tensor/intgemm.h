@@ -3,7 +3,10 @@
 // scales and zero points applied afterwards in double: each block's exact integer sum times its two
 // scales, added up with fused multiply-adds in block order and rounded once to f32 (per-head
 // activation groups make several blocks per output; an f32 epilogue rounded every block's
-// contribution). Every path does these same operations, so all give the same bits.
+// contribution). Every path does these same operations, so all give the same bits. Each block's
+// term is exact when the scales have scale_bits significant bits (quant/quantizer.h: then
+// sa·sw·(exact sum) needs at most 52 bits), so the output is then the exact dequantized product
+// rounded once (blocks of different scales added in double); a longer scale rounds each term once.
 //
 // For a column block where one activation scale/zero (sa, za) and one weight scale/zero (sw, zw)
 // hold, with activation codes q and stored weight values s (the weight code minus an offset o,
@@ -44,6 +47,12 @@ IntPath int_path_named(const std::string& name);
 // The paths this CPU can run, scalar first; the last is the fastest.
 std::vector<IntPath> supported_int_paths();
 IntPath best_int_path();
+
+// The column blocks of a product whose weights are grouped by `group` columns and activations by
+// `act_group` (0: one group per row): a block starts wherever either group does, block b is
+// [bounds[b], bounds[b + 1]). int_gemm and the fake-quant reference (quant/quantize_model.h) add
+// the blocks' exact products in this order.
+std::vector<int64_t> column_blocks(int64_t cols, int64_t group, int64_t act_group);
 
 // Packed weight values, one row per output channel, in one of two containers:
 // - nibbles (codes of 2..4 bits): value s = code − 8 ∈ [−8, 7]; each run of 32 columns is 16 bytes,

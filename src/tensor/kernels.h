@@ -21,6 +21,9 @@ Matrix matmul(const Matrix& A, const Matrix& B);
 // Raw row-major sgemm: C[m,n] = alpha * op(A) op(B) + beta * C, leading dimensions given.
 void sgemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
            int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+// The same in double (the fake-quant reference's exact products, quant/quantize_model.h).
+void dgemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, double alpha, const double* A,
+           int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
 
 // y[r] = Σ_c W[r, c] · x[c] for a row-major rows x cols W stored as F32, F16 or BF16 and read where
 // it is (decoding multiplies a mapped 16-bit classifier in place instead of keeping an f32 copy of

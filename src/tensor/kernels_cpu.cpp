@@ -89,6 +89,19 @@ void gemv(DType w_type, const void* W, int64_t rows, int64_t cols, const float* 
   }
 }
 
+void dgemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, double alpha, const double* A,
+           int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (m == 1) {  // as sgemm: a row streams B once instead of packing it
+    const int inc_a = transA ? int(lda) : 1;
+    cblas_dgemv(CblasRowMajor, transB ? CblasNoTrans : CblasTrans, transB ? int(n) : int(k), transB ? int(k) : int(n),
+                alpha, B, int(ldb), A, inc_a, beta, C, 1);
+    return;
+  }
+  cblas_dgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
+              int(m), int(n), int(k), alpha, A, int(lda), B, int(ldb), beta, C, int(ldc));
+}
+
 void gemm(const Matrix& A, bool transA, const Matrix& B, bool transB, Matrix& C, float alpha,
           float beta) {
   int64_t m = transA ? A.cols : A.rows, k = transA ? A.rows : A.cols;

@@ -13,6 +13,7 @@
 #include "eval/html_report.h"
 #include "eval/stats.h"
 #include "io/file.h"
+#include "test_helpers.h"
 
 namespace dq {
 namespace {
@@ -43,7 +44,7 @@ double naive_qerr(const Matrix& x) {
   for (int64_t r = 0; r < x.rows; ++r) {
     double mn = 0, mx = 0;
     for (int64_t j = 0; j < x.cols; ++j) mn = std::min(mn, double(x(r, j))), mx = std::max(mx, double(x(r, j)));
-    const float lo = float(0.9 * mn), hi = float(0.9 * mx), scale = (hi - lo) / 15.f;
+    const float lo = float(0.9 * mn), hi = float(0.9 * mx), scale = test::naive_round_up((hi - lo) / 15.f, 14);
     const float zero = std::nearbyint(-lo / scale);
     for (int64_t j = 0; j < x.cols; ++j) {
       float q = std::clamp(std::nearbyint(x(r, j) / scale) + zero, 0.f, 15.f);

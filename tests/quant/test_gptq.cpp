@@ -201,6 +201,8 @@ TEST(Gptq, MatchesNaiveReferenceInDouble) {
     EXPECT_NEAR(res.error, ref.error, 1e-9 * ref.error);
     EXPECT_EQ(res.retries, 0);
     EXPECT_EQ(res.weight.data, res.q.dequantize().data);
+    // GPTQ chose its codes on the rounded scales (18 - bits significant bits, quantizer.h).
+    for (float s : res.q.scales.data) ASSERT_EQ(dq::test::naive_round_up(s, 18 - c.spec.bits), s);
   }
 }
 

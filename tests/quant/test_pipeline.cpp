@@ -242,7 +242,9 @@ Matrix expected_asym(const Matrix& x, int bits, float clip, int64_t group) {
         mn = std::min(mn, x(r, j));
         mx = std::max(mx, x(r, j));
       }
-      const float lo = clip * mn, hi = clip * mx, scale = (hi - lo) / maxq, zero = std::nearbyint(-lo / scale);
+      // The scale rounded up to 18 - bits significant bits (quantizer.h).
+      const float lo = clip * mn, hi = clip * mx, scale = naive_round_up((hi - lo) / maxq, 18 - bits);
+      const float zero = std::nearbyint(-lo / scale);
       for (int64_t j = g0; j < g1; ++j) {
         const float q = std::clamp(std::nearbyint(x(r, j) / scale) + zero, 0.f, maxq);
         out(r, j) = scale * (q - zero);

@@ -11,6 +11,7 @@
 
 using namespace dq;
 using dq::test::gaussian_matrix;
+using dq::test::naive_round_up;
 
 namespace {
 
@@ -77,13 +78,56 @@ TEST(Quantizer, AsymmetricConventionMatchesGptq) {
   // The range always includes 0: an all-positive row has zero 0.
   std::vector<float> b = {3.f, 18.f};
   p = find_params(b.data(), 2, s);
-  EXPECT_FLOAT_EQ(p.scale, 18.f / 15.f);
+  // Scales are rounded up to 18 - bits = 14 significant bits (1 and 1/7 above have fewer).
+  EXPECT_EQ(p.scale, naive_round_up(18.f / 15.f, 14));
+  EXPECT_GT(p.scale, 18.f / 15.f);
   EXPECT_EQ(p.zero, 0.f);
   // The clip ratio multiplies both ends.
   s.clip_ratio = 0.9f;
   p = find_params(a.data(), 3, s);
-  EXPECT_FLOAT_EQ(p.scale, (9.f + 4.5f) / 15.f);
+  EXPECT_EQ(p.scale, naive_round_up((9.f + 4.5f) / 15.f, 14));
   EXPECT_EQ(p.zero, std::nearbyint(4.5f / p.scale));
+}
+
+// The scale rounding against a naive quantizer with the unrounded textbook scale, on heavy-tailed
+// rows, every bit width, both grids, clip ratios and a partial last group: the stored scale is the
+// naive one rounded up to 18 - bits significant bits (so it is at most 2^-(17-bits) larger), the
+// zero point follows it, codes stay in range, values the naive grid covers are not clipped and stay
+// within half a step, and every dequantized value has at most 18 significant bits (exact in f32).
+TEST(Quantizer, RoundedScalesKeepTheQuantizerProperties) {
+  const Matrix x = outlier_matrix(24, 100, 11);
+  for (int bits = 2; bits <= 8; ++bits)
+    for (bool sym : {true, false})
+      for (float clip : {1.f, 0.9f}) {
+        SCOPED_TRACE(std::to_string(bits) + (sym ? " sym " : " asym ") + std::to_string(clip));
+        const QuantSpec s = spec_of(bits, sym, 36, clip);
+        const QuantizedMatrix q = quantize(x, s);
+        const float half = float(1 << (bits - 1)), maxq = float(s.maxq());
+        for (int64_t r = 0; r < x.rows; ++r)
+          for (int64_t g = 0; g < 3; ++g) {
+            const int64_t c0 = g * 36, c1 = std::min<int64_t>(100, c0 + 36);
+            float mn = 0, mx = 0;
+            for (int64_t c = c0; c < c1; ++c) mn = std::min(mn, x(r, c)), mx = std::max(mx, x(r, c));
+            const float lo = clip * mn, hi = clip * mx;
+            const float naive = sym ? std::max(-lo, hi) / (half - 1.f) : (hi - lo) / maxq;
+            const float scale = q.scales(r, g), zero = q.zeros(r, g);
+            ASSERT_EQ(scale, naive_round_up(naive, 18 - bits));
+            ASSERT_LE(scale, naive * (1.f + std::ldexp(1.f, bits - 17)));
+            ASSERT_EQ(zero, sym ? half : std::nearbyint(-lo / scale));
+            for (int64_t c = c0; c < c1; ++c) {
+              const float code = q.codes[size_t(r * 100 + c)], v = x(r, c);
+              ASSERT_LE(code, maxq);
+              const float d = scale * (code - zero);
+              ASSERT_EQ(double(d), double(scale) * (double(code) - zero));  // exact in f32
+              int e;
+              const double f = std::frexp(double(d), &e);
+              ASSERT_EQ(std::ldexp(f, 18), std::nearbyint(std::ldexp(f, 18)));  // <= 18 significant bits
+              // The naive grid's range: [-(half - 1), half - 1] steps (sym), [lo, hi] (asym).
+              const bool covered = sym ? std::abs(v) <= naive * (half - 1.f) : v >= lo && v <= hi;
+              if (covered) ASSERT_LE(std::abs(v - d), 0.5f * scale * (1.f + 1e-5f)) << r << "," << c;
+            }
+          }
+      }
 }
 
 TEST(Quantizer, SymmetricPerChannelBound) {
@@ -133,7 +177,7 @@ TEST(Quantizer, PerTensor) {
   EXPECT_EQ(q.scales.cols, 1);
   float amax = 0;
   for (float v : x.data) amax = std::max(amax, std::abs(v));
-  EXPECT_FLOAT_EQ(q.scales(0, 0), amax / 127.f);
+  EXPECT_EQ(q.scales(0, 0), naive_round_up(amax / 127.f, 10));
   s.symmetric = false;
   check_bounds(x, s);
 }
@@ -218,7 +262,7 @@ TEST(Quantizer, ZeroAndTinyRows) {
       EXPECT_TRUE(std::isfinite(fq(1, c)));
       EXPECT_LE(std::abs(fq(1, c)), 1e-40f);
     }
-    EXPECT_FLOAT_EQ(fq(2, 0), 1.f);
+    EXPECT_NEAR(fq(2, 0), 1.f, std::ldexp(1.f, -13));  // off the grid by the scale's rounding
     EXPECT_EQ(fq(2, 5), 0.f);
     QuantizedMatrix q = quantize(x, spec_of(4, sym, 0));
     EXPECT_EQ(q.dequantize().data, fq.data);

@@ -118,6 +118,34 @@ TEST(Gemv, StoredRowsMatchANaiveReferenceInEveryDType) {
   EXPECT_THROW(gemv(DType::I8, nullptr, 1, 1, nullptr, nullptr), Error);
 }
 
+TEST(Gemm, DoubleProductsMatchANaiveReference) {
+  // dgemm, one row (dgemv) and several, every transpose combination, alpha and beta: small integers,
+  // so every product and sum is exact and the results must be equal.
+  const int64_t k = 37, n = 29;
+  std::mt19937 rng(8);
+  std::uniform_int_distribution<int> v(-50, 50);
+  auto random = [&](int64_t count) {
+    std::vector<double> x(static_cast<size_t>(count));
+    for (double& e : x) e = v(rng);
+    return x;
+  };
+  for (int64_t m : {1, 3})
+    for (bool ta : {false, true})
+      for (bool tb : {false, true}) {
+        const std::vector<double> A = random(m * k), B = random(k * n), C0 = random(m * n);
+        std::vector<double> C = C0;
+        const int64_t lda = ta ? m : k, ldb = tb ? k : n;
+        dgemm(ta, tb, m, n, k, 0.5, A.data(), lda, B.data(), ldb, 2.0, C.data(), n);
+        for (int64_t r = 0; r < m; ++r)
+          for (int64_t j = 0; j < n; ++j) {
+            double ref = 0;
+            for (int64_t i = 0; i < k; ++i)
+              ref += A[size_t(ta ? i * lda + r : r * lda + i)] * B[size_t(tb ? j * ldb + i : i * ldb + j)];
+            EXPECT_EQ(C[size_t(r * n + j)], 0.5 * ref + 2.0 * C0[size_t(r * n + j)]) << m << ta << tb << j;
+          }
+      }
+}
+
 TEST(Linear, InnerDimensionZeroGivesZerosInReusedOutput) {
   Matrix X(4, 0), W(3, 0), Y(4, 3, std::numeric_limits<float>::infinity());
   linear(X, W, Y);
