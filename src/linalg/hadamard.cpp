@@ -266,14 +266,15 @@ void fwht(float* x, int64_t L) {
   }
   // One stage inside a vector of 8: p holds each lane's partner; lanes in the first half of each
   // 2h-block take v + p (a + b), the others p − v (a − b with a from the partner).
-  auto stage = [](__m256 v, __m256 p, int upper) {
+  // The lane mask is a template argument: blend takes an immediate (clang refuses anything else).
+  auto stage = []<int upper>(__m256 v, __m256 p) {
     return _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), upper);
   };
   for (int64_t i = 0; i < L; i += 8) {
     __m256 v = _mm256_loadu_ps(x + i);
-    v = stage(v, _mm256_permute_ps(v, 0xB1), 0xAA);            // h = 1: partners 1 0 3 2 ...
-    v = stage(v, _mm256_permute_ps(v, 0x4E), 0xCC);            // h = 2: partners 2 3 0 1 ...
-    v = stage(v, _mm256_permute2f128_ps(v, v, 0x01), 0xF0);    // h = 4: the other half
+    v = stage.operator()<0xAA>(v, _mm256_permute_ps(v, 0xB1));          // h = 1: partners 1 0 3 2 ...
+    v = stage.operator()<0xCC>(v, _mm256_permute_ps(v, 0x4E));          // h = 2: partners 2 3 0 1 ...
+    v = stage.operator()<0xF0>(v, _mm256_permute2f128_ps(v, v, 0x01));  // h = 4: the other half
     _mm256_storeu_ps(x + i, v);
   }
   for (int64_t h = 8; h < L; h *= 2)
