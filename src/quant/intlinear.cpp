@@ -121,6 +121,9 @@ size_t load_integer_weights(Model& m, const std::string& codes_path, const Quant
       }
       const std::vector<uint8_t> unpacked =
           unpack_codes(std::vector<uint8_t>(codes.data, codes.data + codes.nbytes), rows, cols, weights.bits);
+      // The file's pages are read once: handed back now, they do not sit beside the packed copy
+      // until the whole model is loaded (a W8 model's codes are as large as its packed weights).
+      f.file().release(codes.offset, codes.nbytes);
       const bool o_proj = name.find("o_proj") != std::string::npos;
       std::shared_ptr<const QuantSpec> act = o_proj ? per_head : per_token;
       IntWeights w = IntWeights::pack(unpacked.data(), rows, cols, weights.bits, weights.group, s.data(), z.data(),
