@@ -120,7 +120,7 @@ size_t load_integer_weights(Model& m, const std::string& codes_path, const Quant
           throw fail("a zero point is not a code");
       }
       const std::vector<uint8_t> unpacked =
-          unpack_codes(std::vector<uint8_t>(codes.data, codes.data + codes.nbytes), rows, cols, weights.bits);
+          unpack_codes({codes.data, codes.nbytes}, rows, cols, weights.bits);
       // The file's pages are read once: handed back now, they do not sit beside the packed copy
       // until the whole model is loaded (a W8 model's codes are as large as its packed weights).
       f.file().release(codes.offset, codes.nbytes);

@@ -35,6 +35,14 @@ void QuantSpec::validate() const {
 
 namespace {
 
+// Code c of a row of `row_bytes` packed bytes (pack_codes' layout): a code spans at most two bytes.
+uint32_t packed_code(const uint8_t* row, int64_t row_bytes, int64_t c, int bits) {
+  const int64_t bit = c * bits;
+  uint32_t v = row[bit / 8];
+  if (bit / 8 + 1 < row_bytes) v |= uint32_t(row[bit / 8 + 1]) << 8;
+  return (v >> (bit % 8)) & ((1u << bits) - 1);
+}
+
 // The scale as stored: an f16 when asked, else rounded up to scale_bits significant bits. One below
 // FLT_MIN is left for range_params' fallback; one that would round past FLT_MAX keeps its bits.
 float stored_scale(float s, const QuantSpec& spec) {
@@ -217,20 +225,14 @@ std::vector<uint8_t> pack_codes(const std::vector<uint8_t>& codes, int64_t rows,
   return out;
 }
 
-std::vector<uint8_t> unpack_codes(const std::vector<uint8_t>& packed, int64_t rows, int64_t cols,
-                                  int bits) {
+std::vector<uint8_t> unpack_codes(std::span<const uint8_t> packed, int64_t rows, int64_t cols, int bits) {
   if (bits < 1 || bits > 8) throw Error("unpack_codes: bits must be 1..8");
   const int64_t rb = packed_row_bytes(cols, bits);
   if (int64_t(packed.size()) != rows * rb) throw Error("unpack_codes: size mismatch");
   std::vector<uint8_t> out(size_t(rows * cols));
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* src = packed.data() + r * rb;
-    for (int64_t c = 0; c < cols; ++c) {
-      int64_t bit = c * bits;
-      uint32_t v = src[bit / 8];
-      if (bit / 8 + 1 < rb) v |= uint32_t(src[bit / 8 + 1]) << 8;
-      out[size_t(r * cols + c)] = uint8_t((v >> (bit % 8)) & ((1u << bits) - 1));
-    }
+    for (int64_t c = 0; c < cols; ++c) out[size_t(r * cols + c)] = uint8_t(packed_code(src, rb, c, bits));
   }
   return out;
 }
@@ -258,7 +260,6 @@ void decode_rows(const uint8_t* in, int64_t n, int64_t cols, const QuantSpec& sp
   const int bits = spec.bits;
   const int64_t ng = spec.num_groups(cols), gs = spec.group > 0 ? spec.group : cols;
   const int64_t code_bytes = packed_row_bytes(cols, bits), row_bytes = encoded_row_bytes(cols, spec);
-  const uint32_t mask = (1u << bits) - 1;
 #pragma omp parallel for schedule(static) if (n * cols > kParallelMinWork)
   for (int64_t r = 0; r < n; ++r) {
     const uint8_t* row = in + r * row_bytes;
@@ -268,12 +269,8 @@ void decode_rows(const uint8_t* in, int64_t n, int64_t cols, const QuantSpec& sp
       QuantParams p;
       std::memcpy(&p.scale, row + code_bytes + g * int64_t(sizeof(float)), sizeof(float));
       p.zero = float(zeros[g]);
-      for (int64_t c = g * gs; c < std::min(cols, (g + 1) * gs); ++c) {
-        // A code spans at most two bytes (bits <= 8); the byte after the codes is still in the row.
-        const int64_t bit = c * bits;
-        const uint32_t v = (uint32_t(row[bit / 8]) | uint32_t(row[bit / 8 + 1]) << 8) >> (bit % 8);
-        dst[c] = dequant_code(float(v & mask), p);
-      }
+      for (int64_t c = g * gs; c < std::min(cols, (g + 1) * gs); ++c)
+        dst[c] = dequant_code(float(packed_code(row, code_bytes, c, bits)), p);
     }
   }
 }

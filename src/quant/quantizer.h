@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "tensor/tensor.h"
@@ -114,8 +115,7 @@ QuantizedMatrix quantize(const Matrix& x, const QuantSpec& spec);
 int64_t packed_row_bytes(int64_t cols, int bits);
 std::vector<uint8_t> pack_codes(const std::vector<uint8_t>& codes, int64_t rows, int64_t cols,
                                 int bits);
-std::vector<uint8_t> unpack_codes(const std::vector<uint8_t>& packed, int64_t rows, int64_t cols,
-                                  int bits);
+std::vector<uint8_t> unpack_codes(std::span<const uint8_t> packed, int64_t rows, int64_t cols, int bits);
 
 // Quantized rows as one byte string each, in memory (the quantized KV cache, docs/FORMAT.md): the
 // row's codes bit-packed as above, then each group's scale (f32), then each group's zero point (one
