@@ -124,7 +124,9 @@ TEST(Quantizer, RoundedScalesKeepTheQuantizerProperties) {
               ASSERT_EQ(std::ldexp(f, 18), std::nearbyint(std::ldexp(f, 18)));  // <= 18 significant bits
               // The naive grid's range: [-(half - 1), half - 1] steps (sym), [lo, hi] (asym).
               const bool covered = sym ? std::abs(v) <= naive * (half - 1.f) : v >= lo && v <= hi;
-              if (covered) ASSERT_LE(std::abs(v - d), 0.5f * scale * (1.f + 1e-5f)) << r << "," << c;
+              if (covered) {
+                ASSERT_LE(std::abs(v - d), 0.5f * scale * (1.f + 1e-5f)) << r << "," << c;
+              }
             }
           }
       }
