@@ -81,10 +81,7 @@ std::string use_integer_runtime(Model& m, IntPath path) {
     if (!router_name(m.config, l).empty()) return "mixture-of-experts models run on the fake-quant path";
   const std::string codes = (std::filesystem::path(m.source) / "quantized.safetensors").string();
   if (!std::filesystem::is_regular_file(codes)) return "no quantized.safetensors beside the model";
-  QuantSpec weights;
-  weights.bits = a.weight_bits;
-  weights.group = a.weight_group;
-  load_integer_weights(m, codes, weights, a, path);
+  load_integer_weights(m, codes, a, path);
   return "";
 }
 

@@ -5,6 +5,8 @@
 #include <atomic>
 #include <cmath>
 
+#include "tensor/kernels.h"
+
 namespace dq {
 
 namespace {
@@ -68,7 +70,7 @@ IntActs quantize_activations(const Matrix& x, const QuantSpec& spec) {
   a.sums.resize(a.scales.size());
   const int maxq = spec.maxq();
   std::atomic<bool> bad{false};
-#pragma omp parallel for schedule(static) if (int64_t(x.size()) > (1 << 16))
+#pragma omp parallel for schedule(static) if (int64_t(x.size()) > kParallelMinWork)
   for (int64_t r = 0; r < x.rows; ++r) {
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t c0 = g * a.group, n = std::min(x.cols, c0 + a.group) - c0;
@@ -88,13 +90,15 @@ IntActs quantize_activations(const Matrix& x, const QuantSpec& spec) {
   return a;
 }
 
-size_t load_integer_weights(Model& m, const std::string& codes_path, const QuantSpec& weights,
-                            const ActQuantConfig& acts, IntPath path) {
+size_t load_integer_weights(Model& m, const std::string& codes_path, const ActQuantConfig& q, IntPath path) {
   SafetensorsFile f(codes_path);
   const ModelConfig& c = m.config;
+  QuantSpec weights;  // the stored zero points make symmetry irrelevant here
+  weights.bits = q.weight_bits;
+  weights.group = q.weight_group;
   // One spec object per kind of input: linears that share an input share its codes (shares_input).
-  const auto per_token = std::make_shared<const QuantSpec>(acts.input(c, Site::AttnIn));
-  const auto per_head = std::make_shared<const QuantSpec>(acts.input(c, Site::OprojIn));
+  const auto per_token = std::make_shared<const QuantSpec>(q.input(c, Site::AttnIn));
+  const auto per_head = std::make_shared<const QuantSpec>(q.input(c, Site::OprojIn));
   size_t total = 0;
   for (int l = 0; l < c.num_layers; ++l) {
     for (const std::string& name : quantized_linears(c, l)) {

@@ -36,11 +36,10 @@ class IntLinear : public PackedLinear {
 IntActs quantize_activations(const Matrix& x, const QuantSpec& spec);
 
 // Replaces every quantized linear of m (quantized_linears()) by an IntLinear built from
-// `codes_path` (a model directory's quantized.safetensors), weights quantized as `weights`
-// (bits, group), inputs quantized as `acts` says (ActQuantConfig::input), running on `path`. The
-// f32 weights are then never read. Returns the packed bytes resident. Malformed codes are an Error
-// naming the file and tensor.
-size_t load_integer_weights(Model& m, const std::string& codes_path, const QuantSpec& weights,
-                            const ActQuantConfig& acts, IntPath path);
+// `codes_path` (a model directory's quantized.safetensors), weights of q's weight bits and group,
+// inputs quantized as q says (ActQuantConfig::input), running on `path`. The f32 weights are then
+// never read. Returns the packed bytes resident. Malformed codes are an Error naming the file and
+// tensor.
+size_t load_integer_weights(Model& m, const std::string& codes_path, const ActQuantConfig& q, IntPath path);
 
 }  // namespace dq
