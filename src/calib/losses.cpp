@@ -3,7 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+
+#include "tensor/kernels.h"
 
 namespace dq {
 
@@ -47,20 +48,6 @@ float mean_over_tokens(const Matrix& O, Matrix* grad, F per_token) {
 }
 
 }  // namespace
-
-float exp_nonpositive(float x) {
-  // Cody–Waite: x = k·ln2 + r with |r| ≤ ln2/2, exp(r) by Cephes' expf polynomial, 2^k into the
-  // exponent bits. Clamped at −87 so that 2^k stays a normal float (exp(−87) ≈ 1.6e−38).
-  x = std::max(x, -87.f);
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
-  const float p = ((((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
-                     1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r) + r + 1.f;
-  const int32_t bits = (int32_t(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
 
 float whip_loss(const Matrix& O, Matrix* grad) {
   // The per-channel loop is branch-free (exp_nonpositive, selects) so that it vectorises: the

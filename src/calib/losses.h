@@ -15,12 +15,8 @@ LossKind loss_from_name(const std::string& name);
 const char* loss_name(LossKind k);
 
 // DartQuant's Whip loss: mean over tokens of Σ_c exp(−|o_c|). dL/do = −sign(o)·exp(−|o|)/T
-// (0 at o = 0). The exponentials come from exp_nonpositive.
+// (0 at o = 0). The exponentials come from exp_nonpositive (tensor/kernels.h).
 float whip_loss(const Matrix& O, Matrix* grad);
-
-// exp(x) for x ≤ 0 within a few float ulps (relative error < 1e-6), branch-free so that loops
-// over it vectorise; inputs below −87 give exp(−87).
-float exp_nonpositive(float x);
 
 // Mean over tokens of the variance across channels, (1/C)Σ(o − μ)². Nearly rotation invariant
 // (Σo² is), which is why the paper finds it useless; kept for the ablation.

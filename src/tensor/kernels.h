@@ -2,6 +2,11 @@
 // The CPU implementation (kernels_cpu.cpp) uses OpenBLAS and OpenMP; another backend provides the
 // same functions.
 #pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
 #include "tensor/tensor.h"
 
 namespace dq {
@@ -30,11 +35,27 @@ void dgemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, double alp
 // twice its size). Accumulates in f32 partial sums (a different order from sgemv's).
 void gemv(DType w_type, const void* W, int64_t rows, int64_t cols, const float* x, float* y);
 
+// exp(x) for x ≤ 0 within a few float ulps (relative error < 1e-6), branch-free and inline so that
+// loops over it vectorise (libm's expf is a call per element); inputs below −87 give exp(−87).
+inline float exp_nonpositive(float x) {
+  // Cody–Waite: x = k·ln2 + r with |r| ≤ ln2/2, exp(r) by Cephes' expf polynomial, 2^k into the
+  // exponent bits. Clamped at −87 so that 2^k stays a normal float (exp(−87) ≈ 1.6e−38).
+  x = x < -87.f ? -87.f : x;
+  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+  const float p = ((((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+                     1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r) + r + 1.f;
+  const int32_t bits = (int32_t(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
 // x <- x / rms(x) * gain (gain may be null = all ones), row by row.
 void rmsnorm(Matrix& x, const float* gain, float eps);
-// In-place softmax of n values.
+// In-place softmax of n values (exponentials by exp_nonpositive, their sum in double).
 void softmax(float* x, int64_t n);
-// gate <- silu(gate) * up, elementwise.
+// gate <- silu(gate) * up, elementwise (the sigmoid by exp_nonpositive).
 void swiglu(Matrix& gate, const Matrix& up);
 
 // Loops over fewer elements than this run on one thread (waking threads costs more).

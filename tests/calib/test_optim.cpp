@@ -289,17 +289,7 @@ TEST(OrthOptim, R2RmsNormalisationMakesTheLossScaleInvariant) {
 
 namespace dq {
 
-TEST(Losses, VectorisedExpMatchesLibm) {
-  double worst = 0;
-  for (int i = 0; i <= 200000; ++i) {
-    const float x = -87.f * float(i) / 200000.f;
-    const double ref = std::exp(double(x));
-    worst = std::max(worst, std::abs(double(exp_nonpositive(x)) - ref) / ref);
-  }
-  EXPECT_LT(worst, 1e-6);
-  EXPECT_EQ(exp_nonpositive(0.f), 1.f);
-  EXPECT_GT(exp_nonpositive(-1000.f), 0.f);  // clamped, not 0 or NaN
-  EXPECT_LT(exp_nonpositive(-1000.f), 2e-38f);
+TEST(Losses, WhipMatchesLibmExponentials) {
   // Whip on a batch wider than one vector register, against a sum of libm exponentials.
   Matrix O = gaussian(7, 37, 3, 2.f);
   double ref = 0;

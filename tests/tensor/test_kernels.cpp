@@ -1,6 +1,7 @@
 // Matrix storage, output-reusing linear/gemm, and the parallel dtype conversion with its finite check.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -155,6 +156,57 @@ TEST(Linear, InnerDimensionZeroGivesZerosInReusedOutput) {
 TEST(Linear, RejectsMismatchedInnerDimension) {
   Matrix Y;
   EXPECT_THROW(linear(Matrix(2, 3), Matrix(4, 5), Y), Error);
+}
+
+TEST(Kernels, VectorisedExpMatchesLibm) {
+  double worst = 0;
+  for (int i = 0; i <= 200000; ++i) {
+    const float x = -87.f * float(i) / 200000.f;
+    const double ref = std::exp(double(x));
+    worst = std::max(worst, std::abs(double(exp_nonpositive(x)) - ref) / ref);
+  }
+  EXPECT_LT(worst, 1e-6);
+  EXPECT_EQ(exp_nonpositive(0.f), 1.f);
+  EXPECT_GT(exp_nonpositive(-1000.f), 0.f);  // clamped, not 0 or NaN
+  EXPECT_LT(exp_nonpositive(-1000.f), 2e-38f);
+}
+
+// Lengths around the vector width and a long row; values spread so that some exponentials underflow.
+TEST(Kernels, SoftmaxMatchesADoubleReference) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 8.f);
+  for (int64_t n : {1, 3, 8, 9, 17, 1000}) {
+    std::vector<float> x(static_cast<size_t>(n));
+    for (float& v : x) v = nd(rng);
+    std::vector<double> ref(x.begin(), x.end());
+    const double mx = *std::max_element(ref.begin(), ref.end());
+    double sum = 0;
+    for (double& v : ref) sum += (v = std::exp(v - mx));
+    softmax(x.data(), n);
+    double total = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      // exp's own error plus that of the float argument x − max (half an ulp of its magnitude).
+      const double arg = std::abs(std::log(ref[size_t(i)])), rel = 2e-6 + arg * 6e-8;
+      EXPECT_NEAR(x[size_t(i)], ref[size_t(i)] / sum, rel * ref[size_t(i)] / sum + 1e-30) << n << " " << i;
+      total += x[size_t(i)];
+    }
+    EXPECT_NEAR(total, 1.0, 1e-5);
+  }
+}
+
+// silu(g)·u against g·u/(1 + e^−g) in double, including gates far out on both sides.
+TEST(Kernels, SwigluMatchesADoubleReference) {
+  Matrix gate = gaussian_matrix(3, 37, 11, 6.f), up = gaussian_matrix(3, 37, 12);
+  gate(0, 0) = 120.f;
+  gate(0, 1) = -120.f;
+  gate(0, 2) = 0.f;
+  const Matrix g0 = gate;
+  swiglu(gate, up);
+  for (size_t i = 0; i < gate.size(); ++i) {
+    const double g = g0.data[i], ref = g / (1.0 + std::exp(-g)) * up.data[i];
+    ASSERT_TRUE(std::isfinite(gate.data[i]));
+    EXPECT_NEAR(gate.data[i], ref, 1e-6 * std::abs(ref) + 1e-30) << i;
+  }
 }
 
 TEST(ConvertToF32, HalfFormatsMatchScalarConversionInParallel) {
