@@ -114,14 +114,17 @@ void BM_GemmVsCblas(benchmark::State& state) {
   state.counters["linear_reuse/sgemm"] = t[0] / t[3];
 }
 
-// int_gemm with tiles, int_gemm row by row, and f32 sgemm at the same shape, in rotating order in
+// int_gemm with register tiles, with column slices (AVX-512; tiles elsewhere), row by row, and f32
+// sgemm at the same shape, in rotating order in
 // every iteration, on one thread (timed in thread CPU time: steadier than wall time on a loaded
 // machine). Weights of `wbits`, activations of `abits` per token; path: 0 = the best this CPU has,
-// 1 = AVX2 (what an AVX2-only CPU such as Zen 3 runs). Counters: each rate in G(FL)OP/s, and
-// tiles/rows and tiles/sgemm as speed ratios.
+// 1 = AVX2 (what an AVX2-only CPU such as Zen 3 runs); ag: the activations' group (0: the whole
+// row; o_proj's input is quantized one group per head). Counters: each rate in G(FL)OP/s, and
+// tiles/rows, tiles/sgemm and slices/tiles as speed ratios.
 void BM_IntGemmTilesVsRows(benchmark::State& state) {
   const int64_t m = state.range(0), n = state.range(1), k = state.range(2);
   const int wbits = int(state.range(3)), abits = int(state.range(4));
+  const int64_t ag = state.range(6) > 0 ? state.range(6) : k;
   const std::vector<dq::IntPath> paths = dq::supported_int_paths();
   if (paths.size() < 2) {
     state.SkipWithError("no vector path on this CPU");
@@ -135,26 +138,27 @@ void BM_IntGemmTilesVsRows(benchmark::State& state) {
   std::vector<uint8_t> codes(size_t(n * k));
   for (uint8_t& c : codes) c = uint8_t(rng() % (1u << wbits));
   std::vector<float> scales(size_t(n), 0.01f), zeros(size_t(n), float(1 << (wbits - 1)));
-  const dq::IntWeights w = dq::IntWeights::pack(codes.data(), n, k, wbits, 0, scales.data(), zeros.data(), 0);
+  const dq::IntWeights w = dq::IntWeights::pack(codes.data(), n, k, wbits, 0, scales.data(), zeros.data(), ag % k);
   dq::IntActs a;
   a.rows = m;
   a.cols = k;
   a.bits = abits;
-  a.group = k;
+  a.group = ag;
   a.codes.resize(size_t(m * k));
   for (uint8_t& c : a.codes) c = uint8_t(rng() % (1u << abits));
-  a.scales.assign(size_t(m), 0.02f);
-  a.zeros.assign(size_t(m), 1 << (abits - 1));
+  a.scales.assign(size_t(m * a.groups()), 0.02f);
+  a.zeros.assign(size_t(m * a.groups()), 1 << (abits - 1));
   const dq::Matrix X = random_matrix(m, k, 1), W = random_matrix(n, k, 2);
-  dq::Matrix tiles, rows, C(m, n);
-  double t[3] = {0, 0, 0};
+  dq::Matrix tiles, rows, slices, C(m, n);
+  double t[4] = {0, 0, 0, 0};
   int64_t it = 0;
   for (auto _ : state) {
-    for (int j = 0; j < 3; ++j) {
-      const int which = int((it + j) % 3);
+    for (int j = 0; j < 4; ++j) {
+      const int which = int((it + j) % 4);
       const double c0 = dq::thread_cpu_seconds();
       if (which == 0) dq::int_gemm(a, w, path, tiles, dq::IntTiling::Tiles);
       else if (which == 1) dq::int_gemm(a, w, path, rows, dq::IntTiling::Rows);
+      else if (which == 3) dq::int_gemm(a, w, path, slices, dq::IntTiling::Slices);
       else dq::sgemm(false, true, m, n, k, 1.f, X.data.data(), k, W.data.data(), k, 0.f, C.data.data(), n);
       benchmark::ClobberMemory();
       const double d = dq::thread_cpu_seconds() - c0;
@@ -164,13 +168,15 @@ void BM_IntGemmTilesVsRows(benchmark::State& state) {
     ++it;
   }
   dq::set_num_threads(threads);
-  if (tiles.data != rows.data) state.SkipWithError("tiles and rows differ");
+  if (tiles.data != rows.data || slices.data != rows.data) state.SkipWithError("tiles, slices and rows differ");
   const double ops = 2.0 * double(m) * double(n) * double(k) * double(it);
   state.counters["tiles_GOP/s"] = ops / t[0] / 1e9;
   state.counters["rows_GOP/s"] = ops / t[1] / 1e9;
   state.counters["sgemm_GFLOP/s"] = ops / t[2] / 1e9;
   state.counters["tiles/rows"] = t[1] / t[0];
   state.counters["tiles/sgemm"] = t[2] / t[0];
+  state.counters["slices_GOP/s"] = ops / t[3] / 1e9;
+  state.counters["slices/tiles"] = t[0] / t[3];
 }
 
 // One head's attention products at sequence length `seq`: scores = Q Kᵀ (seq x seq x hd) and
@@ -203,14 +209,16 @@ void shapes(benchmark::internal::Benchmark* b) {
 }
 
 // Prefill (512 tokens) and decode (1 token) at SmolLM2-135M and Llama-3.2-1B linear shapes, for
-// W4A8, W4A4 and W8A8, on the best path and on AVX2.
+// W4A8, W4A4 and W8A8, on the best path and on AVX2; SmolLM2's o_proj with its per-head groups.
 void int_shapes(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"m", "n", "k", "wb", "ab", "avx2"});
+  b->ArgNames({"m", "n", "k", "wb", "ab", "avx2", "ag"});
   for (int path : {0, 1})
     for (auto bits : std::vector<std::pair<int, int>>{{4, 8}, {4, 4}, {8, 8}})
-      for (int m : {512, 1})
+      for (int m : {512, 1}) {
         for (auto nk : std::vector<std::pair<int, int>>{{1536, 576}, {576, 1536}, {2048, 2048}, {8192, 2048}})
-          b->Args({m, nk.first, nk.second, bits.first, bits.second, path});
+          b->Args({m, nk.first, nk.second, bits.first, bits.second, path, 0});
+        b->Args({m, 576, 576, bits.first, bits.second, path, 64});
+      }
   b->Unit(benchmark::kMillisecond);
 }
 

@@ -175,7 +175,7 @@ static void add_bias(Matrix& x, const Matrix& b) {
 // row t is the token at position past + t.
 static void attention(const ModelConfig& c, const Matrix& q, const Matrix& k, const Matrix& v,
                       int batch, int seq, int64_t past, Matrix& out) {
-  constexpr int kAttnBlock = 256;
+  constexpr int kAttnBlock = 64;
   const int hd = c.head_dim, group = c.num_heads / c.num_kv_heads;
   const int64_t qd = c.q_dim(), kvd = c.kv_dim();
   const float scale = 1.f / std::sqrt(float(hd));

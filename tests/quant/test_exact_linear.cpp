@@ -116,7 +116,7 @@ TEST(ExactLinear, IntegerKernelsReproduceItBitForBit) {
     exact_linear(xq, qw.dequantize(), column_blocks(100, k.w_group, k.a_group), ref);
     const IntWeights packed = pack(qw, k.a_group);
     for (IntPath p : supported_int_paths())
-      for (IntTiling tiling : {IntTiling::Tiles, IntTiling::Rows}) {
+      for (IntTiling tiling : {IntTiling::Tiles, IntTiling::Slices, IntTiling::Rows}) {
         Matrix y;
         int_gemm(quantize_activations(x, act_spec(k)), packed, p, y, tiling);
         EXPECT_EQ(y.data, ref.data) << int_path_name(p);

@@ -239,10 +239,11 @@ void expect_scalar_bits(const IntActs& a, const IntWeights& w, const std::string
   const IntActs& summed = with_sums;
   for (const IntActs* in : {&a, &summed})
     for (IntPath p : supported_int_paths())
-      for (IntTiling tiling : {IntTiling::Tiles, IntTiling::Rows}) {
+      for (IntTiling tiling : {IntTiling::Tiles, IntTiling::Slices, IntTiling::Rows}) {
         Matrix y;
         int_gemm(*in, w, p, y, tiling);
-        ASSERT_EQ(y.data, ref.data) << int_path_name(p) << (tiling == IntTiling::Tiles ? " tiles " : " rows ")
+        const char* how = tiling == IntTiling::Tiles ? " tiles " : tiling == IntTiling::Slices ? " slices " : " rows ";
+        ASSERT_EQ(y.data, ref.data) << int_path_name(p) << how
                                     << (in == &a ? "" : "with sums ") << what;
       }
 }
@@ -277,6 +278,25 @@ TEST(IntGemm, TilesGiveTheScalarBitsForEveryWidthSizeGroupTailAndOddCounts) {
       expect_scalar_bits(random_acts(tokens, 576, 8, 0, uint64_t(tokens + 1)), per_channel,
                          "per channel, tokens " + std::to_string(tokens));
     }
+}
+
+// Column slices (AVX-512) take blocks in whole groups of 4 columns: weight groups of 32 with
+// per-head activation groups, and per channel; row counts below, at and past one 16-row slice (a
+// partial last slice), token counts against the 8-token tile and the 256-token chunk.
+TEST(IntGemm, SlicesGiveTheScalarBits) {
+  for (int64_t cols : {64, 172, 576})
+    for (int wb : {2, 4, 8})
+      for (int ab : {4, 8})
+        for (int64_t rows : {5, 16, 37})
+          for (int64_t tokens : {3, 8, 13, 261}) {
+            if (tokens == 261 && (rows != 37 || cols != 576)) continue;  // the long case once per width pair
+            const bool grouped = cols % 64 == 0;
+            const auto codes = random_codes(rows * cols, wb, uint64_t(cols + rows * 10 + wb));
+            const IntWeights w = pack(codes, rows, cols, wb, grouped ? 32 : 0, grouped ? 64 : 0, 3);
+            expect_scalar_bits(random_acts(tokens, cols, ab, grouped ? 64 : 0, uint64_t(ab + tokens)), w,
+                               "a" + std::to_string(ab) + " w" + std::to_string(wb) + " cols " + std::to_string(cols) +
+                                   " rows " + std::to_string(rows) + " tokens " + std::to_string(tokens));
+          }
 }
 
 TEST(IntGemm, TilesAtWorstCaseMagnitudesGiveTheScalarBits) {
