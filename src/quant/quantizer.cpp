@@ -80,10 +80,13 @@ double shrink_error(const T* x, int64_t n, QuantParams p, int maxq, float norm) 
 // find_params without throwing (usable inside OpenMP regions); false on a non-finite input.
 template <class T>
 bool try_find_params(const T* x, int64_t n, const QuantSpec& spec, QuantParams& out) {
+  // One vectorised pass (the integer runtime runs it on every token): minimum and maximum are exact
+  // in any order, and the poison stays NaN in any order.
   T lo = 0, hi = 0, poison = 0;
+#pragma omp simd reduction(min : lo) reduction(max : hi) reduction(+ : poison)
   for (int64_t i = 0; i < n; ++i) {
-    lo = std::min(lo, x[i]);
-    hi = std::max(hi, x[i]);
+    lo = x[i] < lo ? x[i] : lo;
+    hi = x[i] > hi ? x[i] : hi;
     poison += x[i] * T(0);  // NaN as soon as one value is NaN or infinite
   }
   if (poison != poison) return false;
