@@ -165,9 +165,8 @@ static void add_bias(Matrix& x, const Matrix& b) {
 }
 
 // Causal softmax attention for every (sequence, head); a GQA group's query heads share a KV head.
-// (sequence, head) pairs run in parallel, one per thread with single-threaded BLAS: per-head products
-// are too small to split well, and alternating BLAS calls with parallel softmax loops made the BLAS
-// and OpenMP thread pools spin against each other. Queries go in blocks of kAttnBlock rows, each
+// (sequence, head) pairs run in parallel, one per thread (sgemm does not split inside a parallel
+// region: per-head products are too small to split well). Queries go in blocks of kAttnBlock rows, each
 // against only the keys it can see (up to its last row, from its first row's sliding-window start):
 // the masked upper triangle is neither multiplied nor exponentiated, and the scores stay cache-sized.
 // `out` is reshaped to [tokens, q_dim], reusing its storage; every element is overwritten.
@@ -180,13 +179,7 @@ static void attention(const ModelConfig& c, const Matrix& q, const Matrix& k, co
   const int64_t qd = c.q_dim(), kvd = c.kv_dim();
   const float scale = 1.f / std::sqrt(float(hd));
   out.reshape_for_overwrite(q.rows, qd);
-  const int threads = num_threads();
-  struct RestoreThreads {
-    int n;
-    ~RestoreThreads() { set_num_threads(n); }
-  } restore{threads};
-  set_num_threads(1);  // BLAS inside the loop below; the loop itself keeps `threads`
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel
   {
     std::vector<float> scores(size_t(std::min(seq, kAttnBlock)) * size_t(past + seq));
 #pragma omp for schedule(dynamic, 1)

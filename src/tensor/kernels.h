@@ -61,7 +61,9 @@ void swiglu(Matrix& gate, const Matrix& up);
 // Loops over fewer elements than this run on one thread (waking threads costs more).
 constexpr int64_t kParallelMinWork = 1 << 16;
 
-// Threads used by BLAS and by our own parallel loops (one pool size for both).
+// OpenMP threads for our own loops and for large products, which sgemm/dgemm split over them.
+// OpenBLAS itself runs on one thread (one pool: two would spin against each other), so LAPACK's
+// factorizations (linalg/qr, quant/gptq) run on one thread.
 void set_num_threads(int n);
 int num_threads();
 

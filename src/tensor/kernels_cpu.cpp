@@ -10,21 +10,77 @@
 
 namespace dq {
 
+namespace {
+
+// One pool of threads: OpenBLAS always runs on one thread and large products are split over the
+// OpenMP threads here. With two pools (OpenBLAS's pthreads and OpenMP's) each one's idle threads
+// spin while the other works, on the same cores: on 2 cores, two threads ran the SmolLM2-shape f32
+// forward slower than one (`bench -p 256 -n 16`: pp 207 against 341 t/s, tg 3.0 against 6.6).
+const bool kBlasSingleThreaded = (openblas_set_num_threads(1), true);
+
+// Products of fewer multiply-adds than this stay on one thread (a 576 x 576 row product is above).
+constexpr double kSplitMinWork = 1 << 18;
+
+// Calls product(c0, c1) on column ranges [c0, c1) that cover n, in parallel when the product is
+// large and no parallel region is already running; boundaries at multiples of 16 columns.
+template <class Product>
+void over_columns(int64_t m, int64_t n, int64_t k, Product&& product) {
+  const int64_t parts = std::min<int64_t>(omp_in_parallel() ? 1 : omp_get_max_threads(), n / 16);
+  if (parts <= 1 || double(m) * double(n) * double(k) < kSplitMinWork) return product(int64_t(0), n);
+#pragma omp parallel for num_threads(int(parts)) schedule(static)
+  for (int64_t p = 0; p < parts; ++p)
+    product(n * p / parts / 16 * 16, p + 1 == parts ? n : n * (p + 1) / parts / 16 * 16);
+}
+
+void blas_gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k, float alpha, const float* A, int lda,
+               const float* B, int ldb, float beta, float* C, int ldc) {
+  cblas_sgemm(CblasRowMajor, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+void blas_gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k, double alpha, const double* A, int lda,
+               const double* B, int ldb, double beta, double* C, int ldc) {
+  cblas_dgemm(CblasRowMajor, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+void blas_gemv(CBLAS_TRANSPOSE t, int m, int n, float alpha, const float* A, int lda, const float* x, int incx,
+               float beta, float* y) {
+  cblas_sgemv(CblasRowMajor, t, m, n, alpha, A, lda, x, incx, beta, y, 1);
+}
+void blas_gemv(CBLAS_TRANSPOSE t, int m, int n, double alpha, const double* A, int lda, const double* x, int incx,
+               double beta, double* y) {
+  cblas_dgemv(CblasRowMajor, t, m, n, alpha, A, lda, x, incx, beta, y, 1);
+}
+
+template <class T>
+void gemm_raw(bool transA, bool transB, int64_t m, int64_t n, int64_t k, T alpha, const T* A, int64_t lda,
+              const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  over_columns(m, n, k, [&](int64_t c0, int64_t c1) {
+    const T* Bc = transB ? B + c0 * ldb : B + c0;  // op(B)'s columns c0..c1
+    const int nc = int(c1 - c0);
+    if (m == 1) {
+      // One row (decoding a token): OpenBLAS's gemm packs all of B on every call, gemv streams it
+      // once. c = op(B)ᵀ·a, where a is A's only row (or, transposed, its only column).
+      const int inc_a = transA ? int(lda) : 1;
+      if (transB)  // B is n x k
+        blas_gemv(CblasNoTrans, nc, int(k), alpha, Bc, int(ldb), A, inc_a, beta, C + c0);
+      else  // B is k x n
+        blas_gemv(CblasTrans, int(k), nc, alpha, Bc, int(ldb), A, inc_a, beta, C + c0);
+      return;
+    }
+    blas_gemm(transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans, int(m), nc, int(k), alpha, A,
+              int(lda), Bc, int(ldb), beta, C + c0, int(ldc));
+  });
+}
+
+}  // namespace
+
 void sgemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
            int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (m == 1) {
-    // One row (decoding a token): OpenBLAS's sgemm packs all of B on every call, sgemv streams it
-    // once. c = op(B)ᵀ·a, where a is A's only row (or, transposed, its only column).
-    const int inc_a = transA ? int(lda) : 1;
-    if (transB)  // B is n x k
-      cblas_sgemv(CblasRowMajor, CblasNoTrans, int(n), int(k), alpha, B, int(ldb), A, inc_a, beta, C, 1);
-    else  // B is k x n
-      cblas_sgemv(CblasRowMajor, CblasTrans, int(k), int(n), alpha, B, int(ldb), A, inc_a, beta, C, 1);
-    return;
-  }
-  cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
-              int(m), int(n), int(k), alpha, A, int(lda), B, int(ldb), beta, C, int(ldc));
+  gemm_raw(transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void dgemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, double alpha, const double* A,
+           int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  gemm_raw(transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 namespace {
@@ -87,19 +143,6 @@ void gemv(DType w_type, const void* W, int64_t rows, int64_t cols, const float* 
     case DType::BF16: return gemv_rows<DType::BF16>(w, rows, cols, x, y);
     default: throw Error(std::string("gemv: weights stored as ") + dtype_name(w_type) + " are not supported");
   }
-}
-
-void dgemm(bool transA, bool transB, int64_t m, int64_t n, int64_t k, double alpha, const double* A,
-           int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (m == 1) {  // as sgemm: a row streams B once instead of packing it
-    const int inc_a = transA ? int(lda) : 1;
-    cblas_dgemv(CblasRowMajor, transB ? CblasNoTrans : CblasTrans, transB ? int(n) : int(k), transB ? int(k) : int(n),
-                alpha, B, int(ldb), A, inc_a, beta, C, 1);
-    return;
-  }
-  cblas_dgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
-              int(m), int(n), int(k), alpha, A, int(lda), B, int(ldb), beta, C, int(ldc));
 }
 
 void gemm(const Matrix& A, bool transA, const Matrix& B, bool transB, Matrix& C, float alpha,
@@ -179,11 +222,7 @@ void swiglu(Matrix& gate, const Matrix& up) {
   }
 }
 
-void set_num_threads(int n) {
-  n = std::max(1, n);
-  openblas_set_num_threads(n);
-  omp_set_num_threads(n);
-}
+void set_num_threads(int n) { omp_set_num_threads(std::max(1, n)); }
 
 int num_threads() { return omp_get_max_threads(); }
 

@@ -86,6 +86,44 @@ TEST(Gemm, OneRowProductsMatchANaiveReference) {
     }
 }
 
+TEST(Gemm, ColumnSplitOverThreadsMatchesANaiveReference) {
+  // Products above the split threshold run as column ranges on the OpenMP threads (boundaries at
+  // multiples of 16; n = 1001 leaves an odd last range); inside a parallel region they do not split.
+  // sgemm and dgemm, one row and many, every transpose, leading dimensions wider than the operands,
+  // beta != 0; against sums in double, at 1, 2 and 3 threads.
+  const int threads_before = num_threads();
+  const int64_t k = 300, n = 1001, pad = 5;
+  for (int64_t m : {1, 40})
+    for (bool ta : {false, true})
+      for (bool tb : {false, true}) {
+        // Operands as stored: A is m x k (or k x m), B is n x k (or k x n), each row padded.
+        const int64_t lda = (ta ? m : k) + pad, ldb = (tb ? k : n) + pad, ldc = n + pad;
+        const Matrix A = gaussian_matrix(ta ? k : m, lda, 21), B = gaussian_matrix(tb ? n : k, ldb, 22);
+        const Matrix C0 = gaussian_matrix(m, ldc, 23);
+        auto a = [&](int64_t i, int64_t l) { return double(ta ? A(l, i) : A(i, l)); };
+        auto b = [&](int64_t l, int64_t j) { return double(tb ? B(j, l) : B(l, j)); };
+        std::vector<double> Ad(A.data.begin(), A.data.end()), Bd(B.data.begin(), B.data.end());
+        for (int threads : {1, 2, 3}) {
+          set_num_threads(threads);
+          Matrix C = C0;
+          std::vector<double> Cd(C0.data.begin(), C0.data.end());
+          sgemm(ta, tb, m, n, k, 0.5f, A.data.data(), lda, B.data.data(), ldb, 2.f, C.data.data(), ldc);
+          dgemm(ta, tb, m, n, k, 0.5, Ad.data(), lda, Bd.data(), ldb, 2.0, Cd.data(), ldc);
+          for (int64_t i = 0; i < m; ++i) {
+            for (int64_t j = 0; j < n; ++j) {
+              double ref = 0;
+              for (int64_t l = 0; l < k; ++l) ref += a(i, l) * b(l, j);
+              ref = 0.5 * ref + 2.0 * C0(i, j);
+              ASSERT_NEAR(C(i, j), ref, 1e-3) << m << ta << tb << threads << " " << i << "," << j;
+              ASSERT_NEAR(Cd[size_t(i * ldc + j)], ref, 1e-9) << m << ta << tb << threads << " " << i << "," << j;
+            }
+            for (int64_t j = n; j < ldc; ++j) ASSERT_EQ(C(i, j), C0(i, j)) << "padding written";
+          }
+        }
+      }
+  set_num_threads(threads_before);
+}
+
 TEST(Gemv, StoredRowsMatchANaiveReferenceInEveryDType) {
   // Weights read in place as F32, F16 or BF16 (at an odd byte offset, as a mapped tensor may be),
   // widths covering the 32- and 8-column loops and their tails, enough rows to run in parallel;
