@@ -141,7 +141,10 @@ for (const fam of ["stories260K", "smollm2", "tinyllama", "llama-2", "mistral", 
 console.log();
 
 // ---- 2. perplexity and greedy text ----
-const F32_KV = {experimentalKvCacheKeyType: "F32", experimentalKvCacheValueType: "F32"};  // dartquant's cache is f32
+// dartquant's attention is f32 throughout: an f32 cache, and no flash attention, whose CPU kernel
+// (llama.cpp's default, "auto") casts an f32 cache's keys and values to f16 and rounds the queries
+// to f16 for its dot products.
+const F32_KV = {experimentalKvCacheKeyType: "F32", experimentalKvCacheValueType: "F32", flashAttention: false};
 async function llamaPpl(gguf, text, ctx) {
   const model = await llama.loadModel({modelPath: gguf});
   const context = await model.createContext({contextSize: ctx, batchSize: ctx, sequences: 1, ...F32_KV});

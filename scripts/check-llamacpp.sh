@@ -18,7 +18,8 @@
 #    non-overlapping windows of C tokens (--seqlen C / -c C -b C, the first CHUNKS of them:
 #    --max-windows / --chunks), put BOS first in each window and score only the second half of
 #    each window (llama-perplexity's rule, which --protocol llama.cpp follows); llama.cpp's KV
-#    cache is kept in f32 (-ctk f32 -ctv f32) so both compute in f32. Greedy text: 24 tokens from
+#    cache is kept in f32 (-ctk f32 -ctv f32) and flash attention off (-fa off: its CPU kernel
+#    casts an f32 cache to f16) so both compute attention in f32. Greedy text: 24 tokens from
 #    the same prompt by `dartquant generate --temperature 0` and llama-simple (greedy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -140,7 +141,7 @@ for model in stories260K smollm2-135m llama-3.2-1b qwen2.5-0.5b; do
     $DQ eval --model "$g" --ppl "$text" --seqlen "$ctx" --max-windows "$CHUNKS" --protocol llama.cpp \
       --json "$WORK/$model-$type.eval.json" >/dev/null  # dartquant never replaces a file
     ours=$(python3 -c "import json,sys; print('%.4f' % json.load(open(sys.argv[1]))['ppl'])" "$WORK/$model-$type.eval.json")
-    theirs=$("$BIN/llama-perplexity" -m "$g" -f "$text" -c "$ctx" -b "$ctx" --chunks "$CHUNKS" -ctk f32 -ctv f32 \
+    theirs=$("$BIN/llama-perplexity" -m "$g" -f "$text" -c "$ctx" -b "$ctx" --chunks "$CHUNKS" -ctk f32 -ctv f32 -fa off \
       -t 2 2>&1 | sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p')
     rel=$(python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print('%.1e' % abs(a/b-1))" "$ours" "${theirs:-nan}")
     a=$($DQ generate --model "$g" --prompt "$prompt" -n 24 --temperature 0 2>/dev/null)

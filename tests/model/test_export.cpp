@@ -16,6 +16,7 @@
 #include "model/llamacpp_rounding.h"
 #include "model/save.h"
 #include "model/synth.h"
+#include "tensor/kernels.h"
 #include "fixtures/tokenizer/variant.h"
 #include "test_helpers.h"
 
@@ -1087,6 +1088,122 @@ TEST(LlamaCppRounding, Q8BlocksAsGgmlQuantizesActivations) {
   EXPECT_EQ(f.data, in.data);
   Matrix odd(1, 40);
   EXPECT_THROW(round_activations_like_ggml(GgmlType::Q4_0, odd), Error);
+}
+
+// ggml's q8_1 block of 32, written out naively: codes round(x * 127 / amax) (halves to even), d =
+// amax / 127, and the sum s = f16(d * sum of codes) it stores.
+struct NaiveQ8_1 {
+  int codes[32];
+  float d, s;
+};
+static NaiveQ8_1 naive_q8_1(const float* x) {
+  NaiveQ8_1 q;
+  float amax = 0.f;
+  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+  q.d = amax / 127.f;
+  int sum = 0;
+  for (int i = 0; i < 32; ++i) {
+    q.codes[i] = amax == 0.f ? 0 : int(std::rint(x[i] * (127.f / amax)));  // rint: ties to even
+    sum += q.codes[i];
+  }
+  q.s = via_f16(q.d * float(sum));
+  return q;
+}
+
+TEST(LlamaCppRounding, Q8_1BlockSumsRoundTheUnroundedScaleTimesTheCodeSum) {
+  Matrix x(3, 64);
+  std::mt19937 rng{5};
+  std::normal_distribution<float> nd(0.f, 0.7f);
+  for (size_t i = 0; i < 160; ++i) x.data[i] = nd(rng);  // the last row's second block stays zero
+  const Matrix s = q8_1_block_sums(x);
+  ASSERT_EQ(s.rows, 3);
+  ASSERT_EQ(s.cols, 2);
+  int differs = 0;  // blocks where f16(d) * sum(codes), the rounded values' sum, is not s
+  for (int64_t r = 0; r < 3; ++r)
+    for (int64_t b = 0; b < 2; ++b) {
+      const NaiveQ8_1 q = naive_q8_1(x.row(r) + 32 * b);
+      EXPECT_EQ(s(r, b), q.s) << r << " " << b;
+      int sum = 0;
+      for (int c : q.codes) sum += c;
+      differs += via_f16(q.d) * float(sum) != q.s;
+    }
+  EXPECT_EQ(s(2, 1), 0.f);
+  EXPECT_GT(differs, 0);
+  EXPECT_THROW(q8_1_block_sums(Matrix(1, 40)), Error);
+}
+
+TEST_F(Export, LlamaCppRoundingComputesQ4_1ProductsAsGgml) {
+  // A q4_1 file: each product is ggml's q4_1 x q8_1 dot product, sum over blocks of
+  // d_w * d_a * sum(q * c) + m * s, computed here from the file's blocks (in its row order, q/k
+  // interleaved per head) and the naive q8_1 blocks above.
+  Model m = random_model(kData + "/hf/smollm2-135m-instruct/tokenizer.json", 64, 1);
+  const std::string path = tmp_ / "q41.gguf";
+  GgufExportOptions o;
+  o.type = GgmlType::Q4_1;
+  export_gguf(m, path, o);
+  Model g = load_model(path);
+  std::unique_ptr<Hook> hook = llama_cpp_activation_rounding(g);
+  ASSERT_TRUE(hook);
+  const LayerWeights w = load_layer(g, 0);
+  GgufFile file(path);
+  Matrix x(5, 64);
+  std::mt19937 rng{9};
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (float& v : x.data) v = nd(rng);
+  struct Case {
+    Site site;
+    const Matrix& w;
+    const char* tensor;
+    int heads;  // q/k rows: interleaved per head in the file
+  };
+  const Case cases[] = {{Site::AttnIn, w.q, "attn_q", g.config.num_heads},
+                        {Site::AttnIn, w.k, "attn_k", g.config.num_kv_heads},
+                        {Site::AttnIn, w.v, "attn_v", 0},
+                        {Site::OprojIn, w.o, "attn_output", 0},
+                        {Site::MlpIn, w.experts[0].gate, "ffn_gate", 0},
+                        {Site::MlpIn, w.experts[0].up, "ffn_up", 0}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.tensor);
+    Matrix xr = x;
+    hook->at(c.site, 0, xr);
+    const Site reads = c.site == Site::MlpIn ? Site::ExpertIn : c.site;
+    if (reads == Site::ExpertIn) hook->at(Site::ExpertIn, 0, xr);  // as the forward calls it
+    Matrix y;
+    ASSERT_TRUE(hook->linear(reads, xr, c.w, y));
+    const GgufTensorInfo& t = file.tensor(std::string("blk.0.") + c.tensor + ".weight");
+    ASSERT_EQ(t.type, GgmlType::Q4_1);
+    const int64_t rows = c.w.rows, nb = 2;
+    Matrix want(rows, x.rows);  // file row order
+    for (int64_t fr = 0; fr < rows; ++fr)
+      for (int64_t tok = 0; tok < x.rows; ++tok) {
+        float acc = 0.f;
+        for (int64_t b = 0; b < nb; ++b) {
+          BlockQ4_1 wb;
+          std::memcpy(&wb, file.tensor_data(t) + size_t(fr * nb + b) * sizeof wb, sizeof wb);
+          const NaiveQ8_1 a = naive_q8_1(x.row(tok) + 32 * b);
+          int dot = 0;
+          for (int i = 0; i < 32; ++i) dot += (i < 16 ? wb.qs[i] & 15 : wb.qs[i - 16] >> 4) * a.codes[i];
+          acc += f16_to_f32(wb.d) * via_f16(a.d) * float(dot) + f16_to_f32(wb.m) * a.s;
+        }
+        want(fr, tok) = acc;
+      }
+    if (c.heads) want = gguf_permute_qk(want, c.heads, true);
+    const Matrix plain = linear(xr, c.w);  // the rounded values times the dequantized weights
+    double worst = 0, worst_plain = 0, scale = 0;
+    for (int64_t tok = 0; tok < x.rows; ++tok)
+      for (int64_t r = 0; r < rows; ++r) {
+        worst = std::max(worst, double(std::fabs(y(tok, r) - want(r, tok))));
+        worst_plain = std::max(worst_plain, double(std::fabs(plain(tok, r) - want(r, tok))));
+        scale = std::max(scale, double(std::fabs(want(r, tok))));
+      }
+    EXPECT_LT(worst, 2e-6 * scale);
+    EXPECT_GT(worst_plain, 1e-4 * scale);  // the m * s term matters
+  }
+  // down_proj's rows of 80 are not whole blocks: f32 in the file, its product left to the forward.
+  Matrix d(5, 80);
+  hook->at(Site::DownIn, 0, d);
+  Matrix y;
+  EXPECT_FALSE(hook->linear(Site::DownIn, d, w.experts[0].down, y));
 }
 
 namespace {
