@@ -436,7 +436,7 @@ int64_t maddubs_int16_steps(int act_bits, const IntWeights& w) {
 }
 
 // Which column-slice tiles a path has (see column_slices).
-enum class SliceKernel { None, Avx2Maddubs, Avx512Vnni };
+enum class SliceKernel { None, Avx2Maddubs, Avx2Madd16, Avx512Vnni };
 
 struct Kernel {
   const char* name;
@@ -462,7 +462,8 @@ Kernel select(IntPath p, int act_bits, const IntWeights& w) {
       if (maddubs_exact(act_bits, w.bits))
         return {"avx2-maddubs", bytes_avx2_maddubs, runs_avx2, tiles_up_to<Avx2MaddubsTile, 4>(), 2, 4,
                 SliceKernel::Avx2Maddubs, steps};
-      return {"avx2-madd16", bytes_avx2_madd16, runs_avx2, tiles_up_to<Avx2Madd16Tile, 4>(), 2, 4};
+      return {"avx2-madd16", bytes_avx2_madd16, runs_avx2, tiles_up_to<Avx2Madd16Tile, 4>(), 2, 4,
+              SliceKernel::Avx2Madd16};
     }
     case IntPath::AvxVnni:
       return {"avx-vnni", bytes_avx_vnni, runs_avx_vnni, tiles_up_to<AvxVnniTile, 4>(), 2, 4};
@@ -711,22 +712,91 @@ struct Gemm {
         &Gemm::slice_tile<1>, &Gemm::slice_tile<2>, &Gemm::slice_tile<3>, &Gemm::slice_tile<4>,
         &Gemm::slice_tile<5>, &Gemm::slice_tile<6>, &Gemm::slice_tile<7>, &Gemm::slice_tile<8>};
     static constexpr SliceTile avx2[kAvx2SliceTokens + 1] = {nullptr,
-        &Gemm::slice_tile_avx2<1>, &Gemm::slice_tile_avx2<2>, &Gemm::slice_tile_avx2<3>};
-    const SliceTile* tile = k.slices == SliceKernel::Avx512Vnni ? avx512 : avx2;
+        &Gemm::slice_tile_avx2<1, false>, &Gemm::slice_tile_avx2<2, false>, &Gemm::slice_tile_avx2<3, false>};
+    static constexpr SliceTile avx2_madd16[kAvx2Madd16SliceTokens + 1] = {nullptr,
+        &Gemm::slice_tile_avx2<1, true>, &Gemm::slice_tile_avx2<2, true>};
+    const SliceTile* tile = k.slices == SliceKernel::Avx512Vnni ? avx512 : k.slices == SliceKernel::Avx2Madd16 ? avx2_madd16 : avx2;
     const int64_t tokens = slice_tokens(k);
     for (int64_t t = t0; t < t1; t += tokens) (this->*tile[std::min(tokens, t1 - t)])(ws, t, r0, rows, row_params.data());
   }
 
-  static constexpr int64_t kSliceTokens = 8, kAvx2SliceTokens = 3;
-  static int64_t slice_tokens(const Kernel& k) { return k.slices == SliceKernel::Avx512Vnni ? kSliceTokens : kAvx2SliceTokens; }
+  // Tokens per slice tile: as many as keep the accumulators in registers (AVX2 maddubs: 3 x 2
+  // int32 and 3 x 2 int16; madd16: 2 x 4 int32 next to 4 weight registers).
+  static constexpr int64_t kSliceTokens = 8, kAvx2SliceTokens = 3, kAvx2Madd16SliceTokens = 2;
+  static int64_t slice_tokens(const Kernel& k) {
+    return k.slices == SliceKernel::Avx512Vnni ? kSliceTokens : k.slices == SliceKernel::Avx2Madd16 ? kAvx2Madd16SliceTokens : kAvx2SliceTokens;
+  }
 
-  // AVX2: a slice quad's 64 bytes as two registers of 8 rows each. A broadcast token quad times
-  // each through maddubs gives 8 rows' two pair sums; these add up in int16 over k.int16_steps
-  // quads (exact: maddubs_int16_steps) before one madd by 1 widens them to the 8 rows' int32 dots,
-  // in place as in slice_tile: no horizontal sums. Then slice_tile's epilogue on 4 double lanes.
+  // AVX2 block dots, d[i][h] = token i's dots with rows 8h..8h + 7 over quads [q0, q1) of a slice.
+  // maddubs: a slice quad's 64 bytes as two registers of 8 rows each. A broadcast token quad
+  // times each gives 8 rows' two pair sums; these add up in int16 over k.int16_steps quads (exact:
+  // maddubs_int16_steps) before one madd by 1 widens them to the 8 rows' int32 dots, in place as in
+  // slice_tile: no horizontal sums.
   template <int TT>
-  void slice_tile_avx2(const uint8_t* ws, int64_t t, int64_t r0, int64_t rows, const double* row_params) const {
+  void maddubs_dots(__m256i (&d)[TT][2], const uint8_t* ws, const uint8_t* at, int64_t q0, int64_t q1) const {
     const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i) d[i][0] = d[i][1] = _mm256_setzero_si256();
+    for (int64_t q = q0; q < q1;) {
+      const int64_t qe = std::min(q1, q + k.int16_steps);
+      __m256i s16[TT][2];
+#pragma GCC unroll 8
+      for (int i = 0; i < TT; ++i) s16[i][0] = s16[i][1] = _mm256_setzero_si256();
+      for (; q < qe; ++q) {
+        const __m256i w0 = load32(ws + q * 64), w1 = load32(ws + q * 64 + 32);
+#pragma GCC unroll 8
+        for (int i = 0; i < TT; ++i) {
+          int32_t x;
+          std::memcpy(&x, at + i * a.cols + 4 * q, 4);
+          const __m256i xb = _mm256_set1_epi32(x);
+          s16[i][0] = _mm256_add_epi16(s16[i][0], _mm256_maddubs_epi16(xb, w0));
+          s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_maddubs_epi16(xb, w1));
+        }
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < TT; ++i) {
+        d[i][0] = _mm256_add_epi32(d[i][0], _mm256_madd_epi16(s16[i][0], ones));
+        d[i][1] = _mm256_add_epi32(d[i][1], _mm256_madd_epi16(s16[i][1], ones));
+      }
+    }
+  }
+
+  // madd16 (8-bit activations with 8-bit weights, where maddubs could saturate): each 16 bytes of
+  // a slice quad (4 rows' quads) widened to int16, times the token quad widened and broadcast,
+  // through madd gives each row's two pair sums in int32; these add up over the block, and one
+  // horizontal add per 8 rows and block (not per row) joins each row's two.
+  template <int TT>
+  void madd16_dots(__m256i (&d)[TT][2], const uint8_t* ws, const uint8_t* at, int64_t q0, int64_t q1) const {
+    __m256i s32[TT][4];
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i)
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) s32[i][g] = _mm256_setzero_si256();
+    for (int64_t q = q0; q < q1; ++q) {
+      __m256i wv[4];
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) wv[g] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + q * 64 + 16 * g)));
+#pragma GCC unroll 8
+      for (int i = 0; i < TT; ++i) {
+        int32_t x;
+        std::memcpy(&x, at + i * a.cols + 4 * q, 4);
+        const __m256i xb = _mm256_cvtepu8_epi16(_mm_set1_epi32(x));  // the quad as int16, four times
+#pragma GCC unroll 4
+        for (int g = 0; g < 4; ++g) s32[i][g] = _mm256_add_epi32(s32[i][g], _mm256_madd_epi16(xb, wv[g]));
+      }
+    }
+    // s32[i][g] lanes: rows 4g, 4g + 1 | 4g + 2, 4g + 3, two partial sums each; hadd joins them as
+    // rows (0, 1, 4, 5 | 2, 3, 6, 7) of the pair g = 2h, 2h + 1, and the 64-bit permute orders them.
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i)
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h)
+        d[i][h] = _mm256_permute4x64_epi64(_mm256_hadd_epi32(s32[i][2 * h], s32[i][2 * h + 1]), 0xD8);
+  }
+
+  // AVX2 slices: block dots as above, then slice_tile's epilogue on 4 double lanes.
+  template <int TT, bool Madd16>
+  void slice_tile_avx2(const uint8_t* ws, int64_t t, int64_t r0, int64_t rows, const double* row_params) const {
     __m256d acc[TT][4];
 #pragma GCC unroll 8
     for (int i = 0; i < TT; ++i)
@@ -735,31 +805,10 @@ struct Gemm {
     const uint8_t* at = a.codes.data() + t * a.cols;
     for (int64_t b = 0; b < nb; ++b) {
       __m256i d[TT][2];
-#pragma GCC unroll 8
-      for (int i = 0; i < TT; ++i) d[i][0] = d[i][1] = _mm256_setzero_si256();
-      const int64_t q1 = w.bounds[size_t(b) + 1] / 4;
-      for (int64_t q = w.bounds[size_t(b)] / 4; q < q1;) {
-        const int64_t qe = std::min(q1, q + k.int16_steps);
-        __m256i s16[TT][2];
-#pragma GCC unroll 8
-        for (int i = 0; i < TT; ++i) s16[i][0] = s16[i][1] = _mm256_setzero_si256();
-        for (; q < qe; ++q) {
-          const __m256i w0 = load32(ws + q * 64), w1 = load32(ws + q * 64 + 32);
-#pragma GCC unroll 8
-          for (int i = 0; i < TT; ++i) {
-            int32_t x;
-            std::memcpy(&x, at + i * a.cols + 4 * q, 4);
-            const __m256i xb = _mm256_set1_epi32(x);
-            s16[i][0] = _mm256_add_epi16(s16[i][0], _mm256_maddubs_epi16(xb, w0));
-            s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_maddubs_epi16(xb, w1));
-          }
-        }
-#pragma GCC unroll 8
-        for (int i = 0; i < TT; ++i) {
-          d[i][0] = _mm256_add_epi32(d[i][0], _mm256_madd_epi16(s16[i][0], ones));
-          d[i][1] = _mm256_add_epi32(d[i][1], _mm256_madd_epi16(s16[i][1], ones));
-        }
-      }
+      if constexpr (Madd16)
+        madd16_dots<TT>(d, ws, at, w.bounds[size_t(b)] / 4, w.bounds[size_t(b) + 1] / 4);
+      else
+        maddubs_dots<TT>(d, ws, at, w.bounds[size_t(b)] / 4, w.bounds[size_t(b) + 1] / 4);
       const double* p = row_params + b * 3 * kSliceRows;
 #pragma GCC unroll 8
       for (int i = 0; i < TT; ++i) {
@@ -853,11 +902,13 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTi
   const bool tiles = k.tile_tokens > 0 && tiling != IntTiling::Rows && T > 1;
   // Best (bench_gemm, IntGemmTilesVsRows): on AVX-512, slices where blocks are short (2.2x the
   // tiles at 64 columns, 1.2x at 576; at 1536 and 2048, 0.93–1.03x, where rearranging the weights
-  // per call costs what the horizontal sums do); on AVX2, slices wherever they fit (about 3x the
-  // tiles at 64 columns, 1.1–1.4x on whole rows of 576 to 2048: they also save the tiles' nibble
-  // expansion per token chunk).
-  const bool short_blocks = w.cols <= 1024 * w.blocks();
-  const bool slices_pay = k.slices == SliceKernel::Avx2Maddubs || short_blocks;
+  // per call costs what the horizontal sums do); on AVX2 with maddubs, slices wherever they fit
+  // (about 3x the tiles at 64 columns, 1.1–1.4x on whole rows of 576 to 2048: they also save the
+  // tiles' nibble expansion per token chunk); on AVX2 with madd16, where blocks average at most 128
+  // columns (1.6x the tiles at 64, 0.65–0.7x on whole rows of 576 to 2048: widening the token in
+  // the inner loop costs more than the tiles' horizontal sums there).
+  const int64_t block_cols = k.slices == SliceKernel::Avx2Madd16 ? 128 : 1024;
+  const bool slices_pay = k.slices == SliceKernel::Avx2Maddubs || w.cols <= block_cols * w.blocks();
   if (tiles && k.slices != SliceKernel::None && slices_fit(w) &&
       (tiling == IntTiling::Slices || (tiling == IntTiling::Best && slices_pay))) {
     const std::vector<uint8_t> v = column_slices(w);
