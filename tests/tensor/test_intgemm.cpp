@@ -282,9 +282,10 @@ TEST(IntGemm, TilesGiveTheScalarBitsForEveryWidthSizeGroupTailAndOddCounts) {
 
 // Column slices (AVX-512, AVX2) take blocks in whole groups of 4 columns: weight groups of 32 with
 // per-head activation groups, and per channel (172 columns: 43 quads, past the 8 quads that AVX2
-// adds in int16 for 8-bit activations); row counts below, at and past one 16-row slice (a partial
-// last slice of fewer and of more than AVX2's 8-row registers), token counts against the 8-token
-// (AVX-512) and 3-token (AVX2) tiles and their 256- and 96-token chunks.
+// adds in int16 for 8-bit activations); AVX2 through maddubs, and through madd16 for 8-bit weights
+// with 8-bit activations; row counts below, at and past one 16-row slice (a partial last slice of
+// fewer and of more than AVX2's 8-row halves), token counts against the 8-token (AVX-512), 3-token
+// (AVX2 maddubs) and 2-token (madd16) tiles and their 256-, 96- and 64-token chunks.
 TEST(IntGemm, SlicesGiveTheScalarBits) {
   for (int64_t cols : {64, 172, 576})
     for (int wb : {2, 4, 8})
