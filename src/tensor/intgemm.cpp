@@ -262,13 +262,23 @@ void bytes_avx2_maddubs_tile(const uint8_t* a, int64_t as, const uint8_t* w, int
   bytes_tail<TT, 2>(a, as, w, ws, c, n, out);
 }
 
+// acc[i][j] += s16[i][j]'s int16 lanes added in pairs to int32 (madd by 1).
+template <int TT>
+inline void add_int16_sums(__m256i (&acc)[TT][2], const __m256i (&s16)[TT][2]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 8
+  for (int i = 0; i < TT; ++i) {
+    acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s16[i][0], ones));
+    acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(s16[i][1], ones));
+  }
+}
+
 // The same for nibble weights (|s| ≤ 8): a maddubs pair sum is at most 2·255·8 = 4080 in
 // magnitude, so eight of them add exactly in int16 (8·4080 = 32640 ≤ 32767) before one madd by 1
 // widens them to int32: one madd per eight maddubs instead of one each.
 template <int TT>
 void bytes_avx2_nibble_tile(const uint8_t* a, int64_t as, const uint8_t* w, int64_t ws, int64_t n, int32_t* out) {
   constexpr int64_t kInt16Steps = 8;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[TT][2];
 #pragma GCC unroll 8
   for (int i = 0; i < TT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
@@ -287,11 +297,7 @@ void bytes_avx2_nibble_tile(const uint8_t* a, int64_t as, const uint8_t* w, int6
         s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_maddubs_epi16(x, w1));
       }
     }
-#pragma GCC unroll 8
-    for (int i = 0; i < TT; ++i) {
-      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s16[i][0], ones));
-      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(s16[i][1], ones));
-    }
+    add_int16_sums<TT>(acc, s16);
   }
   store_sums<TT>(acc, out);
   bytes_tail<TT, 2>(a, as, w, ws, c, n, out);
@@ -734,7 +740,6 @@ struct Gemm {
   // slice_tile: no horizontal sums.
   template <int TT>
   void maddubs_dots(__m256i (&d)[TT][2], const uint8_t* ws, const uint8_t* at, int64_t q0, int64_t q1) const {
-    const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 8
     for (int i = 0; i < TT; ++i) d[i][0] = d[i][1] = _mm256_setzero_si256();
     for (int64_t q = q0; q < q1;) {
@@ -753,11 +758,7 @@ struct Gemm {
           s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_maddubs_epi16(xb, w1));
         }
       }
-#pragma GCC unroll 8
-      for (int i = 0; i < TT; ++i) {
-        d[i][0] = _mm256_add_epi32(d[i][0], _mm256_madd_epi16(s16[i][0], ones));
-        d[i][1] = _mm256_add_epi32(d[i][1], _mm256_madd_epi16(s16[i][1], ones));
-      }
+      add_int16_sums<TT>(d, s16);
     }
   }
 
