@@ -719,16 +719,16 @@ struct Gemm {
         &Gemm::slice_tile<5>, &Gemm::slice_tile<6>, &Gemm::slice_tile<7>, &Gemm::slice_tile<8>};
     static constexpr SliceTile avx2[kAvx2SliceTokens + 1] = {nullptr,
         &Gemm::slice_tile_avx2<1, false>, &Gemm::slice_tile_avx2<2, false>, &Gemm::slice_tile_avx2<3, false>};
-    static constexpr SliceTile avx2_madd16[kAvx2Madd16SliceTokens + 1] = {nullptr,
-        &Gemm::slice_tile_avx2<1, true>, &Gemm::slice_tile_avx2<2, true>};
+    static constexpr SliceTile avx2_madd16[kAvx2Madd16SliceTokens + 1] = {nullptr, &Gemm::slice_tile_avx2<1, true>};
     const SliceTile* tile = k.slices == SliceKernel::Avx512Vnni ? avx512 : k.slices == SliceKernel::Avx2Madd16 ? avx2_madd16 : avx2;
     const int64_t tokens = slice_tokens(k);
     for (int64_t t = t0; t < t1; t += tokens) (this->*tile[std::min(tokens, t1 - t)])(ws, t, r0, rows, row_params.data());
   }
 
   // Tokens per slice tile: as many as keep the accumulators in registers (AVX2 maddubs: 3 x 2
-  // int32 and 3 x 2 int16; madd16: 2 x 4 int32 next to 4 weight registers).
-  static constexpr int64_t kSliceTokens = 8, kAvx2SliceTokens = 3, kAvx2Madd16SliceTokens = 2;
+  // int32 and 3 x 2 int16; madd16: 4 int32 next to 4 weight registers; with 2 tokens GCC spilled
+  // one sum, and a sum carried through memory cost a quarter of the speed).
+  static constexpr int64_t kSliceTokens = 8, kAvx2SliceTokens = 3, kAvx2Madd16SliceTokens = 1;
   static int64_t slice_tokens(const Kernel& k) {
     return k.slices == SliceKernel::Avx512Vnni ? kSliceTokens : k.slices == SliceKernel::Avx2Madd16 ? kAvx2Madd16SliceTokens : kAvx2SliceTokens;
   }
@@ -779,9 +779,9 @@ struct Gemm {
       for (int g = 0; g < 4; ++g) wv[g] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + q * 64 + 16 * g)));
 #pragma GCC unroll 8
       for (int i = 0; i < TT; ++i) {
-        int32_t x;
-        std::memcpy(&x, at + i * a.cols + 4 * q, 4);
-        const __m256i xb = _mm256_cvtepu8_epi16(_mm_set1_epi32(x));  // the quad as int16, four times
+        // The quad broadcast by a load (vbroadcastss) and widened: the quad as int16, four times.
+        const __m128i x4 = _mm_castps_si128(_mm_broadcast_ss(reinterpret_cast<const float*>(at + i * a.cols + 4 * q)));
+        const __m256i xb = _mm256_cvtepu8_epi16(x4);
 #pragma GCC unroll 4
         for (int g = 0; g < 4; ++g) s32[i][g] = _mm256_add_epi32(s32[i][g], _mm256_madd_epi16(xb, wv[g]));
       }

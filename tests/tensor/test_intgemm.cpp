@@ -285,7 +285,7 @@ TEST(IntGemm, TilesGiveTheScalarBitsForEveryWidthSizeGroupTailAndOddCounts) {
 // adds in int16 for 8-bit activations); AVX2 through maddubs, and through madd16 for 8-bit weights
 // with 8-bit activations; row counts below, at and past one 16-row slice (a partial last slice of
 // fewer and of more than AVX2's 8-row halves), token counts against the 8-token (AVX-512), 3-token
-// (AVX2 maddubs) and 2-token (madd16) tiles and their 256-, 96- and 64-token chunks.
+// (AVX2 maddubs) and 1-token (madd16) tiles and their 256-, 96- and 32-token chunks.
 TEST(IntGemm, SlicesGiveTheScalarBits) {
   for (int64_t cols : {64, 172, 576})
     for (int wb : {2, 4, 8})
