@@ -906,7 +906,7 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTi
   // per call costs what the horizontal sums do); on AVX2 with maddubs, slices wherever they fit
   // (about 3x the tiles at 64 columns, 1.1–1.4x on whole rows of 576 to 2048: they also save the
   // tiles' nibble expansion per token chunk); on AVX2 with madd16, where blocks average at most 128
-  // columns (1.6x the tiles at 64, 0.65–0.7x on whole rows of 576 to 2048: widening the token in
+  // columns (1.6x the tiles at 64, 0.8–0.9x on whole rows of 576 to 2048: widening the token in
   // the inner loop costs more than the tiles' horizontal sums there).
   const int64_t block_cols = k.slices == SliceKernel::Avx2Madd16 ? 128 : 1024;
   const bool slices_pay = k.slices == SliceKernel::Avx2Maddubs || w.cols <= block_cols * w.blocks();
