@@ -114,8 +114,8 @@ void BM_GemmVsCblas(benchmark::State& state) {
   state.counters["linear_reuse/sgemm"] = t[0] / t[3];
 }
 
-// int_gemm with register tiles, with column slices (AVX-512; tiles elsewhere), row by row, and f32
-// sgemm at the same shape, in rotating order in
+// int_gemm with register tiles, with column slices (AVX-512 and AVX2; tiles on AVX-VNNI), row by
+// row, and f32 sgemm at the same shape, in rotating order in
 // every iteration, on one thread (timed in thread CPU time: steadier than wall time on a loaded
 // machine). Weights of `wbits`, activations of `abits` per token; path: 0 = the best this CPU has,
 // 1 = AVX2 (what an AVX2-only CPU such as Zen 3 runs); ag: the activations' group (0: the whole

@@ -262,13 +262,23 @@ void bytes_avx2_maddubs_tile(const uint8_t* a, int64_t as, const uint8_t* w, int
   bytes_tail<TT, 2>(a, as, w, ws, c, n, out);
 }
 
+// acc[i][j] += s16[i][j]'s int16 lanes added in pairs to int32 (madd by 1).
+template <int TT>
+inline void add_int16_sums(__m256i (&acc)[TT][2], const __m256i (&s16)[TT][2]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 8
+  for (int i = 0; i < TT; ++i) {
+    acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s16[i][0], ones));
+    acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(s16[i][1], ones));
+  }
+}
+
 // The same for nibble weights (|s| ≤ 8): a maddubs pair sum is at most 2·255·8 = 4080 in
 // magnitude, so eight of them add exactly in int16 (8·4080 = 32640 ≤ 32767) before one madd by 1
 // widens them to int32: one madd per eight maddubs instead of one each.
 template <int TT>
 void bytes_avx2_nibble_tile(const uint8_t* a, int64_t as, const uint8_t* w, int64_t ws, int64_t n, int32_t* out) {
   constexpr int64_t kInt16Steps = 8;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[TT][2];
 #pragma GCC unroll 8
   for (int i = 0; i < TT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
@@ -287,11 +297,7 @@ void bytes_avx2_nibble_tile(const uint8_t* a, int64_t as, const uint8_t* w, int6
         s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_maddubs_epi16(x, w1));
       }
     }
-#pragma GCC unroll 8
-    for (int i = 0; i < TT; ++i) {
-      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s16[i][0], ones));
-      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(s16[i][1], ones));
-    }
+    add_int16_sums<TT>(acc, s16);
   }
   store_sums<TT>(acc, out);
   bytes_tail<TT, 2>(a, as, w, ws, c, n, out);
@@ -428,6 +434,16 @@ constexpr TileSet tiles_up_to() {
 // maddubs is exact for these widths (see intgemm.h: (2^a − 1)·2^b ≤ 32767).
 bool maddubs_exact(int act_bits, int weight_bits) { return ((1 << act_bits) - 1) * (1 << weight_bits) <= 32767; }
 
+// How many maddubs results (pair sums of magnitude ≤ (2^a − 1)·2^b, b = 4 for nibbles) add exactly
+// in int16 before they must be widened: 8 for nibbles at a = 8, 1 where maddubs_exact holds
+// just so, 0 where maddubs itself could saturate.
+int64_t maddubs_int16_steps(int act_bits, const IntWeights& w) {
+  return 32767 / (((1 << act_bits) - 1) * (1 << (w.nibbles ? 4 : w.bits)));
+}
+
+// Which column-slice tiles a path has (see column_slices).
+enum class SliceKernel { None, Avx2Maddubs, Avx2Madd16, Avx512Vnni };
+
 struct Kernel {
   const char* name;
   BytesDot bytes;
@@ -436,21 +452,30 @@ struct Kernel {
   // which stays the row-by-row reference.
   TileSet tiles{};
   int tile_rows = 1, tile_tokens = 0;
+  SliceKernel slices = SliceKernel::None;
+  int64_t int16_steps = 0;  // Avx2Maddubs slices: maddubs_int16_steps
 };
 
 Kernel select(IntPath p, int act_bits, const IntWeights& w) {
   if (act_bits < 2 || act_bits > 8) throw Error("integer kernels: activation bits must be 2..8");
   switch (p) {
     case IntPath::Scalar: return {"scalar", bytes_scalar, runs_scalar};
-    case IntPath::Avx2:
-      if (w.nibbles) return {"avx2-maddubs", bytes_avx2_maddubs, runs_avx2, tiles_up_to<Avx2NibbleTile, 4>(), 2, 4};
+    case IntPath::Avx2: {
+      const int64_t steps = maddubs_int16_steps(act_bits, w);
+      if (w.nibbles)
+        return {"avx2-maddubs", bytes_avx2_maddubs, runs_avx2, tiles_up_to<Avx2NibbleTile, 4>(), 2, 4,
+                SliceKernel::Avx2Maddubs, steps};
       if (maddubs_exact(act_bits, w.bits))
-        return {"avx2-maddubs", bytes_avx2_maddubs, runs_avx2, tiles_up_to<Avx2MaddubsTile, 4>(), 2, 4};
-      return {"avx2-madd16", bytes_avx2_madd16, runs_avx2, tiles_up_to<Avx2Madd16Tile, 4>(), 2, 4};
+        return {"avx2-maddubs", bytes_avx2_maddubs, runs_avx2, tiles_up_to<Avx2MaddubsTile, 4>(), 2, 4,
+                SliceKernel::Avx2Maddubs, steps};
+      return {"avx2-madd16", bytes_avx2_madd16, runs_avx2, tiles_up_to<Avx2Madd16Tile, 4>(), 2, 4,
+              SliceKernel::Avx2Madd16};
+    }
     case IntPath::AvxVnni:
       return {"avx-vnni", bytes_avx_vnni, runs_avx_vnni, tiles_up_to<AvxVnniTile, 4>(), 2, 4};
     case IntPath::Avx512Vnni:
-      return {"avx512-vnni", bytes_avx512_vnni, runs_avx512_vnni, tiles_up_to<Avx512VnniTile, 6>(), 4, 6};
+      return {"avx512-vnni", bytes_avx512_vnni, runs_avx512_vnni, tiles_up_to<Avx512VnniTile, 6>(), 4, 6,
+              SliceKernel::Avx512Vnni};
   }
   throw Error("integer kernels: unknown path");
 }
@@ -477,7 +502,7 @@ void expand_row(const uint8_t* row, int64_t row_bytes, uint8_t* out) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + q * 32), expand_run(row + q * 16));
 }
 
-// ---- column slices (AVX-512 VNNI): 16 weight rows in the lanes of one register ----
+// ---- column slices (AVX-512 VNNI; AVX2 in two registers): 16 weight rows in the lanes of one register ----
 // The weights rearranged per call: slice s, quad q (columns 4q..4q+3) is 64 bytes whose lane j holds
 // row 16s + j's four int8 values, so one vpdpbusd with a token's four codes broadcast adds four
 // columns to 16 rows' dots in place. The register tiles above end every block with horizontal sums;
@@ -673,8 +698,8 @@ struct Gemm {
     }
   }
 
-  // Tokens [t0, t1) x slice `slice` of column_slices() `v`, TT tokens at a time. Per block and
-  // row lane the epilogue of tiles(), on 8 double lanes.
+  // Tokens [t0, t1) x slice `slice` of column_slices() `v`, slice_tokens() at a time. Per block
+  // and row lane the epilogue of tiles(), on 8 (AVX-512) or 4 (AVX2) double lanes.
   void slices(int64_t t0, int64_t t1, int64_t slice, const std::vector<uint8_t>& v, std::vector<double>& row_params) const {
     // Per block, the 16 rows' sw, zw, Σs − n·zw (rows past the last: zeros, never stored).
     row_params.assign(size_t(nb * 3 * kSliceRows), 0.0);
@@ -689,14 +714,129 @@ struct Gemm {
       }
     const uint8_t* ws = v.data() + slice * (w.cols / 4) * 64;
     using SliceTile = void (Gemm::*)(const uint8_t*, int64_t, int64_t, int64_t, const double*) const;
-    static constexpr SliceTile tile[kSliceTokens + 1] = {nullptr,
+    static constexpr SliceTile avx512[kSliceTokens + 1] = {nullptr,
         &Gemm::slice_tile<1>, &Gemm::slice_tile<2>, &Gemm::slice_tile<3>, &Gemm::slice_tile<4>,
         &Gemm::slice_tile<5>, &Gemm::slice_tile<6>, &Gemm::slice_tile<7>, &Gemm::slice_tile<8>};
-    for (int64_t t = t0; t < t1; t += kSliceTokens)
-      (this->*tile[std::min(kSliceTokens, t1 - t)])(ws, t, r0, rows, row_params.data());
+    static constexpr SliceTile avx2[kAvx2SliceTokens + 1] = {nullptr,
+        &Gemm::slice_tile_avx2<1, false>, &Gemm::slice_tile_avx2<2, false>, &Gemm::slice_tile_avx2<3, false>};
+    static constexpr SliceTile avx2_madd16[kAvx2Madd16SliceTokens + 1] = {nullptr, &Gemm::slice_tile_avx2<1, true>};
+    const SliceTile* tile = k.slices == SliceKernel::Avx512Vnni ? avx512 : k.slices == SliceKernel::Avx2Madd16 ? avx2_madd16 : avx2;
+    const int64_t tokens = slice_tokens(k);
+    for (int64_t t = t0; t < t1; t += tokens) (this->*tile[std::min(tokens, t1 - t)])(ws, t, r0, rows, row_params.data());
   }
 
-  static constexpr int64_t kSliceTokens = 8;
+  // Tokens per slice tile: as many as keep the accumulators in registers (AVX2 maddubs: 3 x 2
+  // int32 and 3 x 2 int16; madd16: 4 int32 next to 4 weight registers; with 2 tokens GCC spilled
+  // one sum, and a sum carried through memory cost a quarter of the speed).
+  static constexpr int64_t kSliceTokens = 8, kAvx2SliceTokens = 3, kAvx2Madd16SliceTokens = 1;
+  static int64_t slice_tokens(const Kernel& k) {
+    return k.slices == SliceKernel::Avx512Vnni ? kSliceTokens : k.slices == SliceKernel::Avx2Madd16 ? kAvx2Madd16SliceTokens : kAvx2SliceTokens;
+  }
+
+  // AVX2 block dots, d[i][h] = token i's dots with rows 8h..8h + 7 over quads [q0, q1) of a slice.
+  // maddubs: a slice quad's 64 bytes as two registers of 8 rows each. A broadcast token quad
+  // times each gives 8 rows' two pair sums; these add up in int16 over k.int16_steps quads (exact:
+  // maddubs_int16_steps) before one madd by 1 widens them to the 8 rows' int32 dots, in place as in
+  // slice_tile: no horizontal sums.
+  template <int TT>
+  void maddubs_dots(__m256i (&d)[TT][2], const uint8_t* ws, const uint8_t* at, int64_t q0, int64_t q1) const {
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i) d[i][0] = d[i][1] = _mm256_setzero_si256();
+    for (int64_t q = q0; q < q1;) {
+      const int64_t qe = std::min(q1, q + k.int16_steps);
+      __m256i s16[TT][2];
+#pragma GCC unroll 8
+      for (int i = 0; i < TT; ++i) s16[i][0] = s16[i][1] = _mm256_setzero_si256();
+      for (; q < qe; ++q) {
+        const __m256i w0 = load32(ws + q * 64), w1 = load32(ws + q * 64 + 32);
+#pragma GCC unroll 8
+        for (int i = 0; i < TT; ++i) {
+          int32_t x;
+          std::memcpy(&x, at + i * a.cols + 4 * q, 4);
+          const __m256i xb = _mm256_set1_epi32(x);
+          s16[i][0] = _mm256_add_epi16(s16[i][0], _mm256_maddubs_epi16(xb, w0));
+          s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_maddubs_epi16(xb, w1));
+        }
+      }
+      add_int16_sums<TT>(d, s16);
+    }
+  }
+
+  // madd16 (8-bit activations with 8-bit weights, where maddubs could saturate): each 16 bytes of
+  // a slice quad (4 rows' quads) widened to int16, times the token quad widened and broadcast,
+  // through madd gives each row's two pair sums in int32; these add up over the block, and one
+  // horizontal add per 8 rows and block (not per row) joins each row's two.
+  template <int TT>
+  void madd16_dots(__m256i (&d)[TT][2], const uint8_t* ws, const uint8_t* at, int64_t q0, int64_t q1) const {
+    __m256i s32[TT][4];
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i)
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) s32[i][g] = _mm256_setzero_si256();
+    for (int64_t q = q0; q < q1; ++q) {
+      __m256i wv[4];
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) wv[g] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + q * 64 + 16 * g)));
+#pragma GCC unroll 8
+      for (int i = 0; i < TT; ++i) {
+        // The quad broadcast by a load (vbroadcastss) and widened: the quad as int16, four times.
+        const __m128i x4 = _mm_castps_si128(_mm_broadcast_ss(reinterpret_cast<const float*>(at + i * a.cols + 4 * q)));
+        const __m256i xb = _mm256_cvtepu8_epi16(x4);
+#pragma GCC unroll 4
+        for (int g = 0; g < 4; ++g) s32[i][g] = _mm256_add_epi32(s32[i][g], _mm256_madd_epi16(xb, wv[g]));
+      }
+    }
+    // s32[i][g] lanes: rows 4g, 4g + 1 | 4g + 2, 4g + 3, two partial sums each; hadd joins them as
+    // rows (0, 1, 4, 5 | 2, 3, 6, 7) of the pair g = 2h, 2h + 1, and the 64-bit permute orders them.
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i)
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h)
+        d[i][h] = _mm256_permute4x64_epi64(_mm256_hadd_epi32(s32[i][2 * h], s32[i][2 * h + 1]), 0xD8);
+  }
+
+  // AVX2 slices: block dots as above, then slice_tile's epilogue on 4 double lanes.
+  template <int TT, bool Madd16>
+  void slice_tile_avx2(const uint8_t* ws, int64_t t, int64_t r0, int64_t rows, const double* row_params) const {
+    __m256d acc[TT][4];
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i)
+#pragma GCC unroll 4
+      for (int h = 0; h < 4; ++h) acc[i][h] = _mm256_setzero_pd();
+    const uint8_t* at = a.codes.data() + t * a.cols;
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256i d[TT][2];
+      if constexpr (Madd16)
+        madd16_dots<TT>(d, ws, at, w.bounds[size_t(b)] / 4, w.bounds[size_t(b) + 1] / 4);
+      else
+        maddubs_dots<TT>(d, ws, at, w.bounds[size_t(b)] / 4, w.bounds[size_t(b) + 1] / 4);
+      const double* p = row_params + b * 3 * kSliceRows;
+#pragma GCC unroll 8
+      for (int i = 0; i < TT; ++i) {
+        const int64_t ai = (t + i) * nag + block_ag[size_t(b)];
+        const __m256d sa = _mm256_set1_pd(a.scales[size_t(ai)]), za = _mm256_set1_pd(a.zeros[size_t(ai)]);
+        const __m256d as = _mm256_set1_pd(asum[size_t((t + i) * nb + b)]);
+#pragma GCC unroll 4
+        for (int h = 0; h < 4; ++h) {
+          const __m128i dh = h % 2 ? _mm256_extracti128_si256(d[i][h / 2], 1) : _mm256_castsi256_si128(d[i][h / 2]);
+          const __m256d sw = _mm256_loadu_pd(p + 4 * h), zw = _mm256_loadu_pd(p + kSliceRows + 4 * h);
+          const __m256d bz = _mm256_loadu_pd(p + 2 * kSliceRows + 4 * h);
+          const __m256d e = _mm256_fnmadd_pd(za, bz, _mm256_fnmadd_pd(zw, as, _mm256_cvtepi32_pd(dh)));
+          acc[i][h] = _mm256_fmadd_pd(_mm256_mul_pd(sa, sw), e, acc[i][h]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < TT; ++i) {
+      float* out = y.row(t + i) + r0;
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256 f = _mm256_set_m128(_mm256_cvtpd_ps(acc[i][2 * h + 1]), _mm256_cvtpd_ps(acc[i][2 * h]));
+        const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(rows - 8 * h)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        _mm256_maskstore_ps(out + 8 * h, keep, f);
+      }
+    }
+  }
 
   template <int TT>
   DQ_AVX512 void slice_tile(const uint8_t* ws, int64_t t, int64_t r0, int64_t rows, const double* row_params) const {
@@ -761,14 +901,19 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTi
   // byte once instead of expanding nibble rows first) and on the scalar path. One parallel region
   // over (chunk, row tile), and none for small products (waking threads costs more).
   const bool tiles = k.tile_tokens > 0 && tiling != IntTiling::Rows && T > 1;
-  // Best: slices where blocks are short (bench_gemm, IntGemmTilesVsRows: 2.2x the tiles at 64
-  // columns, 1.2x at 576; at 1536 and 2048, 0.93–1.03x, where rearranging the weights per call
-  // costs what the horizontal sums do).
-  const bool short_blocks = w.cols <= 1024 * w.blocks();
-  if (tiles && p == IntPath::Avx512Vnni && slices_fit(w) &&
-      (tiling == IntTiling::Slices || (tiling == IntTiling::Best && short_blocks))) {
+  // Best (bench_gemm, IntGemmTilesVsRows): on AVX-512, slices where blocks are short (2.2x the
+  // tiles at 64 columns, 1.2x at 576; at 1536 and 2048, 0.93–1.03x, where rearranging the weights
+  // per call costs what the horizontal sums do); on AVX2 with maddubs, slices wherever they fit
+  // (about 3x the tiles at 64 columns, 1.1–1.4x on whole rows of 576 to 2048: they also save the
+  // tiles' nibble expansion per token chunk); on AVX2 with madd16, where blocks average at most 128
+  // columns (1.6x the tiles at 64, 0.8–0.9x on whole rows of 576 to 2048: widening the token in
+  // the inner loop costs more than the tiles' horizontal sums there).
+  const int64_t block_cols = k.slices == SliceKernel::Avx2Madd16 ? 128 : 1024;
+  const bool slices_pay = k.slices == SliceKernel::Avx2Maddubs || w.cols <= block_cols * w.blocks();
+  if (tiles && k.slices != SliceKernel::None && slices_fit(w) &&
+      (tiling == IntTiling::Slices || (tiling == IntTiling::Best && slices_pay))) {
     const std::vector<uint8_t> v = column_slices(w);
-    const int64_t chunk = 32 * Gemm::kSliceTokens, chunks = (T + chunk - 1) / chunk;
+    const int64_t chunk = 32 * Gemm::slice_tokens(k), chunks = (T + chunk - 1) / chunk;
     const int64_t nslices = (R + kSliceRows - 1) / kSliceRows;
 #pragma omp parallel if (T * R * w.cols > (int64_t(1) << 22))
     {

@@ -108,11 +108,13 @@ int32_t int_dot(IntPath p, int act_bits, const IntWeights& w, int64_t row, const
 // How int_gemm walks the product on a vector path: register tiles of 4 tokens x 2 weight rows
 // (AVX2, AVX-VNNI) or 6 tokens x 4 rows (AVX-512), smaller tiles for a chunk's last tokens, over
 // int8 weights (nibble rows expanded once per chunk of 32 tiles), with a vector epilogue; column
-// slices (AVX-512 only, where every block is whole groups of 4 columns): the weights rearranged so
-// that a register holds 16 rows, 8 tokens at a time, no horizontal sums; or one (token, row) dot at
-// a time (the earlier kernels; kept to compare against, in tests and bench_gemm; single tokens, as
-// in decoding, always go this way and read each packed byte once). Best: slices where they apply,
-// else tiles. The scalar path is always row by row. All give the same bits.
+// slices (AVX-512 and AVX2, where every block is whole groups of 4 columns): the weights rearranged
+// so that a register holds 16 rows (AVX-512, 8 tokens at a time), two registers 8 rows each (AVX2
+// maddubs, 3 tokens) or four registers 4 rows each widened to int16 (AVX2 madd16, 1 token), no
+// horizontal sums per row; or one (token, row) dot at a time (the earlier kernels; kept to compare
+// against, in tests and bench_gemm; single tokens, as in decoding, always go this way and read each
+// packed byte once). Best: slices where they pay (AVX2 maddubs: wherever they apply; AVX-512 and
+// AVX2 madd16: short blocks), else tiles. The scalar path is always row by row. All give the same bits.
 enum class IntTiling { Best, Tiles, Slices, Rows };
 
 // Y[t, r] = Σ_c deq(a)[t, c] · deq(w)[r, c], computed as above. a.group must be w.act_group.

@@ -280,14 +280,17 @@ TEST(IntGemm, TilesGiveTheScalarBitsForEveryWidthSizeGroupTailAndOddCounts) {
     }
 }
 
-// Column slices (AVX-512) take blocks in whole groups of 4 columns: weight groups of 32 with
-// per-head activation groups, and per channel; row counts below, at and past one 16-row slice (a
-// partial last slice), token counts against the 8-token tile and the 256-token chunk.
+// Column slices (AVX-512, AVX2) take blocks in whole groups of 4 columns: weight groups of 32 with
+// per-head activation groups, and per channel (172 columns: 43 quads, past the 8 quads that AVX2
+// adds in int16 for 8-bit activations); AVX2 through maddubs, and through madd16 for 8-bit weights
+// with 8-bit activations; row counts below, at and past one 16-row slice (a partial last slice of
+// fewer and of more than AVX2's 8-row halves), token counts against the 8-token (AVX-512), 3-token
+// (AVX2 maddubs) and 1-token (madd16) tiles and their 256-, 96- and 32-token chunks.
 TEST(IntGemm, SlicesGiveTheScalarBits) {
   for (int64_t cols : {64, 172, 576})
     for (int wb : {2, 4, 8})
       for (int ab : {4, 8})
-        for (int64_t rows : {5, 16, 37})
+        for (int64_t rows : {5, 16, 27, 37})
           for (int64_t tokens : {3, 8, 13, 261}) {
             if (tokens == 261 && (rows != 37 || cols != 576)) continue;  // the long case once per width pair
             const bool grouped = cols % 64 == 0;
