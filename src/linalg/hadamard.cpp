@@ -334,7 +334,7 @@ void Hadamard::apply(float* x, int64_t rows, bool transpose) const {
   const int64_t n = n_, K = K_, L = L_;
   const float scale = 1.f / std::sqrt(float(n));
   if (L > 1) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * n > kParallelMinWork)
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t k = 0; k < K; ++k) fwht(x + r * n + k * L, L);
   }

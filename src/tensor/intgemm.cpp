@@ -887,6 +887,10 @@ struct Gemm {
 
 }  // namespace
 
+// Products of fewer multiply-adds than this run on one thread: a one-token 576 x 576 product (a
+// SmolLM2 layer's q or o while decoding) is above it and splits over the threads.
+constexpr int64_t kIntParallelMinWork = 1 << 18;
+
 void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTiling tiling) {
   if (a.cols != w.cols) throw Error("int_gemm: activation and weight widths differ");
   if (a.group != w.act_group) throw Error("int_gemm: activation groups differ from the weight's blocks");
@@ -915,7 +919,7 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTi
     const std::vector<uint8_t> v = column_slices(w);
     const int64_t chunk = 32 * Gemm::slice_tokens(k), chunks = (T + chunk - 1) / chunk;
     const int64_t nslices = (R + kSliceRows - 1) / kSliceRows;
-#pragma omp parallel if (T * R * w.cols > (int64_t(1) << 22))
+#pragma omp parallel if (T * R * w.cols > kIntParallelMinWork)
     {
       std::vector<double> row_params;
 #pragma omp for collapse(2) schedule(static)
@@ -927,7 +931,7 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTi
   }
   const int64_t chunk = tiles ? 32 * k.tile_tokens : 32, chunks = (T + chunk - 1) / chunk;
   const int64_t nr = tiles ? k.tile_rows : 1, row_tiles = (R + nr - 1) / nr;
-#pragma omp parallel if (T * R * w.cols > (int64_t(1) << 22))
+#pragma omp parallel if (T * R * w.cols > kIntParallelMinWork)
   {
     std::vector<uint8_t> expanded;
     std::vector<double> row_params;
