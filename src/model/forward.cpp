@@ -165,7 +165,7 @@ static void add_bias(Matrix& x, const Matrix& b) {
 }
 
 // Causal softmax attention for every (sequence, head); a GQA group's query heads share a KV head.
-// (sequence, head) pairs run in parallel, one per thread (sgemm does not split inside a parallel
+// (query block, sequence, head) items run in parallel (sgemm does not split inside a parallel
 // region: per-head products are too small to split well). Queries go in blocks of kAttnBlock rows, each
 // against only the keys it can see (up to its last row, from its first row's sliding-window start):
 // the masked upper triangle is neither multiplied nor exponentiated, and the scores stay cache-sized.
@@ -182,29 +182,31 @@ static void attention(const ModelConfig& c, const Matrix& q, const Matrix& k, co
 #pragma omp parallel
   {
     std::vector<float> scores(size_t(std::min(seq, kAttnBlock)) * size_t(past + seq));
+    // One work item per (query block, sequence, head), the last blocks (the most keys) first, so
+    // that threads stay balanced when there are fewer heads than a multiple of the thread count.
+    const int blocks = (seq + kAttnBlock - 1) / kAttnBlock, heads = batch * c.num_heads;
 #pragma omp for schedule(dynamic, 1)
-    for (int bh = 0; bh < batch * c.num_heads; ++bh) {
+    for (int item = 0; item < blocks * heads; ++item) {
+      const int bh = item % heads, t0 = (blocks - 1 - item / heads) * kAttnBlock;
       const int b = bh / c.num_heads, h = bh % c.num_heads;
       const int64_t r0 = int64_t(b) * seq, k0 = int64_t(b) * (past + seq), kvh = h / group;
-      for (int t0 = 0; t0 < seq; t0 += kAttnBlock) {
-        const int nt = std::min(kAttnBlock, seq - t0);
-        const int64_t p0 = past + t0;  // position of the block's first query
-        const int64_t lo = c.sliding_window > 0 ? std::max<int64_t>(0, p0 - c.sliding_window + 1) : 0;
-        const int64_t nk = p0 + nt - lo;  // keys [lo, p0 + nt)
-        float* sc = scores.data();
-        sgemm(false, true, nt, nk, hd, scale, q.row(r0 + t0) + h * hd, qd, k.row(k0 + lo) + kvh * hd, kvd,
-              0.f, sc, nk);
-        for (int i = 0; i < nt; ++i) {
-          const int64_t t = p0 + i;
-          float* s = sc + int64_t(i) * nk;
-          const int64_t first = (c.sliding_window > 0 ? std::max<int64_t>(0, t - c.sliding_window + 1) : 0) - lo;
-          std::fill(s, s + first, 0.f);
-          softmax(s + first, t + 1 - lo - first);
-          std::fill(s + (t + 1 - lo), s + nk, 0.f);
-        }
-        sgemm(false, false, nt, hd, nk, 1.f, sc, nk, v.row(k0 + lo) + kvh * hd, kvd, 0.f,
-              out.row(r0 + t0) + h * hd, qd);
+      const int nt = std::min(kAttnBlock, seq - t0);
+      const int64_t p0 = past + t0;  // position of the block's first query
+      const int64_t lo = c.sliding_window > 0 ? std::max<int64_t>(0, p0 - c.sliding_window + 1) : 0;
+      const int64_t nk = p0 + nt - lo;  // keys [lo, p0 + nt)
+      float* sc = scores.data();
+      sgemm(false, true, nt, nk, hd, scale, q.row(r0 + t0) + h * hd, qd, k.row(k0 + lo) + kvh * hd, kvd,
+            0.f, sc, nk);
+      for (int i = 0; i < nt; ++i) {
+        const int64_t t = p0 + i;
+        float* s = sc + int64_t(i) * nk;
+        const int64_t first = (c.sliding_window > 0 ? std::max<int64_t>(0, t - c.sliding_window + 1) : 0) - lo;
+        std::fill(s, s + first, 0.f);
+        softmax(s + first, t + 1 - lo - first);
+        std::fill(s + (t + 1 - lo), s + nk, 0.f);
       }
+      sgemm(false, false, nt, hd, nk, 1.f, sc, nk, v.row(k0 + lo) + kvh * hd, kvd, 0.f,
+            out.row(r0 + t0) + h * hd, qd);
     }
   }
 }
