@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <span>
 #include <utility>
 
 #include "tensor/kernels.h"
@@ -713,25 +714,28 @@ struct Gemm {
         p[2 * kSliceRows + l] = double(int64_t(w.block_sums[size_t(r * nb + b)]) - block_len[size_t(b)] * w.zeros[size_t(wi)]);
       }
     const uint8_t* ws = v.data() + slice * (w.cols / 4) * 64;
-    using SliceTile = void (Gemm::*)(const uint8_t*, int64_t, int64_t, int64_t, const double*) const;
-    static constexpr SliceTile avx512[kSliceTokens + 1] = {nullptr,
-        &Gemm::slice_tile<1>, &Gemm::slice_tile<2>, &Gemm::slice_tile<3>, &Gemm::slice_tile<4>,
-        &Gemm::slice_tile<5>, &Gemm::slice_tile<6>, &Gemm::slice_tile<7>, &Gemm::slice_tile<8>};
-    static constexpr SliceTile avx2[kAvx2SliceTokens + 1] = {nullptr,
-        &Gemm::slice_tile_avx2<1, false>, &Gemm::slice_tile_avx2<2, false>, &Gemm::slice_tile_avx2<3, false>};
-    static constexpr SliceTile avx2_madd16[kAvx2Madd16SliceTokens + 1] = {nullptr, &Gemm::slice_tile_avx2<1, true>};
-    const SliceTile* tile = k.slices == SliceKernel::Avx512Vnni ? avx512 : k.slices == SliceKernel::Avx2Madd16 ? avx2_madd16 : avx2;
+    const std::span<const SliceTile> tile = slice_tiles(k);
     const int64_t tokens = slice_tokens(k);
-    for (int64_t t = t0; t < t1; t += tokens) (this->*tile[std::min(tokens, t1 - t)])(ws, t, r0, rows, row_params.data());
+    for (int64_t t = t0; t < t1; t += tokens) (this->*tile[size_t(std::min(tokens, t1 - t))])(ws, t, r0, rows, row_params.data());
   }
 
-  // Tokens per slice tile: as many as keep the accumulators in registers (AVX2 maddubs: 3 x 2
-  // int32 and 3 x 2 int16; madd16: 4 int32 next to 4 weight registers; with 2 tokens GCC spilled
-  // one sum, and a sum carried through memory cost a quarter of the speed).
-  static constexpr int64_t kSliceTokens = 8, kAvx2SliceTokens = 3, kAvx2Madd16SliceTokens = 1;
-  static int64_t slice_tokens(const Kernel& k) {
-    return k.slices == SliceKernel::Avx512Vnni ? kSliceTokens : k.slices == SliceKernel::Avx2Madd16 ? kAvx2Madd16SliceTokens : kAvx2SliceTokens;
+  // A kernel's slice tiles by token count (entry i handles i tokens; entry 0 unused): as many
+  // tokens as keep the accumulators in registers (AVX2 maddubs: 3 x 2 int32 and 3 x 2 int16;
+  // madd16: 4 int32 next to 4 weight registers; with 2 tokens GCC spilled one sum, and a sum carried
+  // through memory cost a quarter of the speed).
+  using SliceTile = void (Gemm::*)(const uint8_t*, int64_t, int64_t, int64_t, const double*) const;
+  static std::span<const SliceTile> slice_tiles(const Kernel& k) {
+    static constexpr SliceTile avx512[] = {nullptr,
+        &Gemm::slice_tile<1>, &Gemm::slice_tile<2>, &Gemm::slice_tile<3>, &Gemm::slice_tile<4>,
+        &Gemm::slice_tile<5>, &Gemm::slice_tile<6>, &Gemm::slice_tile<7>, &Gemm::slice_tile<8>};
+    static constexpr SliceTile avx2[] = {nullptr,
+        &Gemm::slice_tile_avx2<1, false>, &Gemm::slice_tile_avx2<2, false>, &Gemm::slice_tile_avx2<3, false>};
+    static constexpr SliceTile avx2_madd16[] = {nullptr, &Gemm::slice_tile_avx2<1, true>};
+    if (k.slices == SliceKernel::Avx512Vnni) return avx512;
+    if (k.slices == SliceKernel::Avx2Madd16) return avx2_madd16;
+    return avx2;
   }
+  static int64_t slice_tokens(const Kernel& k) { return int64_t(slice_tiles(k).size()) - 1; }
 
   // AVX2 block dots, d[i][h] = token i's dots with rows 8h..8h + 7 over quads [q0, q1) of a slice.
   // maddubs: a slice quad's 64 bytes as two registers of 8 rows each. A broadcast token quad
@@ -887,10 +891,6 @@ struct Gemm {
 
 }  // namespace
 
-// Products of fewer multiply-adds than this run on one thread: a one-token 576 x 576 product (a
-// SmolLM2 layer's q or o while decoding) is above it and splits over the threads.
-constexpr int64_t kIntParallelMinWork = 1 << 18;
-
 void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTiling tiling) {
   if (a.cols != w.cols) throw Error("int_gemm: activation and weight widths differ");
   if (a.group != w.act_group) throw Error("int_gemm: activation groups differ from the weight's blocks");
@@ -919,7 +919,7 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTi
     const std::vector<uint8_t> v = column_slices(w);
     const int64_t chunk = 32 * Gemm::slice_tokens(k), chunks = (T + chunk - 1) / chunk;
     const int64_t nslices = (R + kSliceRows - 1) / kSliceRows;
-#pragma omp parallel if (T * R * w.cols > kIntParallelMinWork)
+#pragma omp parallel if (T * R * w.cols > kParallelMinProduct)
     {
       std::vector<double> row_params;
 #pragma omp for collapse(2) schedule(static)
@@ -931,7 +931,7 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTi
   }
   const int64_t chunk = tiles ? 32 * k.tile_tokens : 32, chunks = (T + chunk - 1) / chunk;
   const int64_t nr = tiles ? k.tile_rows : 1, row_tiles = (R + nr - 1) / nr;
-#pragma omp parallel if (T * R * w.cols > kIntParallelMinWork)
+#pragma omp parallel if (T * R * w.cols > kParallelMinProduct)
   {
     std::vector<uint8_t> expanded;
     std::vector<double> row_params;

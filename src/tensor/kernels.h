@@ -60,6 +60,9 @@ void swiglu(Matrix& gate, const Matrix& up);
 
 // Loops over fewer elements than this run on one thread (waking threads costs more).
 constexpr int64_t kParallelMinWork = 1 << 16;
+// Products (f32 and integer) of fewer multiply-adds than this run on one thread; a one-token
+// 576 x 576 product (a SmolLM2 layer's q or o while decoding) is above it.
+constexpr int64_t kParallelMinProduct = 1 << 18;
 
 // OpenMP threads for our own loops and for large products, which sgemm/dgemm split over them.
 // OpenBLAS itself runs on one thread (one pool: two would spin against each other), so LAPACK's

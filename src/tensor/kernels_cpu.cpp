@@ -18,15 +18,12 @@ namespace {
 // forward slower than one (`bench -p 256 -n 16`: pp 207 against 341 t/s, tg 3.0 against 6.6).
 const bool kBlasSingleThreaded = (openblas_set_num_threads(1), true);
 
-// Products of fewer multiply-adds than this stay on one thread (a 576 x 576 row product is above).
-constexpr double kSplitMinWork = 1 << 18;
-
 // Calls product(c0, c1) on column ranges [c0, c1) that cover n, in parallel when the product is
 // large and no parallel region is already running; boundaries at multiples of 16 columns.
 template <class Product>
 void over_columns(int64_t m, int64_t n, int64_t k, Product&& product) {
   const int64_t parts = std::min<int64_t>(omp_in_parallel() ? 1 : omp_get_max_threads(), n / 16);
-  if (parts <= 1 || double(m) * double(n) * double(k) < kSplitMinWork) return product(int64_t(0), n);
+  if (parts <= 1 || double(m) * double(n) * double(k) < double(kParallelMinProduct)) return product(int64_t(0), n);
 #pragma omp parallel for num_threads(int(parts)) schedule(static)
   for (int64_t p = 0; p < parts; ++p)
     product(n * p / parts / 16 * 16, p + 1 == parts ? n : n * (p + 1) / parts / 16 * 16);

@@ -88,7 +88,7 @@ TEST(Gemm, OneRowProductsMatchANaiveReference) {
 
 TEST(Gemm, ColumnSplitOverThreadsMatchesANaiveReference) {
   // Products above the split threshold run as column ranges on the OpenMP threads (boundaries at
-  // multiples of 16; n = 1001 leaves an odd last range); inside a parallel region they do not split.
+  // multiples of 16; n = 1001 leaves an odd last range).
   // sgemm and dgemm, one row and many, every transpose, leading dimensions wider than the operands,
   // beta != 0; against sums in double, at 1, 2 and 3 threads.
   const int threads_before = num_threads();
