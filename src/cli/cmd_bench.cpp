@@ -1,7 +1,8 @@
 // dartquant bench: prompt-processing and generation speed and resident memory of a model on the path
 // eval and generate would run it on (f32, fake-quant or integer), after llama-bench's conventions:
 // pp<P> is a P-token prompt run into an empty KV cache the way generate runs one (prefill: forward
-// passes of kPrefillChunk tokens, plus the next-token logits of the last one), tg<N> is N tokens
+// passes of kPrefillChunk tokens on the integer path, one pass on the f32 ones), plus the
+// next-token logits of the last one; tg<N> is N tokens
 // decoded one at a time against the KV cache from an empty context, each with its logits. No
 // tokenizer is loaded.
 // Tokens are random ids (fixed seed). Every test first runs untimed on a few tokens (warm-up: pages

@@ -453,7 +453,8 @@ Matrix forward(const Model& m, const std::vector<int32_t>& tokens, int batch, in
 
 Matrix prefill(const Model& m, const std::vector<int32_t>& tokens, const Hooks& hooks, KvCache& cache, int chunk) {
   if (tokens.empty()) throw Error("prefill: no tokens");
-  if (chunk < 1) throw Error("prefill: chunk must be at least 1 token");
+  if (chunk < 0) throw Error("prefill: a chunk of " + std::to_string(chunk) + " tokens");
+  if (chunk == 0) chunk = m.weights.has_packed() ? kPrefillChunk : int(tokens.size());
   for (size_t t0 = 0;; t0 += size_t(chunk)) {
     const size_t n = std::min(tokens.size() - t0, size_t(chunk));
     // Only the last chunk's output is kept: an earlier one is dropped before the next pass runs.

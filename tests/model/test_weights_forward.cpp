@@ -152,8 +152,9 @@ TEST(Forward, LayerByLayerMatchesForwardAndSiteShapes) {
 }
 
 // A prompt in chunks against the KV cache (prefill) gives the rows of one pass over it, within
-// float rounding (the f32 products have other shapes), and the same greedy token; prefill refuses
-// an empty prompt and a chunk of no tokens.
+// float rounding (the f32 products have other shapes), and the same greedy token; by default an f32
+// model's prompt goes in one call (the one pass's bits); prefill refuses an empty prompt and a
+// negative chunk.
 TEST(KvCache, ChunkedPrefillMatchesOnePass) {
   const Model m = load_model(dq::test::kStories);
   std::vector<int32_t> prompt;
@@ -170,8 +171,9 @@ TEST(KvCache, ChunkedPrefillMatchesOnePass) {
     EXPECT_EQ(greedy_next(m, last), greedy_next(m, whole)) << chunk;
   }
   KvCache cache;
+  EXPECT_EQ(prefill(m, prompt, {}, cache).data, whole.data);
   EXPECT_THROW(prefill(m, {}, {}, cache), Error);
-  EXPECT_THROW(prefill(m, prompt, {}, cache, 0), Error);
+  EXPECT_THROW(prefill(m, prompt, {}, cache, -1), Error);
 }
 
 // Decoding a token at a time against the KV cache gives the greedy tokens (and, within float
