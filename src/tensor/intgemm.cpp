@@ -735,12 +735,15 @@ struct Gemm {
     }
   }
 
-  // Tokens [t0, t1) x slice `slice`, rearranged into `v` (column_slice), slice_tokens() at a time.
-  // Per block and row lane the epilogue of tiles(), on 8 (AVX-512) or 4 (AVX2) double lanes.
-  void slices(int64_t t0, int64_t t1, int64_t slice, std::vector<uint8_t>& v, std::vector<uint8_t>& expanded,
-              std::vector<double>& row_params) const {
-    v.resize(size_t(w.cols / 4 * 64));
-    column_slice(w, slice, v.data(), expanded);
+  // Tokens [t0, t1) x slice `slice`, rearranged into `v` (column_slice) first when `rearrange` (else
+  // v holds it from the slice's previous token chunk), slice_tokens() at a time. Per block and row
+  // lane the epilogue of tiles(), on 8 (AVX-512) or 4 (AVX2) double lanes.
+  void slices(int64_t t0, int64_t t1, int64_t slice, bool rearrange, std::vector<uint8_t>& v,
+              std::vector<uint8_t>& expanded, std::vector<double>& row_params) const {
+    if (rearrange) {
+      v.resize(size_t(w.cols / 4 * 64));
+      column_slice(w, slice, v.data(), expanded);
+    }
     // Per block, the 16 rows' sw, zw, Σs − n·zw (rows past the last: zeros, never stored).
     row_params.assign(size_t(nb * 3 * kSliceRows), 0.0);
     const int64_t r0 = slice * kSliceRows, rows = std::min(kSliceRows, w.rows - r0);
@@ -961,10 +964,11 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTi
     {
       std::vector<uint8_t> slice, expanded;
       std::vector<double> row_params;
-#pragma omp for collapse(2) schedule(static)
-      for (int64_t tc = 0; tc < chunks; ++tc)
-        for (int64_t s = 0; s < nslices; ++s)
-          g.slices(tc * chunk, std::min(T, (tc + 1) * chunk), s, slice, expanded, row_params);
+      // Each slice rearranged once per call, then every token chunk against it.
+#pragma omp for schedule(static)
+      for (int64_t s = 0; s < nslices; ++s)
+        for (int64_t tc = 0; tc < chunks; ++tc)
+          g.slices(tc * chunk, std::min(T, (tc + 1) * chunk), s, tc == 0, slice, expanded, row_params);
     }
     return;
   }
