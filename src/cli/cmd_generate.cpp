@@ -32,13 +32,13 @@ int run_generate(const GenerateArgs& a) {
                 std::to_string(m.config.max_seq) + "-token context");
   std::mt19937_64 rng(a.seed);
   std::string printed;
-  // The prompt goes through in one pass, then each new token alone against the KV cache (codes
-  // when the model quantizes it), sized once for the whole run.
+  // The prompt goes through in chunks (prefill), then each new token alone against the KV cache
+  // (codes when the model quantizes it), sized once for the whole run.
   KvCache cache = runtime.kv_cache();
   cache.reserve(m.config, std::min<int64_t>(m.config.max_seq, int64_t(ids.size()) + a.n));
   std::vector<int32_t> fresh = ids;
   for (int i = 0; i < a.n && int(ids.size()) < m.config.max_seq; ++i) {
-    Matrix x = forward(m, fresh, 1, int(fresh.size()), runtime.hooks(), &cache);
+    Matrix x = prefill(m, fresh, runtime.hooks(), cache);  // the prompt, then one token at a time
     Matrix lp = log_probs(m, x, x.rows - 1, 1);
     for (float v : lp.data)
       if (!std::isfinite(v))

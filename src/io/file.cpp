@@ -96,9 +96,14 @@ MappedFile::~MappedFile() {
 
 void MappedFile::release(size_t offset, size_t length) const {
   if (!data_) return;
-  long page = sysconf(_SC_PAGESIZE);
-  size_t start = offset / size_t(page) * size_t(page);
-  size_t end = std::min(size_, offset + length);
+  // A read fault maps the cached pages of its whole 64 KiB-aligned window (Linux's fault-around),
+  // neighbouring tensors' included: the window around the range goes back too, or each small
+  // tensor read (a layer's norms) would leave its neighbours' pages resident. The mapping is
+  // read-only: a page handed back is read again from the page cache when next touched.
+  constexpr size_t kFaultAround = size_t(64) << 10;
+  const size_t window = std::max(kFaultAround, size_t(sysconf(_SC_PAGESIZE)));
+  size_t start = offset / window * window;
+  size_t end = std::min(size_, (offset + length + window - 1) / window * window);
   if (end > start) madvise(const_cast<uint8_t*>(data_) + start, end - start, MADV_DONTNEED);
 }
 

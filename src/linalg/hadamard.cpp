@@ -344,9 +344,9 @@ void Hadamard::apply(float* x, int64_t rows, bool transpose) const {
   }
   // The K-mix y[k'][l] = Σ_k x[k][l]·H_K[k][k'] as one sgemm per chunk of rows: transpose each
   // row's K×L block to L×K, multiply by H_K (or H_Kᵀ), transpose back.
-  // Chunks of ~1 MiB stay in cache; the scratch is reused across calls (fresh allocations of
-  // tens of MiB per call cost more than the transform itself, in page faults).
-  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 18) / n);
+  // Chunks of ~128 KiB stay in cache; the scratch is reused across calls (fresh allocations of
+  // tens of MiB per call cost more than the transform itself, in page faults) and stays that small.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 15) / n);
   thread_local std::vector<float> a, b;
   a.resize(std::max(a.size(), size_t(std::min(rows, chunk) * n)));
   b.resize(a.size());

@@ -295,8 +295,8 @@ static void mlp_forward(const ModelConfig& c, const LayerWeights& w, int layer, 
     }
   }
   // Routed experts' outputs are summed in y before x (the reference's order); a dense MLP adds its
-  // one output straight into x. gate/up/out are reused across experts.
-  Matrix y, gate, up, out;
+  // one output straight into x. gate/up are reused across experts.
+  Matrix y, gate, up;
   if (routed > 0) y = Matrix(x.rows, x.cols);
   Matrix& acc = routed > 0 ? y : x;
   for (int e = 0; e < int(w.experts.size()); ++e) {
@@ -314,6 +314,7 @@ static void mlp_forward(const ModelConfig& c, const LayerWeights& w, int layer, 
     project_all(hooks, Site::ExpertIn, in, {{ew.gate, ew.gate_packed, gate}, {ew.up, ew.up_packed, up}});
     swiglu(gate, up);
     run_expert_hooks(hooks, Site::DownIn, layer, e, gate);
+    Matrix& out = up;  // up is spent once swiglu has read it: the down_proj output takes its storage
     project(hooks, Site::DownIn, gate, ew.down, ew.down_packed, out);
     if (always) {
       add_into(acc, out);
@@ -415,9 +416,13 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
   } else {
     attention(c, q, k, v, batch, seq, 0, att);
   }
+  // What is spent goes back before the MLP, whose intermediate rows are the pass's largest.
+  k = Matrix();
+  v = Matrix();
   run_hooks(hooks, Site::OprojIn, layer, att);
   project(hooks, Site::OprojIn, att, w.o, w.o_packed, q);  // so does q's for the o_proj output
   add_into(x, q);
+  q = Matrix();
 
   h = x;
   rmsnorm(h, w.mlp_norm.data.data(), c.rms_eps);
@@ -427,6 +432,7 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
 
 void final_norm(const Model& m, Matrix& x, const Hooks& hooks) {
   Matrix gain = m.weights.get("model.norm.weight");
+  m.weights.release("model.norm.weight");  // with its fault-around neighbours (the last layer's)
   check_finite(m, "model.norm.weight", gain);
   rmsnorm(x, gain.data.data(), m.config.rms_eps);
   run_hooks(hooks, Site::FinalNorm, -1, x);
@@ -443,6 +449,19 @@ Matrix forward(const Model& m, const std::vector<int32_t>& tokens, int batch, in
   }
   final_norm(m, x, hooks);
   return x;
+}
+
+Matrix prefill(const Model& m, const std::vector<int32_t>& tokens, const Hooks& hooks, KvCache& cache, int chunk) {
+  if (tokens.empty()) throw Error("prefill: no tokens");
+  if (chunk < 0) throw Error("prefill: a chunk of " + std::to_string(chunk) + " tokens");
+  if (chunk == 0) chunk = m.weights.has_packed() ? kPrefillChunk : int(tokens.size());
+  for (size_t t0 = 0;; t0 += size_t(chunk)) {
+    const size_t n = std::min(tokens.size() - t0, size_t(chunk));
+    // Only the last chunk's output is kept: an earlier one is dropped before the next pass runs.
+    Matrix x = forward(m, std::vector<int32_t>(tokens.begin() + int64_t(t0), tokens.begin() + int64_t(t0 + n)),
+                       1, int(n), hooks, &cache);
+    if (t0 + n == tokens.size()) return x;
+  }
 }
 
 // The classifier is read where it is stored and never copied whole (an f32 copy of a 128k x 2048

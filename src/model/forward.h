@@ -117,6 +117,21 @@ void final_norm(const Model& m, Matrix& x, const Hooks& hooks);
 Matrix forward(const Model& m, const std::vector<int32_t>& tokens, int batch, int seq,
                const Hooks& hooks = {}, KvCache* cache = nullptr);
 
+// Tokens per forward() call in prefill() for a model whose linears are packed (the integer
+// runtime): a multiple of the attention's query block (64 rows), so the chunks' attention runs the
+// very products of one pass over the whole prompt. 256 (bench/README.md, "Memory"): SmolLM2-shape
+// W4A4KV4 pp512 at the one pass's speed; 128 would save 2 MiB more at 5% of the speed (every chunk
+// rearranges the weights into slices and decodes the cache again).
+constexpr int kPrefillChunk = 256;
+// Runs one sequence's tokens after those in `cache` (a prompt), `chunk` tokens per forward() call
+// with the cache carrying keys and values from call to call (llama.cpp's micro-batches): the
+// pass's activations are a chunk's, not the prompt's. chunk 0: kPrefillChunk for packed linears;
+// one call for f32 ones, which forward() converts from their stored dtype on every call (chunks
+// would convert every layer again: SmolLM2-shape f32 pp512 ran 10% slower in chunks of 256).
+// Returns the last call's final-norm output (its last row is the last token's).
+Matrix prefill(const Model& m, const std::vector<int32_t>& tokens, const Hooks& hooks, KvCache& cache,
+               int chunk = 0);
+
 // Log-probabilities over the vocabulary of rows [row0, row0 + n) of the final-norm output; the
 // classifier is read as stored (see forward.cpp).
 Matrix log_probs(const Model& m, const Matrix& x, int64_t row0, int64_t n);

@@ -88,7 +88,7 @@ static Model load_hf_model(const fs::path& dir) {
   return m;
 }
 
-Model load_model(const std::string& path, const std::string& tokenizer_path) {
+Model load_model(const std::string& path, const std::string& tokenizer_path, bool with_tokenizer) {
   fs::path p(path);
   std::error_code ec;  // the throwing overload's text ("filesystem error: status: ...") is not ours
   if (!fs::exists(p, ec)) throw Error(path + ": " + (ec ? ec.message() : "no such file or directory"));
@@ -104,6 +104,10 @@ Model load_model(const std::string& path, const std::string& tokenizer_path) {
     if (tok.empty()) tok = find_tokenizer_beside(p.has_parent_path() ? p.parent_path() : fs::path("."));
   }
   m.source = path;
+  if (!with_tokenizer) {
+    m.tokenizer.reset();  // a GGUF file's own
+    tok.clear();
+  }
   if (!tok.empty() && (!m.tokenizer || !tokenizer_path.empty())) {  // an explicit --tokenizer wins
     m.tokenizer = load_tokenizer(tok);
     m.tokenizer_path = tok;

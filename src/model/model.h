@@ -23,7 +23,9 @@ struct Model {
 
 // An HF directory (config.json + model.safetensors or a sharded index), a llama2.c .bin
 // checkpoint, or a .gguf file. tokenizer_path overrides the tokenizer found beside the model.
-Model load_model(const std::string& path, const std::string& tokenizer_path = "");
+// Commands that run on token ids alone pass with_tokenizer = false: none is loaded (a 49k-entry
+// vocabulary is ~8 MiB parsed, and its JSON's freed pages stay resident between its pieces).
+Model load_model(const std::string& path, const std::string& tokenizer_path = "", bool with_tokenizer = true);
 
 // llama2.c rotates interleaved pairs; HF rotates halves. Reorders q/k rows (and biases) of every
 // layer from one convention to the other so the model computes the same function.

@@ -442,7 +442,7 @@ int64_t maddubs_int16_steps(int act_bits, const IntWeights& w) {
   return 32767 / (((1 << act_bits) - 1) * (1 << (w.nibbles ? 4 : w.bits)));
 }
 
-// Which column-slice tiles a path has (see column_slices).
+// Which column-slice tiles a path has (see column_slice).
 enum class SliceKernel { None, Avx2Maddubs, Avx2Madd16, Avx512Vnni };
 
 struct Kernel {
@@ -504,9 +504,9 @@ void expand_row(const uint8_t* row, int64_t row_bytes, uint8_t* out) {
 }
 
 // ---- column slices (AVX-512 VNNI; AVX2 in two registers): 16 weight rows in the lanes of one register ----
-// The weights rearranged per call: slice s, quad q (columns 4q..4q+3) is 64 bytes whose lane j holds
-// row 16s + j's four int8 values, so one vpdpbusd with a token's four codes broadcast adds four
-// columns to 16 rows' dots in place. The register tiles above end every block with horizontal sums;
+// The weights rearranged slice by slice as the products reach them: slice s, quad q (columns
+// 4q..4q+3) is 64 bytes whose lane j holds row 16s + j's four int8 values, so one vpdpbusd with a
+// token's four codes broadcast adds four columns to 16 rows' dots in place. The register tiles above end every block with horizontal sums;
 // for short blocks (o_proj's input is quantized per head: 64 columns) those cost more than the
 // products, and here there are none. Rows past the last are zero. Needs columns and block bounds in
 // whole quads (slices_fit).
@@ -516,24 +516,60 @@ bool slices_fit(const IntWeights& w) {
   return std::all_of(w.bounds.begin(), w.bounds.end(), [](int64_t c) { return c % 4 == 0; });
 }
 
-std::vector<uint8_t> column_slices(const IntWeights& w) {
-  const int64_t nq = w.cols / 4, slices = (w.rows + kSliceRows - 1) / kSliceRows;
-  std::vector<uint8_t> v(size_t(slices * nq * 64), 0);
-#pragma omp parallel if (w.rows * w.cols > kParallelMinWork)
-  {
-    std::vector<uint8_t> expanded(w.nibbles ? size_t(2 * w.row_bytes) : 0);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < w.rows; ++r) {
-      const uint8_t* src = w.values.data() + r * w.row_bytes;
-      if (w.nibbles) {
-        expand_row(src, w.row_bytes, expanded.data());
-        src = expanded.data();
-      }
-      uint8_t* dst = v.data() + (r / kSliceRows) * nq * 64 + (r % kSliceRows) * 4;
-      for (int64_t q = 0; q < nq; ++q) std::memcpy(dst + q * 64, src + 4 * q, 4);
+// The 4-byte words q0..q0+7 of eight rows (src[j] + 4 * q0), transposed: the 32 bytes at dst + k * 64
+// hold word q0 + k of rows 0..7 in that order.
+inline void transpose_words_8x8(const uint8_t* const* src, int64_t q0, uint8_t* dst) {
+  __m256i r[8];
+  for (int j = 0; j < 8; ++j) r[j] = load32(src[j] + 4 * q0);
+  // Pairs of rows interleaved by word, then by pairs of words: each 128-bit lane holds one word of
+  // four rows (words k and k + 4 in the low and high lanes).
+  __m256i t[8], u[8];
+  for (int j = 0; j < 4; ++j) {
+    t[2 * j] = _mm256_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
+    t[2 * j + 1] = _mm256_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // rows 0..3, rows 4..7
+    __m256i* o = u + 4 * h;
+    const __m256i* i = t + 4 * h;
+    o[0] = _mm256_unpacklo_epi64(i[0], i[2]);  // words 0 | 4
+    o[1] = _mm256_unpackhi_epi64(i[0], i[2]);  // words 1 | 5
+    o[2] = _mm256_unpacklo_epi64(i[1], i[3]);  // words 2 | 6
+    o[3] = _mm256_unpackhi_epi64(i[1], i[3]);  // words 3 | 7
+  }
+  for (int k = 0; k < 4; ++k) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k * 64), _mm256_permute2x128_si256(u[k], u[4 + k], 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (k + 4) * 64), _mm256_permute2x128_si256(u[k], u[4 + k], 0x31));
+  }
+}
+
+// Slice s into dst (cols / 4 quads of 64 bytes, 9 KiB at 576 columns: it stays in L1 while a token
+// chunk passes over it, and no rearranged copy of the whole matrix is written per call: prefill
+// chunks call every linear once per chunk). `expanded` is scratch for the slice's int8 rows.
+void column_slice(const IntWeights& w, int64_t s, uint8_t* dst, std::vector<uint8_t>& expanded) {
+  const int64_t nq = w.cols / 4;
+  const int64_t span = w.nibbles ? 2 * w.row_bytes : w.row_bytes;  // a row's int8 values, padding included
+  expanded.resize(size_t(kSliceRows * span));
+  const uint8_t* src[kSliceRows];
+  for (int64_t j = 0; j < kSliceRows; ++j) {
+    const int64_t r = s * kSliceRows + j;
+    uint8_t* row = expanded.data() + j * span;
+    if (r >= w.rows) {
+      std::fill(row, row + span, uint8_t(0));
+      src[j] = row;
+    } else if (w.nibbles) {
+      expand_row(w.values.data() + r * w.row_bytes, w.row_bytes, row);
+      src[j] = row;
+    } else {
+      src[j] = w.values.data() + r * w.row_bytes;
     }
   }
-  return v;
+  int64_t q = 0;
+  for (; q + 8 <= nq; q += 8) {
+    transpose_words_8x8(src, q, dst + q * 64);
+    transpose_words_8x8(src + 8, q, dst + q * 64 + 32);
+  }
+  for (; q < nq; ++q)
+    for (int64_t j = 0; j < kSliceRows; ++j) std::memcpy(dst + q * 64 + j * 4, src[j] + 4 * q, 4);
 }
 
 // Σ p[0..n) (sums of absolute differences against zero, 32 bytes at a time).
@@ -699,9 +735,15 @@ struct Gemm {
     }
   }
 
-  // Tokens [t0, t1) x slice `slice` of column_slices() `v`, slice_tokens() at a time. Per block
-  // and row lane the epilogue of tiles(), on 8 (AVX-512) or 4 (AVX2) double lanes.
-  void slices(int64_t t0, int64_t t1, int64_t slice, const std::vector<uint8_t>& v, std::vector<double>& row_params) const {
+  // Tokens [t0, t1) x slice `slice`, rearranged into `v` (column_slice) first when `rearrange` (else
+  // v holds it from the slice's previous token chunk), slice_tokens() at a time. Per block and row
+  // lane the epilogue of tiles(), on 8 (AVX-512) or 4 (AVX2) double lanes.
+  void slices(int64_t t0, int64_t t1, int64_t slice, bool rearrange, std::vector<uint8_t>& v,
+              std::vector<uint8_t>& expanded, std::vector<double>& row_params) const {
+    if (rearrange) {
+      v.resize(size_t(w.cols / 4 * 64));
+      column_slice(w, slice, v.data(), expanded);
+    }
     // Per block, the 16 rows' sw, zw, Σs − n·zw (rows past the last: zeros, never stored).
     row_params.assign(size_t(nb * 3 * kSliceRows), 0.0);
     const int64_t r0 = slice * kSliceRows, rows = std::min(kSliceRows, w.rows - r0);
@@ -713,7 +755,7 @@ struct Gemm {
         p[kSliceRows + l] = w.zeros[size_t(wi)];
         p[2 * kSliceRows + l] = double(int64_t(w.block_sums[size_t(r * nb + b)]) - block_len[size_t(b)] * w.zeros[size_t(wi)]);
       }
-    const uint8_t* ws = v.data() + slice * (w.cols / 4) * 64;
+    const uint8_t* ws = v.data();
     const std::span<const SliceTile> tile = slice_tiles(k);
     const int64_t tokens = slice_tokens(k);
     for (int64_t t = t0; t < t1; t += tokens) (this->*tile[size_t(std::min(tokens, t1 - t))])(ws, t, r0, rows, row_params.data());
@@ -916,16 +958,17 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTi
   const bool slices_pay = k.slices == SliceKernel::Avx2Maddubs || w.cols <= block_cols * w.blocks();
   if (tiles && k.slices != SliceKernel::None && slices_fit(w) &&
       (tiling == IntTiling::Slices || (tiling == IntTiling::Best && slices_pay))) {
-    const std::vector<uint8_t> v = column_slices(w);
     const int64_t chunk = 32 * Gemm::slice_tokens(k), chunks = (T + chunk - 1) / chunk;
     const int64_t nslices = (R + kSliceRows - 1) / kSliceRows;
 #pragma omp parallel if (T * R * w.cols > kParallelMinProduct)
     {
+      std::vector<uint8_t> slice, expanded;
       std::vector<double> row_params;
-#pragma omp for collapse(2) schedule(static)
-      for (int64_t tc = 0; tc < chunks; ++tc)
-        for (int64_t s = 0; s < nslices; ++s)
-          g.slices(tc * chunk, std::min(T, (tc + 1) * chunk), s, v, row_params);
+      // Each slice rearranged once per call, then every token chunk against it.
+#pragma omp for schedule(static)
+      for (int64_t s = 0; s < nslices; ++s)
+        for (int64_t tc = 0; tc < chunks; ++tc)
+          g.slices(tc * chunk, std::min(T, (tc + 1) * chunk), s, tc == 0, slice, expanded, row_params);
     }
     return;
   }

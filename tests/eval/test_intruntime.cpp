@@ -219,12 +219,13 @@ TEST(IntRuntime, QuantizedKvCacheHoldsTheFakeQuantizedKv) {
   }
 }
 
-// Generation with the KV cache against recomputing the whole sequence, on the fake-quant and the
-// integer path, with the 4-bit quantized cache and with an f32 one (KV16): the same greedy tokens.
-// Decoding one token at a time changes the product shapes (float rounding only), so the cached rows
-// match recomputation's except where a value sits on a rounding boundary; the first layer's K/V do
-// not depend on other tokens and on the integer path (exact sums) are bit-identical.
-TEST(IntRuntime, CachedDecodingMatchesRecomputation) {
+namespace {
+
+// The W4A4 model with a 4-bit KV cache (R3, weights in groups of 24, asymmetric) and the W4A8 one
+// with an f32 cache (KV16), each on the fake-quant and on the integer path: fn(model, its runtime
+// hooks, integer).
+template <class Fn>
+void for_each_kv_run(Fn fn) {
   const std::pair<const char*, const char*> runs[] = {
       {"w4a4kv4g24", "--w-bits 4 --a-bits 4 --kv-bits 4 --rotation quarot --w-group 24 --w-asym"},
       {"w4a8", "--w-bits 4 --a-bits 8 --rotation quarot"}};
@@ -235,26 +236,59 @@ TEST(IntRuntime, CachedDecodingMatchesRecomputation) {
       if (integer) {
         ASSERT_EQ(use_integer_runtime(m), "");
       }
-      RuntimeHooks rt(m);
-      const bool kv4 = m.quantization.at("kv_cache").at("bits") == 4;
-      auto greedy = [&](const Matrix& x) { return greedy_next(m, x); };
-      std::vector<int32_t> full{1, 403, 407}, fresh = full;
-      KvCache cache = rt.kv_cache();
-      ASSERT_EQ(cache.quantizer != nullptr, kv4);
-      for (int i = 0; i < 24; ++i) {
-        Capture recomputed;
-        Hooks hooks = rt.hooks();
-        hooks.push_back(&recomputed);
-        const int32_t a = greedy(forward(m, full, 1, int(full.size()), hooks));
-        const int32_t b = greedy(forward(m, fresh, 1, int(fresh.size()), rt.hooks(), &cache));
-        ASSERT_EQ(a, b) << "step " << i;
-        ASSERT_EQ(cache.tokens(), int64_t(full.size()));
-        const Matrix& k0 = recomputed.seen.at({int(Site::K), 0});
-        if (integer) {
-          EXPECT_EQ(kv4 ? cached(cache, m.config, true, 0).data : cache.k[0].f32.data, k0.data);
-        }
-        full.push_back(a);
-        fresh = {b};
-      }
+      const RuntimeHooks rt(m);
+      fn(m, rt, integer);
     }
+}
+
+}  // namespace
+
+// Generation with the KV cache against recomputing the whole sequence, on the fake-quant and the
+// integer path, with the 4-bit quantized cache and with an f32 one (KV16): the same greedy tokens.
+// Decoding one token at a time changes the product shapes (float rounding only), so the cached rows
+// match recomputation's except where a value sits on a rounding boundary; the first layer's K/V do
+// not depend on other tokens and on the integer path (exact sums) are bit-identical.
+TEST(IntRuntime, CachedDecodingMatchesRecomputation) {
+  for_each_kv_run([](const Model& m, const RuntimeHooks& rt, bool integer) {
+    const bool kv4 = m.quantization.at("kv_cache").at("bits") == 4;
+    auto greedy = [&](const Matrix& x) { return greedy_next(m, x); };
+    std::vector<int32_t> full{1, 403, 407}, fresh = full;
+    KvCache cache = rt.kv_cache();
+    ASSERT_EQ(cache.quantizer != nullptr, kv4);
+    for (int i = 0; i < 24; ++i) {
+      Capture recomputed;
+      Hooks hooks = rt.hooks();
+      hooks.push_back(&recomputed);
+      const int32_t a = greedy(forward(m, full, 1, int(full.size()), hooks));
+      const int32_t b = greedy(forward(m, fresh, 1, int(fresh.size()), rt.hooks(), &cache));
+      ASSERT_EQ(a, b) << "step " << i;
+      ASSERT_EQ(cache.tokens(), int64_t(full.size()));
+      const Matrix& k0 = recomputed.seen.at({int(Site::K), 0});
+      if (integer) {
+        EXPECT_EQ(kv4 ? cached(cache, m.config, true, 0).data : cache.k[0].f32.data, k0.data);
+      }
+      full.push_back(a);
+      fresh = {b};
+    }
+  });
+}
+
+// A prompt run in chunks against the KV cache (prefill, as bench and generate run prompts) against
+// one pass over it without a cache, on both paths, with the 4-bit cache and with an f32 one (KV16):
+// the chunks' final-norm rows are the one pass's last rows, bit for bit. Every operation but
+// attention works per token (the integer products are exact, the reference's are in double), the
+// cached rows are the K/V hooks' output, and chunks of a multiple of 64 tokens give attention the
+// very query blocks and products of the one pass. 200 tokens in chunks of 64 leave a last chunk of 8.
+TEST(IntRuntime, ChunkedPrefillEqualsOnePass) {
+  for_each_kv_run([](const Model& m, const RuntimeHooks& rt, bool) {
+    const std::vector<int32_t> ids = tokenize_file(m, kValid);
+    const std::vector<int32_t> prompt(ids.begin(), ids.begin() + 200);
+    const Matrix whole = forward(m, prompt, 1, int(prompt.size()), rt.hooks());
+    KvCache cache = rt.kv_cache();
+    const Matrix last = prefill(m, prompt, rt.hooks(), cache, 64);
+    ASSERT_EQ(cache.tokens(), int64_t(prompt.size()));
+    ASSERT_EQ(last.rows, 8);
+    const std::vector<float> tail(whole.data.end() - int64_t(last.size()), whole.data.end());
+    EXPECT_EQ(last.data, tail);
+  });
 }

@@ -151,6 +151,31 @@ TEST(Forward, LayerByLayerMatchesForwardAndSiteShapes) {
   for (const auto& [s, shape] : hook.seen) EXPECT_EQ(shape, want.at(s)) << site_name(s);
 }
 
+// A prompt in chunks against the KV cache (prefill) gives the rows of one pass over it, within
+// float rounding (the f32 products have other shapes), and the same greedy token; by default an f32
+// model's prompt goes in one call (the one pass's bits); prefill refuses an empty prompt and a
+// negative chunk.
+TEST(KvCache, ChunkedPrefillMatchesOnePass) {
+  const Model m = load_model(dq::test::kStories);
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 150; ++i) prompt.push_back(int32_t(1 + (i * 37) % 500));
+  const Matrix whole = forward(m, prompt, 1, int(prompt.size()));
+  for (int chunk : {64, 100, 150}) {
+    KvCache cache;
+    const Matrix last = prefill(m, prompt, {}, cache, chunk);
+    ASSERT_EQ(cache.tokens(), int64_t(prompt.size())) << chunk;
+    ASSERT_EQ(last.rows, int64_t(prompt.size()) - (int64_t(prompt.size()) - 1) / chunk * chunk) << chunk;
+    const int64_t first = whole.rows - last.rows;
+    for (int64_t r = 0; r < last.rows; ++r)
+      for (int64_t j = 0; j < last.cols; ++j) ASSERT_NEAR(last(r, j), whole(first + r, j), 1e-4) << chunk;
+    EXPECT_EQ(greedy_next(m, last), greedy_next(m, whole)) << chunk;
+  }
+  KvCache cache;
+  EXPECT_EQ(prefill(m, prompt, {}, cache).data, whole.data);
+  EXPECT_THROW(prefill(m, {}, {}, cache), Error);
+  EXPECT_THROW(prefill(m, prompt, {}, cache, -1), Error);
+}
+
 // Decoding a token at a time against the KV cache gives the greedy tokens (and, within float
 // rounding, the final hidden states) of recomputing the whole sequence each step.
 TEST(KvCache, IncrementalDecodingMatchesRecomputation) {
