@@ -7,8 +7,8 @@
 # (without network: node-llama-cpp's npm package carries llama.cpp's source of its release as
 # node_modules/node-llama-cpp/llama/gitRelease.bundle, which `git clone` takes as a repository).
 #
-# Usage: scripts/check-llamacpp.sh LLAMA_CPP_BUILD_DIR [LINES] [CHUNKS]
-# Prints two markdown tables (docs/EXPORT.md holds the last run's):
+# Usage: [MODELS="stories260K ..."] scripts/check-llamacpp.sh LLAMA_CPP_BUILD_DIR [LINES] [CHUNKS]
+# Prints three markdown tables (docs/EXPORT.md holds the last run's):
 # 1. Tokenizer ids: for each tokenizer family dartquant reads, a one-layer model with that
 #    tokenizer is exported to GGUF; the first LINES (default 300) non-empty lines of WikiText-2 test,
 #    as they are and with their leading spaces stripped, are tokenized by `dartquant tokenize` (no
@@ -37,6 +37,8 @@
 #      llama.cpp's gguf-py): the largest relative difference from llama.cpp's output.
 #    - Greedy text: 24 tokens from the same prompt by `dartquant generate --temperature 0` and
 #      llama-simple (greedy).
+# 3. For each f32 file: dartquant's activations at the weight inputs against llama.cpp's, same 128
+#    tokens (scripts/llamacpp/dump_sites.cpp, compare_sites.py): the size of the f32 differences.
 # Needs g++, python3 with numpy (Debian: python3-numpy) and llama.cpp's source tree beside its build
 # (found through the build's CMakeCache.txt).
 set -euo pipefail
@@ -59,8 +61,10 @@ for tool in dump_tensors tokenize_lines; do
   g++ -std=c++17 -O2 -I"$SRC/include" -I"$SRC/ggml/include" "scripts/llamacpp/$tool.cpp" -o "$WORK/$tool" \
     -L"$BIN" -lllama -lggml -lggml-base -Wl,-rpath,"$BIN"
 done
-g++ -std=c++20 -O2 -march=x86-64-v3 -fopenmp -Isrc scripts/llamacpp/ppl_noise.cpp -o "$WORK/ppl_noise" \
-  -Wl,--start-group build/libdq_*.a -Wl,--end-group $(pkg-config --libs openblas libpcre2-8) -llapacke
+for tool in ppl_noise dump_sites; do
+  g++ -std=c++20 -O2 -march=x86-64-v3 -fopenmp -Isrc "scripts/llamacpp/$tool.cpp" -o "$WORK/$tool" \
+    -Wl,--start-group build/libdq_*.a -Wl,--end-group $(pkg-config --libs openblas libpcre2-8) -llapacke
+done
 
 # ---- 1. tokenizer ids ----
 grep -m "$LINES" -v '^ *$' "$DATA/wikitext2/wiki.test.raw" > "$WORK/lines.txt"  # grep | head would fail on SIGPIPE
@@ -172,11 +176,23 @@ done
 echo
 
 # ---- 2. perplexity, products and greedy text ----
+# yes when two generations match from the prompt on (llama-simple prints the BOS piece before it)
+# up to an unfinished UTF-8 character at the end, which dartquant prints as U+FFFD and llama-simple
+# as its raw bytes.
+greedy_equal() {  # OURS THEIRS PROMPT
+  python3 - "$@" <<'EOF'
+import sys
+a, b = (open(f, "rb").read().decode("utf-8", "replace").replace("\n", "").rstrip("\ufffd") for f in sys.argv[1:3])
+p = sys.argv[3]
+print("yes" if p in a and p in b and a.split(p, 1)[1] == b.split(p, 1)[1] else "no")
+EOF
+}
 TEXT=$DATA/wikitext2/wiki.test.raw
 PROMPT="The history of the city"
 echo "| model | type | ctx x chunks | dartquant eval --protocol llama.cpp | llama-perplexity | rel. diff | dartquant, activations x (1 + 1e-5 N), 16 seeds: mean ± std | llama.cpp from that mean, in std | products, max rel. diff | greedy text equal |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
-for model in stories260K smollm2-135m llama-3.2-1b qwen2.5-0.5b; do
+sites=()
+for model in ${MODELS:-stories260K smollm2-135m llama-3.2-1b qwen2.5-0.5b}; do
   case $model in
     stories260K) src=$DATA/stories260K/stories260K.bin; text=$DATA/tinystories/valid.txt; ctx=256; prompt="Once upon a time"
                  tok=$DATA/stories260K/tok512.bin ;;
@@ -208,12 +224,20 @@ print('%.4f ± %.4f | %s' % (m, sd, '%+.1f' % ((theirs - m) / sd) if sd > 0 else
     mkdir -p "$WORK/dump"
     "$WORK/dump_tensors" "$g" "$ids" "$WORK/dump" 2>/dev/null
     products=$(PYTHONPATH="$SRC/gguf-py" python3 scripts/llamacpp/check_products.py "$g" "$WORK/dump")
+    if [[ $type == f32 ]]; then
+      mkdir -p "$WORK/ours"
+      "$WORK/dump_sites" "$g" "$ids" "$WORK/ours"
+      sites+=("$(python3 scripts/llamacpp/compare_sites.py "$WORK/ours" "$WORK/dump" | sed "s/^/| $model | /; s/: / | /; s/\$/ |/")")
+      rm -rf "$WORK/ours"
+    fi
     rm -rf "$WORK/dump"
-    a=$($DQ generate --model "$g" --prompt "$prompt" -n 24 --temperature 0 2>/dev/null)
-    b=$("$BIN/llama-simple" -m "$g" -n 24 "$prompt" 2>/dev/null)
-    a=$(echo "$a" | tr -d '\n'); b=$(echo "$b" | tr -d '\n')
-    same=no  # compared from the prompt on: llama-simple prints the BOS piece before it
-    [[ $a == *"$prompt"* && $b == *"$prompt"* && "${a#*"$prompt"}" == "${b#*"$prompt"}" ]] && same=yes
+    $DQ generate --model "$g" --prompt "$prompt" -n 24 --temperature 0 > "$WORK/ours.txt" 2>/dev/null
+    "$BIN/llama-simple" -m "$g" -n 24 "$prompt" > "$WORK/theirs.txt" 2>/dev/null
+    same=$(greedy_equal "$WORK/ours.txt" "$WORK/theirs.txt" "$prompt")
     echo "| $model | $type | $ctx x $CHUNKS | $ours | ${theirs:-?} | $rel | $noise | $products | $same |"
   done
 done
+echo
+echo "| model (f32) | site (llama.cpp's tensor) | relative RMS difference of the activations, by layer |"
+echo "|---|---|---|"
+printf '%s\n' "${sites[@]}"

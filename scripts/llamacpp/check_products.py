@@ -57,6 +57,8 @@ while os.path.exists(f"{dump}/attn_norm-{l + 1}.f32"):
                              ("ffn_norm", "ffn_gate", "ffn_gate"), ("ffn_norm", "ffn_up", "ffn_up"),
                              ("ffn_swiglu", "ffn_down", "ffn_out")]:
         t = tensors[f"blk.{l}.{weight}.weight"]
+        if not os.path.exists(f"{dump}/{out}-{l}.f32"):  # e.g. Qwen2's graph leaves o_proj's output unnamed
+            continue
         x = read(f"{dump}/{inp}-{l}.f32")
         y = product(x, t)
         bias = tensors.get(f"blk.{l}.{weight}.bias")  # Qwen2's q/k/v biases: llama.cpp names the sum
