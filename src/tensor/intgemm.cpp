@@ -735,15 +735,13 @@ struct Gemm {
     }
   }
 
-  // Tokens [t0, t1) x slice `slice`, rearranged into `v` (column_slice) first when `rearrange` (else
-  // v holds it from the slice's previous token chunk), slice_tokens() at a time. Per block and row
-  // lane the epilogue of tiles(), on 8 (AVX-512) or 4 (AVX2) double lanes.
-  void slices(int64_t t0, int64_t t1, int64_t slice, bool rearrange, std::vector<uint8_t>& v,
-              std::vector<uint8_t>& expanded, std::vector<double>& row_params) const {
-    if (rearrange) {
-      v.resize(size_t(w.cols / 4 * 64));
-      column_slice(w, slice, v.data(), expanded);
-    }
+  // Every token x slice `slice`: the slice rearranged into `v` (column_slice) and its rows' block
+  // parameters gathered once, then slice_tokens() tokens at a time. Per block and row lane the
+  // epilogue of tiles(), on 8 (AVX-512) or 4 (AVX2) double lanes.
+  void slices(int64_t slice, std::vector<uint8_t>& v, std::vector<uint8_t>& expanded,
+              std::vector<double>& row_params) const {
+    v.resize(size_t(w.cols / 4 * 64));
+    column_slice(w, slice, v.data(), expanded);
     // Per block, the 16 rows' sw, zw, Σs − n·zw (rows past the last: zeros, never stored).
     row_params.assign(size_t(nb * 3 * kSliceRows), 0.0);
     const int64_t r0 = slice * kSliceRows, rows = std::min(kSliceRows, w.rows - r0);
@@ -758,7 +756,8 @@ struct Gemm {
     const uint8_t* ws = v.data();
     const std::span<const SliceTile> tile = slice_tiles(k);
     const int64_t tokens = slice_tokens(k);
-    for (int64_t t = t0; t < t1; t += tokens) (this->*tile[size_t(std::min(tokens, t1 - t))])(ws, t, r0, rows, row_params.data());
+    for (int64_t t = 0; t < a.rows; t += tokens)
+      (this->*tile[size_t(std::min(tokens, a.rows - t))])(ws, t, r0, rows, row_params.data());
   }
 
   // A kernel's slice tiles by token count (entry i handles i tokens; entry 0 unused): as many
@@ -958,17 +957,13 @@ void int_gemm(const IntActs& a, const IntWeights& w, IntPath p, Matrix& y, IntTi
   const bool slices_pay = k.slices == SliceKernel::Avx2Maddubs || w.cols <= block_cols * w.blocks();
   if (tiles && k.slices != SliceKernel::None && slices_fit(w) &&
       (tiling == IntTiling::Slices || (tiling == IntTiling::Best && slices_pay))) {
-    const int64_t chunk = 32 * Gemm::slice_tokens(k), chunks = (T + chunk - 1) / chunk;
     const int64_t nslices = (R + kSliceRows - 1) / kSliceRows;
 #pragma omp parallel if (T * R * w.cols > kParallelMinProduct)
     {
       std::vector<uint8_t> slice, expanded;
       std::vector<double> row_params;
-      // Each slice rearranged once per call, then every token chunk against it.
 #pragma omp for schedule(static)
-      for (int64_t s = 0; s < nslices; ++s)
-        for (int64_t tc = 0; tc < chunks; ++tc)
-          g.slices(tc * chunk, std::min(T, (tc + 1) * chunk), s, tc == 0, slice, expanded, row_params);
+      for (int64_t s = 0; s < nslices; ++s) g.slices(s, slice, expanded, row_params);  // each rearranged once per call
     }
     return;
   }
