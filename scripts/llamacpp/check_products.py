@@ -9,14 +9,9 @@ output. Usage (PYTHONPATH=LLAMA_CPP_SOURCE/gguf-py): check_products.py GGUF DUMP
 import os
 import sys
 import numpy as np
+from rows_file import read
 from gguf import GGUFReader
 from gguf.quants import dequantize
-
-
-def read(path):
-    with open(path, "rb") as f:
-        rows, cols = np.frombuffer(f.read(16), dtype=np.int64)
-        return np.frombuffer(f.read(), dtype=np.float32).reshape(rows, cols)
 
 
 def q8_blocks(x):

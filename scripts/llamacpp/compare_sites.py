@@ -5,15 +5,10 @@ Reads dump_sites' DIR and dump_tensors' DIR. Usage: compare_sites.py DARTQUANT_D
 import os
 import sys
 import numpy as np
+from rows_file import read
 
 # dartquant's site -> the tensor llama.cpp's graph names the same activation
 SITES = {"attn_in": "attn_norm", "o_proj_in": "kqv_out", "mlp_in": "ffn_norm", "down_in": "ffn_swiglu"}
-
-
-def read(path):
-    with open(path, "rb") as f:
-        rows, cols = np.frombuffer(f.read(16), dtype=np.int64)
-        return np.frombuffer(f.read(), dtype=np.float32).reshape(rows, cols)
 
 
 ours, theirs = sys.argv[1], sys.argv[2]

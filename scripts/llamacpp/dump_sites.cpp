@@ -8,18 +8,14 @@
 #include <string>
 
 #include "model/forward.h"
+#include "rows_file.h"
 
 using namespace dq;
 
 struct SiteDump : Hook {
   std::string dir;
   void at(Site s, int layer, Matrix& x) override {
-    FILE* f = std::fopen((dir + "/" + site_name(s) + "-" + std::to_string(layer) + ".f32").c_str(), "wb");
-    if (!f) return;
-    std::fwrite(&x.rows, sizeof x.rows, 1, f);
-    std::fwrite(&x.cols, sizeof x.cols, 1, f);
-    std::fwrite(x.data.data(), sizeof(float), x.data.size(), f);
-    std::fclose(f);
+    write_rows(dir + "/" + site_name(s) + "-" + std::to_string(layer) + ".f32", x.data.data(), x.rows, x.cols);
   }
 };
 

@@ -10,17 +10,9 @@
 
 #include "ggml-backend.h"
 #include "llama.h"
+#include "rows_file.h"
 
 static std::string g_dir;
-
-static void write_rows(const std::string& name, const float* data, int64_t rows, int64_t cols) {
-  FILE* f = std::fopen((g_dir + "/" + name + ".f32").c_str(), "wb");
-  if (!f) return;
-  std::fwrite(&rows, sizeof rows, 1, f);
-  std::fwrite(&cols, sizeof cols, 1, f);
-  std::fwrite(data, sizeof(float), rows * cols, f);
-  std::fclose(f);
-}
 
 static bool on_tensor(ggml_tensor* t, bool ask, void*) {
   if (ask) return true;  // observe every node
@@ -30,7 +22,7 @@ static bool on_tensor(ggml_tensor* t, bool ask, void*) {
   std::string name = t->name;
   for (char& c : name)
     if (c == ' ' || c == '/' || c == '(' || c == ')') c = '_';
-  write_rows(name, v.data(), ggml_nelements(t) / t->ne[0], t->ne[0]);
+  write_rows(g_dir + "/" + name + ".f32", v.data(), ggml_nelements(t) / t->ne[0], t->ne[0]);
   return true;
 }
 
@@ -66,7 +58,7 @@ int main(int argc, char** argv) {
   }
   batch.n_tokens = ids.size();
   if (llama_decode(ctx, batch) != 0) return 1;
-  write_rows("logits", llama_get_logits(ctx), ids.size(), llama_vocab_n_tokens(llama_model_get_vocab(model)));
+  write_rows(g_dir + "/logits.f32", llama_get_logits(ctx), ids.size(), llama_vocab_n_tokens(llama_model_get_vocab(model)));
   llama_batch_free(batch);
   llama_free(ctx);
   llama_model_free(model);
