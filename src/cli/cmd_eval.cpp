@@ -18,7 +18,20 @@ struct EvalArgs {
   int seqlen = 0, max_windows = 0, limit = 0;
   bool force = false;
   bool fake_quant = false;
+  std::vector<std::string> fp_sites;
 };
+
+// --fp-sites: the linear inputs whose activation quantization can be left out.
+std::vector<Site> parse_fp_sites(const std::vector<std::string>& names) {
+  std::vector<Site> sites;
+  for (const std::string& n : names) {
+    const Site s = site_from_name(n);
+    if (s != Site::AttnIn && s != Site::OprojIn && s != Site::MlpIn && s != Site::DownIn)
+      throw Error("eval: --fp-sites takes attn_in, o_proj_in, mlp_in and down_in, not '" + n + "'");
+    sites.push_back(s);
+  }
+  return sites;
+}
 
 int run_eval(const EvalArgs& a) {
   if (a.ppl.empty() && a.tasks.empty()) throw Error("eval: pass --ppl FILE, --tasks LIST, or both");
@@ -28,10 +41,14 @@ int run_eval(const EvalArgs& a) {
   plan.add(a.json, OutputKind::Json);
   const std::vector<std::string> task_names =
       a.tasks.empty() ? std::vector<std::string>{} : resolve_tasks(a.tasks, a.tasks_dir);
+  const std::vector<Site> fp_sites = parse_fp_sites(a.fp_sites);
   Model m = load_model(a.model, a.tokenizer);
-  const std::string why_not = a.fake_quant ? "--fake-quant" : use_integer_runtime(m);
-  RuntimeHooks runtime(m);
+  if (!fp_sites.empty() && (m.quantization.is_null() || quant_config(m).bits == 16))
+    throw Error(a.model + ": --fp-sites needs a model with quantized activations");
+  const std::string why_not = a.fake_quant ? "--fake-quant" : !fp_sites.empty() ? "--fp-sites" : use_integer_runtime(m);
+  RuntimeHooks runtime(m, fp_sites);
   nlohmann::json report = {{"model", a.model}, {"quantization", m.quantization}, {"path", runtime.path()}};
+  if (!fp_sites.empty()) report["fp_sites"] = a.fp_sites;
   if (!m.quantization.is_null() && !why_not.empty()) report["integer_unavailable"] = why_not;
   if (!a.ppl.empty()) {
     int seqlen = a.seqlen > 0 ? a.seqlen : std::min(2048, m.config.max_seq);
@@ -116,6 +133,10 @@ RegisterCommand reg("eval", "perplexity of a model (llama2.c .bin, HF directory,
   app.add_flag("--force", a->force, "replace a report that exists (only one dartquant wrote)");
   app.add_flag("--fake-quant", a->fake_quant,
                "run a quantized model on the f32 fake-quant reference path instead of the integer kernels");
+  app.add_option("--fp-sites", a->fp_sites,
+                 "leave the activations at these linear inputs unquantized (attn_in, o_proj_in, mlp_in, down_in; "
+                 "comma list), on the fake-quant path: what each site's quantization costs")
+      ->delimiter(',');
   return [a] { return run_eval(*a); };
 });
 

@@ -85,9 +85,10 @@ std::string use_integer_runtime(Model& m, IntPath path) {
   return "";
 }
 
-RuntimeHooks::RuntimeHooks(const Model& m) {
+RuntimeHooks::RuntimeHooks(const Model& m, const std::vector<Site>& fp_sites) {
   if (m.quantization.is_null()) return;
   ActQuantConfig a = quant_config(m);
+  a.fp_sites = fp_sites;
   const SectionReader r{m.source};
   const bool integer = m.weights.has_packed();
   path_ = integer ? "integer" : "fake-quant";

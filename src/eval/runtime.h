@@ -26,7 +26,8 @@ class RuntimeHooks {
  public:
   // For a model with packed weights (use_integer_runtime) the linears quantize their own inputs,
   // so activation fake quantization is left out; K/V are still quantized per head by a hook.
-  explicit RuntimeHooks(const Model& m);
+  // fp_sites: linear inputs left unquantized (ActQuantConfig::fp_sites; fake-quant path only).
+  explicit RuntimeHooks(const Model& m, const std::vector<Site>& fp_sites = {});
   ~RuntimeHooks();
   const Hooks& hooks() const { return hooks_; }
   // A KV cache for decoding with these hooks: K and V kept as their codes (packed, per token and

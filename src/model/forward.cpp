@@ -23,6 +23,13 @@ const char* site_name(Site s) {
   return "?";
 }
 
+Site site_from_name(const std::string& name) {
+  for (Site s : {Site::AttnIn, Site::Q, Site::K, Site::V, Site::OprojIn, Site::MlpIn, Site::ExpertIn,
+                 Site::DownIn, Site::FinalNorm})
+    if (name == site_name(s)) return s;
+  throw Error("unknown site '" + name + "'");
+}
+
 static void run_hooks(const Hooks& hooks, Site s, int layer, Matrix& x) {
   for (Hook* h : hooks) h->at(s, layer, x);
 }

@@ -24,6 +24,8 @@ enum class Site {
   FinalNorm,  // final-norm output, lm_head input              [tokens, hidden]
 };
 const char* site_name(Site s);
+// The site a name from site_name() stands for; Error for any other string.
+Site site_from_name(const std::string& name);
 
 struct Hook {
   virtual ~Hook() = default;

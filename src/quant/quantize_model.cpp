@@ -1,5 +1,6 @@
 #include "quant/quantize_model.h"
 
+#include <algorithm>
 #include <random>
 
 #include "tensor/kernels.h"
@@ -63,10 +64,12 @@ ActQuantHook::ActQuantHook(const ModelConfig& c, const ActQuantConfig& q)
     : token_(q.input(c, Site::AttnIn)),
       head_(q.input(c, Site::OprojIn)),
       kv_(q.kv(c)),
+      fp_sites_(q.fp_sites),
       exact_products_(q.bits < 16 && q.weight_bits < 16),
       weight_group_(q.weight_group) {}
 
 void ActQuantHook::at(Site site, int layer, Matrix& x) {
+  if (std::find(fp_sites_.begin(), fp_sites_.end(), site) != fp_sites_.end()) return;
   switch (site) {
     case Site::AttnIn: case Site::MlpIn: case Site::DownIn: fake_quantize(x, token_); break;
     case Site::OprojIn: fake_quantize(x, head_); break;

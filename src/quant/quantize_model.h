@@ -27,6 +27,9 @@ struct ActQuantConfig {
   float kv_clip_ratio = 1.f;
   int weight_bits = 16;
   int weight_group = 0;
+  // A diagnostic (eval --fp-sites): the linear inputs at these sites stay unquantized, to measure
+  // what each site's activation quantization costs.
+  std::vector<Site> fp_sites;
 
   // The quantizer of the input of the linears that read `site` (AttnIn, OprojIn, MlpIn, ExpertIn,
   // DownIn), and of K and V: the one place the fake-quant hooks and the integer runtime take them.
@@ -57,6 +60,7 @@ class ActQuantHook : public KvQuantizer {
 
  private:
   QuantSpec token_, head_, kv_;
+  std::vector<Site> fp_sites_;
   bool exact_products_ = false;
   int weight_group_ = 0;
 };

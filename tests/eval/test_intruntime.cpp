@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <map>
 #include <tuple>
@@ -167,6 +168,29 @@ TEST(IntRuntime, PerplexityEqualsFakeQuant) {
     ASSERT_EQ(fake.at("path"), "fake-quant");
     EXPECT_EQ(integer.at("ppl").get<double>(), fake.at("ppl").get<double>());
   }
+}
+
+// eval --fp-sites (a diagnostic: which site's activation quantization costs what). With every
+// linear input listed, a W4A4 model scores as the W4A16 model of the same rotation and RTN weights
+// (the same stored weights; products summed in another order, hence the tolerance); with one site
+// listed it scores differently from the full W4A4 model; the report says what ran.
+TEST(IntRuntime, FpSitesLeaveThoseActivationsUnquantized) {
+  const std::string w4a4 = quantized("qr_w4a4", "--rotation quarot --w-bits 4 --a-bits 4");
+  const std::string w4a16 = quantized("qr_w4a16", "--rotation quarot --w-bits 4");
+  ScratchDir tmp;
+  const std::string ppl = " --ppl " + kValid + " --seqlen 256 --max-windows 4";
+  const json all = cli_eval("--model " + w4a4 + " --fp-sites attn_in,o_proj_in,mlp_in,down_in" + ppl, tmp);
+  const json weights_only = cli_eval("--model " + w4a16 + ppl, tmp);
+  const json full = cli_eval("--model " + w4a4 + ppl, tmp);
+  const json down = cli_eval("--model " + w4a4 + " --fp-sites down_in" + ppl, tmp);
+  ASSERT_EQ(all.at("path"), "fake-quant");
+  EXPECT_EQ(all.at("integer_unavailable"), "--fp-sites");
+  EXPECT_EQ(down.at("fp_sites"), json::array({"down_in"}));
+  EXPECT_NEAR(all.at("ppl").get<double>(), weights_only.at("ppl").get<double>(), 1e-5 * weights_only.at("ppl").get<double>());
+  EXPECT_GT(std::abs(down.at("ppl").get<double>() - full.at("ppl").get<double>()), 1e-3);
+  EXPECT_GT(std::abs(all.at("ppl").get<double>() - full.at("ppl").get<double>()), 1e-3);
+  EXPECT_NE(run_cli("eval --model " + w4a4 + " --fp-sites q" + ppl, tmp).exit_code, 0);
+  EXPECT_NE(run_cli("eval --model " + w4a16 + " --fp-sites down_in" + ppl, tmp).exit_code, 0);
 }
 
 // The decoded rows of a quantized KV cache: layer l's keys or values, tokens x kv_dim.
