@@ -283,7 +283,7 @@ Routing route(const ModelConfig& c, const Matrix& router, const Matrix& h) {
 // Every MLP is a set of SwiGLU experts (a dense one is a single always-on expert of weight 1):
 // each reads its tokens' rows of h and adds its output, times the token's routing weight, to x.
 static void mlp_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matrix& x, Matrix& h,
-                        const Hooks& hooks) {
+                        const Hooks& hooks, Matrix& gate, Matrix& up) {
   const int routed = int(w.router.rows);
   std::vector<std::vector<int64_t>> rows(static_cast<size_t>(routed));
   std::vector<std::vector<float>> gains(static_cast<size_t>(routed));
@@ -296,7 +296,7 @@ static void mlp_forward(const ModelConfig& c, const LayerWeights& w, int layer, 
   }
   // Routed experts' outputs are summed in y before x (the reference's order); a dense MLP adds its
   // one output straight into x. gate/up are reused across experts.
-  Matrix y, gate, up;
+  Matrix y;
   if (routed > 0) y = Matrix(x.rows, x.cols);
   Matrix& acc = routed > 0 ? y : x;
   for (int e = 0; e < int(w.experts.size()); ++e) {
@@ -387,17 +387,19 @@ static const Matrix& cached_rows(const KvCache& cache, const KvRows& rows, int64
 }
 
 void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matrix& x, int batch,
-                   int seq, const Hooks& hooks, KvCache* cache) {
+                   int seq, const Hooks& hooks, KvCache* cache, LayerBuffers* buffers) {
   if (cache && batch != 1) throw Error("layer_forward: a KV cache holds one sequence");
   if (cache && int(cache->k.size()) < c.num_layers) {
     cache->k.resize(size_t(c.num_layers));
     cache->v.resize(size_t(c.num_layers));
   }
   const int64_t past = cache ? cache->k[size_t(layer)].tokens : 0;
-  Matrix h = x;
+  LayerBuffers own;
+  LayerBuffers& b = buffers ? *buffers : own;
+  Matrix &h = b.h, &q = b.q, &k = b.k, &v = b.v;
+  h = x;
   rmsnorm(h, w.attn_norm.data.data(), c.rms_eps);
   run_hooks(hooks, Site::AttnIn, layer, h);
-  Matrix q, k, v;
   project_all(hooks, Site::AttnIn, h, {{w.q, w.q_packed, q}, {w.k, w.k_packed, k}, {w.v, w.v_packed, v}});
   add_bias(q, w.q_bias);
   add_bias(k, w.k_bias);
@@ -416,18 +418,16 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
   } else {
     attention(c, q, k, v, batch, seq, 0, att);
   }
-  // What is spent goes back before the MLP, whose intermediate rows are the pass's largest.
-  k = Matrix();
-  v = Matrix();
   run_hooks(hooks, Site::OprojIn, layer, att);
   project(hooks, Site::OprojIn, att, w.o, w.o_packed, q);  // so does q's for the o_proj output
   add_into(x, q);
-  q = Matrix();
 
   h = x;
   rmsnorm(h, w.mlp_norm.data.data(), c.rms_eps);
   run_hooks(hooks, Site::MlpIn, layer, h);
-  mlp_forward(c, w, layer, x, h, hooks);
+  // The MLP's intermediate rows, the pass's widest, take the storage of q and k (both spent): only
+  // v's stays beside them.
+  mlp_forward(c, w, layer, x, h, hooks, q, k);
 }
 
 void final_norm(const Model& m, Matrix& x, const Hooks& hooks) {
@@ -442,9 +442,10 @@ Matrix forward(const Model& m, const std::vector<int32_t>& tokens, int batch, in
                const Hooks& hooks, KvCache* cache) {
   if (tokens.size() != size_t(batch) * size_t(seq)) throw Error("forward: token count != batch * seq");
   Matrix x = embed(m, tokens);
+  LayerBuffers buffers;
   for (int l = 0; l < m.config.num_layers; ++l) {
     LayerWeights w = load_layer(m, l);
-    layer_forward(m.config, w, l, x, batch, seq, hooks, cache);
+    layer_forward(m.config, w, l, x, batch, seq, hooks, cache, &buffers);
     release_layer(m, l);
   }
   final_norm(m, x, hooks);
