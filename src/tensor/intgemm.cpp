@@ -263,14 +263,20 @@ void bytes_avx2_maddubs_tile(const uint8_t* a, int64_t as, const uint8_t* w, int
   bytes_tail<TT, 2>(a, as, w, ws, c, n, out);
 }
 
+// int16 sums carried through a loop are kept in this type (GCC's vector extension: `+=` is vpaddw)
+// rather than __m256i: with __m256i (64-bit lanes) GCC's partial redundancy elimination also
+// carries their int16 view around the loop, and every vpaddw then costs a register move too
+// (6 moves per 12 ALU operations in the 3-token slice loop, which is front-end bound).
+using Int16x16 = int16_t __attribute__((vector_size(32)));
+
 // acc[i][j] += s16[i][j]'s int16 lanes added in pairs to int32 (madd by 1).
 template <int TT>
-inline void add_int16_sums(__m256i (&acc)[TT][2], const __m256i (&s16)[TT][2]) {
+inline void add_int16_sums(__m256i (&acc)[TT][2], const Int16x16 (&s16)[TT][2]) {
   const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 8
   for (int i = 0; i < TT; ++i) {
-    acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s16[i][0], ones));
-    acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(s16[i][1], ones));
+    acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(__m256i(s16[i][0]), ones));
+    acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(__m256i(s16[i][1]), ones));
   }
 }
 
@@ -286,16 +292,16 @@ void bytes_avx2_nibble_tile(const uint8_t* a, int64_t as, const uint8_t* w, int6
   int64_t c = 0;
   while (c + 32 <= n) {
     const int64_t steps = std::min(kInt16Steps, (n - c) / 32);
-    __m256i s16[TT][2];
+    Int16x16 s16[TT][2];
 #pragma GCC unroll 8
-    for (int i = 0; i < TT; ++i) s16[i][0] = s16[i][1] = _mm256_setzero_si256();
+    for (int i = 0; i < TT; ++i) s16[i][0] = s16[i][1] = Int16x16{};
     for (int64_t s = 0; s < steps; ++s, c += 32) {
       const __m256i w0 = load32(w + c), w1 = load32(w + ws + c);
 #pragma GCC unroll 8
       for (int i = 0; i < TT; ++i) {
         const __m256i x = load32(a + i * as + c);
-        s16[i][0] = _mm256_add_epi16(s16[i][0], _mm256_maddubs_epi16(x, w0));
-        s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_maddubs_epi16(x, w1));
+        s16[i][0] += Int16x16(_mm256_maddubs_epi16(x, w0));
+        s16[i][1] += Int16x16(_mm256_maddubs_epi16(x, w1));
       }
     }
     add_int16_sums<TT>(acc, s16);
@@ -789,9 +795,9 @@ struct Gemm {
     for (int i = 0; i < TT; ++i) d[i][0] = d[i][1] = _mm256_setzero_si256();
     for (int64_t q = q0; q < q1;) {
       const int64_t qe = std::min(q1, q + k.int16_steps);
-      __m256i s16[TT][2];
+      Int16x16 s16[TT][2];
 #pragma GCC unroll 8
-      for (int i = 0; i < TT; ++i) s16[i][0] = s16[i][1] = _mm256_setzero_si256();
+      for (int i = 0; i < TT; ++i) s16[i][0] = s16[i][1] = Int16x16{};
       for (; q < qe; ++q) {
         const __m256i w0 = load32(ws + q * 64), w1 = load32(ws + q * 64 + 32);
 #pragma GCC unroll 8
@@ -799,8 +805,8 @@ struct Gemm {
           int32_t x;
           std::memcpy(&x, at + i * a.cols + 4 * q, 4);
           const __m256i xb = _mm256_set1_epi32(x);
-          s16[i][0] = _mm256_add_epi16(s16[i][0], _mm256_maddubs_epi16(xb, w0));
-          s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_maddubs_epi16(xb, w1));
+          s16[i][0] += Int16x16(_mm256_maddubs_epi16(xb, w0));
+          s16[i][1] += Int16x16(_mm256_maddubs_epi16(xb, w1));
         }
       }
       add_int16_sums<TT>(d, s16);
