@@ -131,29 +131,46 @@ static std::vector<double> rope_inv_freq(const ModelConfig& c) {
   return f;
 }
 
-// Row r holds the token at position past + r % seq.
-static void apply_rope(const ModelConfig& c, Matrix& x, int heads, int seq, int64_t past) {
-  const int hd = c.head_dim, half = hd / 2;
+// The rotation angles' cosines and sines for positions past .. past + seq − 1 (seq x head_dim/2),
+// kept in `t` while the positions stay the same (every layer of a pass rotates the same ones).
+static void rope_table(const ModelConfig& c, int seq, int64_t past, RopeTable& t) {
+  if (t.seq == seq && t.past == past) return;
+  const int half = c.head_dim / 2;
   std::vector<double> inv = rope_inv_freq(c);
-  std::vector<float> cs(size_t(seq) * half), sn(size_t(seq) * half);
-  for (int t = 0; t < seq; ++t)
+  t.cos.resize(size_t(seq) * half);
+  t.sin.resize(t.cos.size());
+  for (int p = 0; p < seq; ++p)
     for (int i = 0; i < half; ++i) {
-      cs[size_t(t) * half + i] = float(std::cos(double(past + t) * inv[size_t(i)]));
-      sn[size_t(t) * half + i] = float(std::sin(double(past + t) * inv[size_t(i)]));
+      t.cos[size_t(p) * half + i] = float(std::cos(double(past + p) * inv[size_t(i)]));
+      t.sin[size_t(p) * half + i] = float(std::sin(double(past + p) * inv[size_t(i)]));
     }
-  const int64_t stride_pair = c.rope_interleaved ? 1 : half;  // distance between a pair's elements
+  t.seq = seq;
+  t.past = past;
+}
+
+// Row r holds the token at table position r % seq.
+static void apply_rope(const ModelConfig& c, Matrix& x, int heads, int seq, const RopeTable& t) {
+  const int hd = c.head_dim, half = hd / 2;
 #pragma omp parallel for schedule(static) if (int64_t(x.size()) > kParallelMinWork)
   for (int64_t r = 0; r < x.rows; ++r) {
-    const int t = int(r % seq);
+    const float* co = t.cos.data() + (r % seq) * half;
+    const float* si = t.sin.data() + (r % seq) * half;
     for (int h = 0; h < heads; ++h) {
       float* v = x.row(r) + int64_t(h) * hd;
-      for (int i = 0; i < half; ++i) {
-        int64_t a = c.rope_interleaved ? 2 * i : i;
-        float x0 = v[a], x1 = v[a + stride_pair];
-        float co = cs[size_t(t) * half + i], si = sn[size_t(t) * half + i];
-        v[a] = x0 * co - x1 * si;
-        v[a + stride_pair] = x0 * si + x1 * co;
-      }
+      // Pair i is (v[step·i], v[step·i + apart]); constant arguments make loops GCC vectorises.
+      auto rotate = [&](int64_t step, int64_t apart) {
+        for (int i = 0; i < half; ++i) {
+          float& a = v[step * i];
+          float& b = v[step * i + apart];
+          const float x0 = a, x1 = b;
+          a = x0 * co[i] - x1 * si[i];
+          b = x0 * si[i] + x1 * co[i];
+        }
+      };
+      if (c.rope_interleaved)
+        rotate(2, 1);
+      else
+        rotate(1, half);
     }
   }
 }
@@ -404,8 +421,9 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
   add_bias(q, w.q_bias);
   add_bias(k, w.k_bias);
   add_bias(v, w.v_bias);
-  apply_rope(c, q, c.num_heads, seq, past);
-  apply_rope(c, k, c.num_kv_heads, seq, past);
+  rope_table(c, seq, past, b.rope);
+  apply_rope(c, q, c.num_heads, seq, b.rope);
+  apply_rope(c, k, c.num_kv_heads, seq, b.rope);
   run_hooks(hooks, Site::Q, layer, q);
   kv_hooks(hooks, Site::K, layer, k, cache);
   kv_hooks(hooks, Site::V, layer, v, cache);

@@ -109,9 +109,16 @@ struct KvCache {
 Matrix embed(const Model& m, const std::vector<int32_t>& tokens);
 // Storage for a layer's intermediate activations that forward() hands from one layer to the next:
 // a fresh matrix per layer is zero-filled memory out of cache (integer prefill spent ~3% of its
-// time filling its linears' outputs, bench/README.md). What it holds between layers means nothing.
+// time filling its linears' outputs, bench/README.md); the RoPE angles' cosines and sines are
+// computed once for the pass's positions instead of twice per layer.
+struct RopeTable {
+  int seq = 0;
+  int64_t past = -1;
+  std::vector<float> cos, sin;  // [position][frequency]
+};
 struct LayerBuffers {
   Matrix h, q, k, v;
+  RopeTable rope;  // the positions the pass's layers rotate (the same for all), for one model
 };
 // Runs one decoder layer in place on x (batch sequences of seq tokens). With a cache (batch 1),
 // x holds the tokens that follow the cached ones, whose keys and values are appended. With
