@@ -348,6 +348,7 @@ void Hadamard::apply(float* x, int64_t rows, bool transpose) const {
       if (L > 1)
         for (int64_t k = 0; k < K; ++k) fwht(row + k * L, L);
       if (K == 1) {
+#pragma omp simd
         for (int64_t i = 0; i < n; ++i) row[i] *= scale;
         continue;
       }
