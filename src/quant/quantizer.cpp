@@ -101,9 +101,11 @@ bool range(const T* x, int64_t n, T& lo, T& hi) {
 template <>
 bool range(const float* x, int64_t n, float& lo, float& hi) {
   __m256 l[4], h[4], p[4];
+#pragma GCC unroll 4
   for (int k = 0; k < 4; ++k) l[k] = h[k] = p[k] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= n; i += 32)
+#pragma GCC unroll 4
     for (int k = 0; k < 4; ++k) {
       const __m256 v = _mm256_loadu_ps(x + i + 8 * k);
       l[k] = _mm256_min_ps(v, l[k]);  // v < l ? v : l
