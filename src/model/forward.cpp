@@ -445,6 +445,9 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
   } else {
     attention(c, q, k, v, batch, seq, 0, att);
   }
+  // v is spent and goes back before the MLP, whose intermediate rows are the pass's widest (kept, it
+  // would add to the peak; refilling the narrow v per layer costs no measurable time).
+  v = Matrix();
   run_hooks(hooks, Site::OprojIn, layer, att);
   project(hooks, Site::OprojIn, att, w.o, w.o_packed, q);  // so does q's for the o_proj output
   add_into(x, q);
@@ -452,8 +455,7 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
   h = x;
   rmsnorm(h, w.mlp_norm.data.data(), c.rms_eps);
   run_hooks(hooks, Site::MlpIn, layer, h);
-  // The MLP's intermediate rows, the pass's widest, take the storage of q and k (both spent): only
-  // v's stays beside them.
+  // The MLP's intermediate rows take the storage of q and k (both spent).
   mlp_forward(c, w, layer, x, h, hooks, q, k);
 }
 

@@ -122,7 +122,8 @@ struct LayerBuffers {
 };
 // Runs one decoder layer in place on x (batch sequences of seq tokens). With a cache (batch 1),
 // x holds the tokens that follow the cached ones, whose keys and values are appended. With
-// `buffers`, the layer's activations live in their storage (the MLP's two widest in q's and k's).
+// `buffers`, the layer's activations live in their storage (the MLP's two widest in q's and k's;
+// v is released before the MLP).
 void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matrix& x, int batch,
                    int seq, const Hooks& hooks, KvCache* cache = nullptr, LayerBuffers* buffers = nullptr);
 // Applies the final norm (and the FinalNorm hooks) in place.
