@@ -338,7 +338,8 @@ void Hadamard::apply(float* x, int64_t rows, bool transpose) const {
   // accumulator per element (fused multiply-adds) and scales the sum: the operations of a product
   // by H_K whose inner dimension runs in order. OpenBLAS's sgemm, which did the mix here before on
   // transposed copies, gave the same bits at every intermediate size of the supported models (checked
-  // at 1536, 5632, 8192, 11008 and 14336), and rotation matrices (matrix(): one term per sum) are exact.
+  // at 1536, 5632, 8192, 11008 and 14336; at 576 = 36 x 16 its kernel summed in another order), and
+  // rotation matrices (matrix(): one term per sum) are exact.
 #pragma omp parallel if (rows * n > kParallelMinWork)
   {
     std::vector<float> mixed(size_t(K > 1 ? n : 0));
