@@ -423,8 +423,7 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
   LayerBuffers own;
   LayerBuffers& b = buffers ? *buffers : own;
   Matrix &h = b.h, &q = b.q, &k = b.k, &v = b.v;
-  h = x;
-  rmsnorm(h, w.attn_norm.data.data(), c.rms_eps);
+  rmsnorm(x, w.attn_norm.data.data(), c.rms_eps, h);
   run_hooks(hooks, Site::AttnIn, layer, h);
   project_all(hooks, Site::AttnIn, h, {{w.q, w.q_packed, q}, {w.k, w.k_packed, k}, {w.v, w.v_packed, v}});
   add_bias(q, w.q_bias);
@@ -452,8 +451,7 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
   project(hooks, Site::OprojIn, att, w.o, w.o_packed, q);  // so does q's for the o_proj output
   add_into(x, q);
 
-  h = x;
-  rmsnorm(h, w.mlp_norm.data.data(), c.rms_eps);
+  rmsnorm(x, w.mlp_norm.data.data(), c.rms_eps, h);
   run_hooks(hooks, Site::MlpIn, layer, h);
   // The MLP's intermediate rows take the storage of q and k (both spent).
   mlp_forward(c, w, layer, x, h, hooks, q, k);
