@@ -333,40 +333,51 @@ Hadamard::Hadamard(int64_t n, uint64_t fallback_seed) : n_(n) {
 void Hadamard::apply(float* x, int64_t rows, bool transpose) const {
   const int64_t n = n_, K = K_, L = L_;
   const float scale = 1.f / std::sqrt(float(n));
-  if (L > 1) {
-#pragma omp parallel for schedule(static) if (rows * n > kParallelMinWork)
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t k = 0; k < K; ++k) fwht(x + r * n + k * L, L);
-  }
-  if (K == 1) {
-    for (int64_t i = 0; i < rows * n; ++i) x[i] *= scale;
-    return;
-  }
-  // The K-mix y[k'][l] = Σ_k x[k][l]·H_K[k][k'] as one sgemm per chunk of rows: transpose each
-  // row's K×L block to L×K, multiply by H_K (or H_Kᵀ), transpose back.
-  // Chunks of ~128 KiB stay in cache; the scratch is reused across calls (fresh allocations of
-  // tens of MiB per call cost more than the transform itself, in page faults) and stays that small.
-  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 15) / n);
-  thread_local std::vector<float> a, b;
-  a.resize(std::max(a.size(), size_t(std::min(rows, chunk) * n)));
-  b.resize(a.size());
-  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
-    const int64_t nr = std::min(chunk, rows - r0);
-    float* base = x + r0 * n;
-    const float* in = base;
-    if (L > 1) {
-      for (int64_t r = 0; r < nr; ++r)
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t l = 0; l < L; ++l) a[size_t(r * n + l * K + k)] = base[r * n + k * L + l];
-      in = a.data();
-    }
-    sgemm(false, transpose, nr * L, K, K, scale, in, K, block_.data(), K, 0.f, b.data(), K);
-    if (L > 1) {
-      for (int64_t r = 0; r < nr; ++r)
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t l = 0; l < L; ++l) base[r * n + k * L + l] = b[size_t(r * n + l * K + k)];
-    } else {
-      std::copy(b.begin(), b.begin() + nr * n, base);
+  // Row by row (a row stays in L1 from the butterflies through the mix): the K-mix
+  // y[k'][l] = Σ_k x[k][l]·H_K[k][k'] (H_K[k'][k] transposed) sums over k in order into one f32
+  // accumulator per element (fused multiply-adds) and scales the sum: the operations of a product
+  // by H_K whose inner dimension runs in order. OpenBLAS's sgemm, which did the mix here before on
+  // transposed copies, gave the same bits at every intermediate size of the supported models (checked
+  // at 1536, 5632, 8192, 11008 and 14336; at 576 = 36 x 16 its kernel summed in another order), and
+  // rotation matrices (matrix(): one term per sum) are exact.
+#pragma omp parallel if (rows * n > kParallelMinWork)
+  {
+    std::vector<float> mixed(size_t(K > 1 ? n : 0));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = x + r * n;
+      if (L > 1)
+        for (int64_t k = 0; k < K; ++k) fwht(row + k * L, L);
+      if (K == 1) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) row[i] *= scale;
+        continue;
+      }
+      for (int64_t k2 = 0; k2 < K; ++k2) {
+        // H_K's column k2 (its row when transposed): h(k) multiplies x[k].
+        const float* hc = block_.data() + (transpose ? k2 * K : k2);
+        const int64_t hs = transpose ? 1 : K;
+        auto h = [&](int64_t k) { return hc[k * hs]; };
+        float* y = mixed.data() + k2 * L;
+        int64_t l0 = 0;
+        for (; l0 + 32 <= L; l0 += 32) {  // 32 columns' sums in registers through the k loop
+          __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+          for (int64_t k = 0; k < K; ++k) {
+            const __m256 hk = _mm256_set1_ps(h(k));
+            const float* xk = row + k * L + l0;
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; ++i) acc[i] = _mm256_fmadd_ps(hk, _mm256_loadu_ps(xk + 8 * i), acc[i]);
+          }
+#pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) _mm256_storeu_ps(y + l0 + 8 * i, _mm256_mul_ps(acc[i], _mm256_set1_ps(scale)));
+        }
+        for (; l0 < L; ++l0) {
+          float acc = 0.f;
+          for (int64_t k = 0; k < K; ++k) acc = std::fma(h(k), row[k * L + l0], acc);
+          y[l0] = acc * scale;
+        }
+      }
+      std::copy(mixed.begin(), mixed.end(), row);
     }
   }
 }

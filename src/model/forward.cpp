@@ -138,37 +138,59 @@ static std::vector<double> rope_inv_freq(const ModelConfig& c) {
   return f;
 }
 
-// Row r holds the token at position past + r % seq.
-static void apply_rope(const ModelConfig& c, Matrix& x, int heads, int seq, int64_t past) {
-  const int hd = c.head_dim, half = hd / 2;
+// The rotation angles' cosines and sines for positions past .. past + seq − 1 (seq x head_dim/2),
+// kept in `t` while the positions stay the same (every layer of a pass rotates the same ones).
+static void rope_table(const ModelConfig& c, int seq, int64_t past, RopeTable& t) {
+  if (t.seq == seq && t.past == past) return;
+  const int half = c.head_dim / 2;
   std::vector<double> inv = rope_inv_freq(c);
-  std::vector<float> cs(size_t(seq) * half), sn(size_t(seq) * half);
-  for (int t = 0; t < seq; ++t)
+  t.cos.resize(size_t(seq) * half);
+  t.sin.resize(t.cos.size());
+  for (int p = 0; p < seq; ++p)
     for (int i = 0; i < half; ++i) {
-      cs[size_t(t) * half + i] = float(std::cos(double(past + t) * inv[size_t(i)]));
-      sn[size_t(t) * half + i] = float(std::sin(double(past + t) * inv[size_t(i)]));
+      t.cos[size_t(p) * half + i] = float(std::cos(double(past + p) * inv[size_t(i)]));
+      t.sin[size_t(p) * half + i] = float(std::sin(double(past + p) * inv[size_t(i)]));
     }
-  const int64_t stride_pair = c.rope_interleaved ? 1 : half;  // distance between a pair's elements
+  t.seq = seq;
+  t.past = past;
+}
+
+// Row r holds the token at table position r % seq.
+static void apply_rope(const ModelConfig& c, Matrix& x, int heads, int seq, const RopeTable& t) {
+  const int hd = c.head_dim, half = hd / 2;
 #pragma omp parallel for schedule(static) if (int64_t(x.size()) > kParallelMinWork)
   for (int64_t r = 0; r < x.rows; ++r) {
-    const int t = int(r % seq);
+    const float* co = t.cos.data() + (r % seq) * half;
+    const float* si = t.sin.data() + (r % seq) * half;
     for (int h = 0; h < heads; ++h) {
       float* v = x.row(r) + int64_t(h) * hd;
-      for (int i = 0; i < half; ++i) {
-        int64_t a = c.rope_interleaved ? 2 * i : i;
-        float x0 = v[a], x1 = v[a + stride_pair];
-        float co = cs[size_t(t) * half + i], si = sn[size_t(t) * half + i];
-        v[a] = x0 * co - x1 * si;
-        v[a + stride_pair] = x0 * si + x1 * co;
-      }
+      // Pair i is (v[step·i], v[step·i + apart]); each layout its own loop, vectorised (omp simd:
+      // GCC -O2 leaves loops with a remainder scalar).
+      auto rotate = [&](int64_t step, int64_t apart) {
+#pragma omp simd
+        for (int i = 0; i < half; ++i) {
+          float& a = v[step * i];
+          float& b = v[step * i + apart];
+          const float x0 = a, x1 = b;
+          a = x0 * co[i] - x1 * si[i];
+          b = x0 * si[i] + x1 * co[i];
+        }
+      };
+      if (c.rope_interleaved)
+        rotate(2, 1);
+      else
+        rotate(1, half);
     }
   }
 }
 
 static void add_bias(Matrix& x, const Matrix& b) {
   if (b.empty()) return;
-  for (int64_t r = 0; r < x.rows; ++r)
-    for (int64_t j = 0; j < x.cols; ++j) x(r, j) += b.data[size_t(j)];
+  for (int64_t r = 0; r < x.rows; ++r) {
+    float* row = x.row(r);
+#pragma omp simd
+    for (int64_t j = 0; j < x.cols; ++j) row[j] += b.data[size_t(j)];
+  }
 }
 
 // Causal softmax attention for every (sequence, head); a GQA group's query heads share a KV head.
@@ -253,7 +275,11 @@ static void project_all(const Hooks& hooks, Site input, const Matrix& x, std::in
 }
 
 static void add_into(Matrix& x, const Matrix& y) {
-  for (size_t i = 0; i < x.size(); ++i) x.data[i] += y.data[i];
+  float* a = x.data.data();
+  const float* b = y.data.data();
+  const int64_t n = int64_t(x.size());
+#pragma omp simd  // GCC -O2 leaves loops with a remainder scalar
+  for (int64_t i = 0; i < n; ++i) a[i] += b[i];
 }
 
 Routing route(const ModelConfig& c, const Matrix& router, const Matrix& h) {
@@ -290,7 +316,7 @@ Routing route(const ModelConfig& c, const Matrix& router, const Matrix& h) {
 // Every MLP is a set of SwiGLU experts (a dense one is a single always-on expert of weight 1):
 // each reads its tokens' rows of h and adds its output, times the token's routing weight, to x.
 static void mlp_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matrix& x, Matrix& h,
-                        const Hooks& hooks) {
+                        const Hooks& hooks, Matrix& gate, Matrix& up) {
   const int routed = int(w.router.rows);
   std::vector<std::vector<int64_t>> rows(static_cast<size_t>(routed));
   std::vector<std::vector<float>> gains(static_cast<size_t>(routed));
@@ -303,7 +329,7 @@ static void mlp_forward(const ModelConfig& c, const LayerWeights& w, int layer, 
   }
   // Routed experts' outputs are summed in y before x (the reference's order); a dense MLP adds its
   // one output straight into x. gate/up are reused across experts.
-  Matrix y, gate, up;
+  Matrix y;
   if (routed > 0) y = Matrix(x.rows, x.cols);
   Matrix& acc = routed > 0 ? y : x;
   for (int e = 0; e < int(w.experts.size()); ++e) {
@@ -394,23 +420,25 @@ static const Matrix& cached_rows(const KvCache& cache, const KvRows& rows, int64
 }
 
 void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matrix& x, int batch,
-                   int seq, const Hooks& hooks, KvCache* cache) {
+                   int seq, const Hooks& hooks, KvCache* cache, LayerBuffers* buffers) {
   if (cache && batch != 1) throw Error("layer_forward: a KV cache holds one sequence");
   if (cache && int(cache->k.size()) < c.num_layers) {
     cache->k.resize(size_t(c.num_layers));
     cache->v.resize(size_t(c.num_layers));
   }
   const int64_t past = cache ? cache->k[size_t(layer)].tokens : 0;
-  Matrix h = x;
-  rmsnorm(h, w.attn_norm.data.data(), c.rms_eps);
+  LayerBuffers own;
+  LayerBuffers& b = buffers ? *buffers : own;
+  Matrix &h = b.h, &q = b.q, &k = b.k, &v = b.v;
+  rmsnorm(x, w.attn_norm.data.data(), c.rms_eps, h);
   run_hooks(hooks, Site::AttnIn, layer, h);
-  Matrix q, k, v;
   project_all(hooks, Site::AttnIn, h, {{w.q, w.q_packed, q}, {w.k, w.k_packed, k}, {w.v, w.v_packed, v}});
   add_bias(q, w.q_bias);
   add_bias(k, w.k_bias);
   add_bias(v, w.v_bias);
-  apply_rope(c, q, c.num_heads, seq, past);
-  apply_rope(c, k, c.num_kv_heads, seq, past);
+  rope_table(c, seq, past, b.rope);
+  apply_rope(c, q, c.num_heads, seq, b.rope);
+  apply_rope(c, k, c.num_kv_heads, seq, b.rope);
   run_hooks(hooks, Site::Q, layer, q);
   kv_hooks(hooks, Site::K, layer, k, cache);
   kv_hooks(hooks, Site::V, layer, v, cache);
@@ -423,18 +451,17 @@ void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matri
   } else {
     attention(c, q, k, v, batch, seq, 0, att);
   }
-  // What is spent goes back before the MLP, whose intermediate rows are the pass's largest.
-  k = Matrix();
+  // v is spent and goes back before the MLP, whose intermediate rows are the pass's widest (kept, it
+  // would add to the peak; refilling the narrow v per layer costs no measurable time).
   v = Matrix();
   run_hooks(hooks, Site::OprojIn, layer, att);
   project(hooks, Site::OprojIn, att, w.o, w.o_packed, q);  // so does q's for the o_proj output
   add_into(x, q);
-  q = Matrix();
 
-  h = x;
-  rmsnorm(h, w.mlp_norm.data.data(), c.rms_eps);
+  rmsnorm(x, w.mlp_norm.data.data(), c.rms_eps, h);
   run_hooks(hooks, Site::MlpIn, layer, h);
-  mlp_forward(c, w, layer, x, h, hooks);
+  // The MLP's intermediate rows take the storage of q and k (both spent).
+  mlp_forward(c, w, layer, x, h, hooks, q, k);
 }
 
 void final_norm(const Model& m, Matrix& x, const Hooks& hooks) {
@@ -449,9 +476,10 @@ Matrix forward(const Model& m, const std::vector<int32_t>& tokens, int batch, in
                const Hooks& hooks, KvCache* cache) {
   if (tokens.size() != size_t(batch) * size_t(seq)) throw Error("forward: token count != batch * seq");
   Matrix x = embed(m, tokens);
+  LayerBuffers buffers;
   for (int l = 0; l < m.config.num_layers; ++l) {
     LayerWeights w = load_layer(m, l);
-    layer_forward(m.config, w, l, x, batch, seq, hooks, cache);
+    layer_forward(m.config, w, l, x, batch, seq, hooks, cache, &buffers);
     release_layer(m, l);
   }
   final_norm(m, x, hooks);

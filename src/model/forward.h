@@ -109,10 +109,25 @@ struct KvCache {
 };
 
 Matrix embed(const Model& m, const std::vector<int32_t>& tokens);
+// Storage for a layer's intermediate activations that forward() hands from one layer to the next:
+// a fresh matrix per layer is zero-filled memory out of cache (~6% of the samples of a SmolLM2
+// W4A4KV4 integer prefill went to allocating and filling its linears' outputs, bench/README.md);
+// the RoPE angles' cosines and sines are computed once for the pass's positions, not twice per layer.
+struct RopeTable {
+  int seq = 0;
+  int64_t past = -1;
+  std::vector<float> cos, sin;  // [position][frequency]
+};
+struct LayerBuffers {
+  Matrix h, q, k, v;
+  RopeTable rope;  // the positions the pass's layers rotate (the same for all), for one model
+};
 // Runs one decoder layer in place on x (batch sequences of seq tokens). With a cache (batch 1),
-// x holds the tokens that follow the cached ones, whose keys and values are appended.
+// x holds the tokens that follow the cached ones, whose keys and values are appended. With
+// `buffers`, the layer's activations live in their storage (the MLP's two widest in q's and k's;
+// v is released before the MLP).
 void layer_forward(const ModelConfig& c, const LayerWeights& w, int layer, Matrix& x, int batch,
-                   int seq, const Hooks& hooks, KvCache* cache = nullptr);
+                   int seq, const Hooks& hooks, KvCache* cache = nullptr, LayerBuffers* buffers = nullptr);
 // Applies the final norm (and the FinalNorm hooks) in place.
 void final_norm(const Model& m, Matrix& x, const Hooks& hooks);
 // The whole decoder: returns the final-norm output for batch x seq tokens.

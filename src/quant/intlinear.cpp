@@ -1,7 +1,5 @@
 #include "quant/intlinear.h"
 
-#include <immintrin.h>
-
 #include <atomic>
 #include <cmath>
 
@@ -14,27 +12,6 @@ namespace {
 struct ActCodes : PackedInput {
   IntActs a;
 };
-
-// quant_code() of x[0, n) for one group, 8 values at a time: the same division, rounding in the
-// current mode (nearbyint), zero point and clamp, so the same codes. Returns their sum.
-int32_t quant_codes(const float* x, int64_t n, QuantParams p, int maxq, uint8_t* out) {
-  const __m256 scale = _mm256_set1_ps(p.scale), zero = _mm256_set1_ps(p.zero), hi = _mm256_set1_ps(float(maxq));
-  __m256i sum = _mm256_setzero_si256();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), scale), _MM_FROUND_CUR_DIRECTION);
-    const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, zero), _mm256_setzero_ps()), hi));
-    sum = _mm256_add_epi32(sum, q);
-    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));  // 0..255
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(w, w));
-  }
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  int32_t total = _mm_cvtsi128_si32(s);
-  for (; i < n; ++i) total += out[i] = uint8_t(quant_code(x[i], p, maxq));
-  return total;
-}
 
 }  // namespace
 

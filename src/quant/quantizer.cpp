@@ -1,5 +1,7 @@
 #include "quant/quantizer.h"
 
+#include <immintrin.h>
+
 #include <atomic>
 #include <cfloat>
 #include <cstring>
@@ -77,19 +79,63 @@ double shrink_error(const T* x, int64_t n, QuantParams p, int maxq, float norm) 
   return err;
 }
 
-// find_params without throwing (usable inside OpenMP regions); false on a non-finite input.
+// min(0, x[0, n)) and max(0, x[0, n)) in one vectorised pass (the integer runtime runs it on every
+// token): minimum and maximum are exact in any order, and the poison stays NaN in any order.
+// Returns false on a non-finite value.
 template <class T>
-bool try_find_params(const T* x, int64_t n, const QuantSpec& spec, QuantParams& out) {
-  // One vectorised pass (the integer runtime runs it on every token): minimum and maximum are exact
-  // in any order, and the poison stays NaN in any order.
-  T lo = 0, hi = 0, poison = 0;
+bool range(const T* x, int64_t n, T& lo, T& hi) {
+  lo = 0, hi = 0;
+  T poison = 0;
 #pragma omp simd reduction(min : lo) reduction(max : hi) reduction(+ : poison)
   for (int64_t i = 0; i < n; ++i) {
     lo = x[i] < lo ? x[i] : lo;
     hi = x[i] > hi ? x[i] : hi;
     poison += x[i] * T(0);  // NaN as soon as one value is NaN or infinite
   }
-  if (poison != poison) return false;
+  return poison == poison;
+}
+
+// The same for floats with four registers of partial results, so that the pass does not wait on
+// one chain of min/max latencies (the loop above, one register each, ran at a quarter of the rate).
+// A lane leaves 0 only for a value strictly below (above) it, so no lane holds −0: the same result.
+template <>
+bool range(const float* x, int64_t n, float& lo, float& hi) {
+  __m256 l[4], h[4], p[4];
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) l[k] = h[k] = p[k] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      const __m256 v = _mm256_loadu_ps(x + i + 8 * k);
+      l[k] = _mm256_min_ps(v, l[k]);  // v < l ? v : l
+      h[k] = _mm256_max_ps(v, h[k]);
+      p[k] = _mm256_add_ps(p[k], _mm256_mul_ps(v, _mm256_setzero_ps()));
+    }
+  alignas(32) float lv[8], hv[8], pv[8];
+  _mm256_store_ps(lv, _mm256_min_ps(_mm256_min_ps(l[0], l[1]), _mm256_min_ps(l[2], l[3])));
+  _mm256_store_ps(hv, _mm256_max_ps(_mm256_max_ps(h[0], h[1]), _mm256_max_ps(h[2], h[3])));
+  _mm256_store_ps(pv, _mm256_add_ps(_mm256_add_ps(p[0], p[1]), _mm256_add_ps(p[2], p[3])));
+  float poison = 0;
+  lo = 0, hi = 0;
+  for (int j = 0; j < 8; ++j) {
+    lo = lv[j] < lo ? lv[j] : lo;
+    hi = hv[j] > hi ? hv[j] : hi;
+    poison += pv[j];
+  }
+  for (; i < n; ++i) {
+    lo = x[i] < lo ? x[i] : lo;
+    hi = x[i] > hi ? x[i] : hi;
+    poison += x[i] * 0.f;
+  }
+  return poison == poison;
+}
+
+// find_params without throwing (usable inside OpenMP regions); false on a non-finite input.
+template <class T>
+bool try_find_params(const T* x, int64_t n, const QuantSpec& spec, QuantParams& out) {
+  T lo, hi;
+  if (!range(x, n, lo, hi)) return false;
   float flo = float(lo) * spec.clip_ratio, fhi = float(hi) * spec.clip_ratio;
   out = range_params(flo, fhi, spec);
   if (!spec.mse_clip) return true;
@@ -183,6 +229,28 @@ Matrix QuantizedMatrix::dequantize() const {
   return out;
 }
 
+// 8 values at a time: the same division, rounding in the current mode (nearbyint), zero point and
+// clamp as quant_code, so the same codes.
+int32_t quant_codes(const float* x, int64_t n, QuantParams p, int maxq, uint8_t* out) {
+  const __m256 scale = _mm256_set1_ps(p.scale), zero = _mm256_set1_ps(p.zero), hi = _mm256_set1_ps(float(maxq));
+  __m256i sum = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), scale), _MM_FROUND_CUR_DIRECTION);
+    const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, zero), _mm256_setzero_ps()), hi));
+    sum = _mm256_add_epi32(sum, q);
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));  // 0..255
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(w, w));
+  }
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  int32_t total = _mm_cvtsi128_si32(s);
+  for (; i < n; ++i) total += out[i] = uint8_t(quant_code(x[i], p, maxq));
+  return total;
+}
+
+
 QuantizedMatrix quantize(const Matrix& x, const QuantSpec& spec) {
   check_quantizable(spec);
   QuantizedMatrix q;
@@ -200,8 +268,7 @@ QuantizedMatrix quantize(const Matrix& x, const QuantSpec& spec) {
                      q.scales(spec.per_tensor ? 0 : r, g) = p.scale;
                      q.zeros(spec.per_tensor ? 0 : r, g) = p.zero;
                    }
-                   for (int64_t c = c0; c < c1; ++c)
-                     q.codes[size_t(r * x.cols + c)] = uint8_t(quant_code(x(r, c), p, maxq));
+                   quant_codes(x.row(r) + c0, c1 - c0, p, maxq, q.codes.data() + r * x.cols + c0);
                  });
   return q;
 }
@@ -274,8 +341,9 @@ void decode_rows(const uint8_t* in, int64_t n, int64_t cols, const QuantSpec& sp
       p.zero = float(zeros[g]);
       const int64_t c0 = g * gs, c1 = std::min(cols, (g + 1) * gs);
       if (bits == 4 && c0 % 2 == 0 && c1 % 2 == 0) {
-        // Two codes per byte, low nibble first: the loop GCC vectorises (attention decodes the
-        // whole cache for every token and every prefill chunk).
+        // Two codes per byte, low nibble first: a loop to vectorise (attention decodes the whole
+        // cache for every token and every prefill chunk; omp simd: GCC -O2 leaves it scalar).
+#pragma omp simd
         for (int64_t i = c0 / 2; i < c1 / 2; ++i) {
           dst[2 * i] = dequant_code(float(row[i] & 15), p);
           dst[2 * i + 1] = dequant_code(float(row[i] >> 4), p);

@@ -82,6 +82,9 @@ inline T dequant_code(T q, QuantParams p) {
   return T(p.scale) * (q - T(p.zero));
 }
 
+// quant_code of each of x[0, n) (finite values) into out; returns the codes' sum.
+int32_t quant_codes(const float* x, int64_t n, QuantParams p, int maxq, uint8_t* out);
+
 // Scale and zero of one row-group x[0, n), following the conventions above (clip ratio and MSE clip
 // included). Throws Error on a non-finite value.
 QuantParams find_params(const float* x, int64_t n, const QuantSpec& spec);

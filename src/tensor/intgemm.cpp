@@ -263,14 +263,23 @@ void bytes_avx2_maddubs_tile(const uint8_t* a, int64_t as, const uint8_t* w, int
   bytes_tail<TT, 2>(a, as, w, ws, c, n, out);
 }
 
+// Sums carried through a loop are kept in types of their own lane width (GCC's vector extension:
+// `+=` on Int16x16 is vpaddw) rather than __m256i / __m512i: with those (64-bit lanes) GCC's partial
+// redundancy elimination also carries their 16- or 32-bit view around the loop, and every add or
+// vpdpbusd into a sum then costs a register move too (6 moves per 12 ALU operations in the AVX2
+// 3-token slice loop, which is front-end bound; 15 per 8 vpdpbusd in the AVX-512 one).
+using Int16x16 = int16_t __attribute__((vector_size(32)));
+using Int32x8 = int32_t __attribute__((vector_size(32)));
+using Int32x16 = int32_t __attribute__((vector_size(64)));
+
 // acc[i][j] += s16[i][j]'s int16 lanes added in pairs to int32 (madd by 1).
 template <int TT>
-inline void add_int16_sums(__m256i (&acc)[TT][2], const __m256i (&s16)[TT][2]) {
+inline void add_int16_sums(__m256i (&acc)[TT][2], const Int16x16 (&s16)[TT][2]) {
   const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 8
   for (int i = 0; i < TT; ++i) {
-    acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(s16[i][0], ones));
-    acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(s16[i][1], ones));
+    acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(__m256i(s16[i][0]), ones));
+    acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(__m256i(s16[i][1]), ones));
   }
 }
 
@@ -286,16 +295,16 @@ void bytes_avx2_nibble_tile(const uint8_t* a, int64_t as, const uint8_t* w, int6
   int64_t c = 0;
   while (c + 32 <= n) {
     const int64_t steps = std::min(kInt16Steps, (n - c) / 32);
-    __m256i s16[TT][2];
+    Int16x16 s16[TT][2];
 #pragma GCC unroll 8
-    for (int i = 0; i < TT; ++i) s16[i][0] = s16[i][1] = _mm256_setzero_si256();
+    for (int i = 0; i < TT; ++i) s16[i][0] = s16[i][1] = Int16x16{};
     for (int64_t s = 0; s < steps; ++s, c += 32) {
       const __m256i w0 = load32(w + c), w1 = load32(w + ws + c);
 #pragma GCC unroll 8
       for (int i = 0; i < TT; ++i) {
         const __m256i x = load32(a + i * as + c);
-        s16[i][0] = _mm256_add_epi16(s16[i][0], _mm256_maddubs_epi16(x, w0));
-        s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_maddubs_epi16(x, w1));
+        s16[i][0] += Int16x16(_mm256_maddubs_epi16(x, w0));
+        s16[i][1] += Int16x16(_mm256_maddubs_epi16(x, w1));
       }
     }
     add_int16_sums<TT>(acc, s16);
@@ -742,6 +751,11 @@ struct Gemm {
               std::vector<double>& row_params) const {
     v.resize(size_t(w.cols / 4 * 64));
     column_slice(w, slice, v.data(), expanded);
+    // The next slice's packed rows are fetched into L2 while this one's tokens run: rearranging a
+    // slice otherwise waits on memory for them (half of column_slice's time in integer prefill).
+    const int64_t next_end = std::min(w.rows, (slice + 2) * kSliceRows) * w.row_bytes;
+    for (int64_t b = (slice + 1) * kSliceRows * w.row_bytes; b < next_end; b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w.values.data() + b), _MM_HINT_T1);
     // Per block, the 16 rows' sw, zw, Σs − n·zw (rows past the last: zeros, never stored).
     row_params.assign(size_t(nb * 3 * kSliceRows), 0.0);
     const int64_t r0 = slice * kSliceRows, rows = std::min(kSliceRows, w.rows - r0);
@@ -789,9 +803,9 @@ struct Gemm {
     for (int i = 0; i < TT; ++i) d[i][0] = d[i][1] = _mm256_setzero_si256();
     for (int64_t q = q0; q < q1;) {
       const int64_t qe = std::min(q1, q + k.int16_steps);
-      __m256i s16[TT][2];
+      Int16x16 s16[TT][2];
 #pragma GCC unroll 8
-      for (int i = 0; i < TT; ++i) s16[i][0] = s16[i][1] = _mm256_setzero_si256();
+      for (int i = 0; i < TT; ++i) s16[i][0] = s16[i][1] = Int16x16{};
       for (; q < qe; ++q) {
         const __m256i w0 = load32(ws + q * 64), w1 = load32(ws + q * 64 + 32);
 #pragma GCC unroll 8
@@ -799,8 +813,8 @@ struct Gemm {
           int32_t x;
           std::memcpy(&x, at + i * a.cols + 4 * q, 4);
           const __m256i xb = _mm256_set1_epi32(x);
-          s16[i][0] = _mm256_add_epi16(s16[i][0], _mm256_maddubs_epi16(xb, w0));
-          s16[i][1] = _mm256_add_epi16(s16[i][1], _mm256_maddubs_epi16(xb, w1));
+          s16[i][0] += Int16x16(_mm256_maddubs_epi16(xb, w0));
+          s16[i][1] += Int16x16(_mm256_maddubs_epi16(xb, w1));
         }
       }
       add_int16_sums<TT>(d, s16);
@@ -813,11 +827,11 @@ struct Gemm {
   // horizontal add per 8 rows and block (not per row) joins each row's two.
   template <int TT>
   void madd16_dots(__m256i (&d)[TT][2], const uint8_t* ws, const uint8_t* at, int64_t q0, int64_t q1) const {
-    __m256i s32[TT][4];
+    Int32x8 s32[TT][4];
 #pragma GCC unroll 8
     for (int i = 0; i < TT; ++i)
 #pragma GCC unroll 4
-      for (int g = 0; g < 4; ++g) s32[i][g] = _mm256_setzero_si256();
+      for (int g = 0; g < 4; ++g) s32[i][g] = Int32x8{};
     for (int64_t q = q0; q < q1; ++q) {
       __m256i wv[4];
 #pragma GCC unroll 4
@@ -828,7 +842,7 @@ struct Gemm {
         const __m128i x4 = _mm_castps_si128(_mm_broadcast_ss(reinterpret_cast<const float*>(at + i * a.cols + 4 * q)));
         const __m256i xb = _mm256_cvtepu8_epi16(x4);
 #pragma GCC unroll 4
-        for (int g = 0; g < 4; ++g) s32[i][g] = _mm256_add_epi32(s32[i][g], _mm256_madd_epi16(xb, wv[g]));
+        for (int g = 0; g < 4; ++g) s32[i][g] += Int32x8(_mm256_madd_epi16(xb, wv[g]));
       }
     }
     // s32[i][g] lanes: rows 4g, 4g + 1 | 4g + 2, 4g + 3, two partial sums each; hadd joins them as
@@ -837,7 +851,7 @@ struct Gemm {
     for (int i = 0; i < TT; ++i)
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h)
-        d[i][h] = _mm256_permute4x64_epi64(_mm256_hadd_epi32(s32[i][2 * h], s32[i][2 * h + 1]), 0xD8);
+        d[i][h] = _mm256_permute4x64_epi64(_mm256_hadd_epi32(__m256i(s32[i][2 * h]), __m256i(s32[i][2 * h + 1])), 0xD8);
   }
 
   // AVX2 slices: block dots as above, then slice_tile's epilogue on 4 double lanes.
@@ -890,16 +904,16 @@ struct Gemm {
     for (int i = 0; i < TT; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_pd();
     const uint8_t* at = a.codes.data() + t * a.cols;
     for (int64_t b = 0; b < nb; ++b) {
-      __m512i d[TT];
+      Int32x16 d[TT];
 #pragma GCC unroll 8
-      for (int i = 0; i < TT; ++i) d[i] = _mm512_setzero_si512();
+      for (int i = 0; i < TT; ++i) d[i] = Int32x16{};
       for (int64_t q = w.bounds[size_t(b)] / 4; q < w.bounds[size_t(b) + 1] / 4; ++q) {
         const __m512i wv = _mm512_loadu_si512(ws + q * 64);
 #pragma GCC unroll 8
         for (int i = 0; i < TT; ++i) {
           int32_t x;
           std::memcpy(&x, at + i * a.cols + 4 * q, 4);
-          d[i] = _mm512_dpbusd_epi32(d[i], _mm512_set1_epi32(x), wv);
+          d[i] = Int32x16(_mm512_dpbusd_epi32(__m512i(d[i]), _mm512_set1_epi32(x), wv));
         }
       }
       const double* p = row_params + b * 3 * kSliceRows;
@@ -911,8 +925,8 @@ struct Gemm {
         const int64_t ai = (t + i) * nag + block_ag[size_t(b)];
         const __m512d sa = _mm512_set1_pd(a.scales[size_t(ai)]), za = _mm512_set1_pd(a.zeros[size_t(ai)]);
         const __m512d as = _mm512_set1_pd(asum[size_t((t + i) * nb + b)]);
-        const __m512d dd[2] = {_mm512_cvtepi32_pd(_mm512_castsi512_si256(d[i])),
-                               _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(d[i], 1))};
+        const __m512d dd[2] = {_mm512_cvtepi32_pd(_mm512_castsi512_si256(__m512i(d[i]))),
+                               _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(__m512i(d[i]), 1))};
 #pragma GCC unroll 2
         for (int h = 0; h < 2; ++h) {
           const __m512d e = _mm512_fnmadd_pd(za, bz[h], _mm512_fnmadd_pd(zw[h], as, dd[h]));

@@ -53,6 +53,9 @@ inline float exp_nonpositive(float x) {
 
 // x <- x / rms(x) * gain (gain may be null = all ones), row by row.
 void rmsnorm(Matrix& x, const float* gain, float eps);
+// The same into out (reshaped to x's shape, its storage reused): one pass instead of a copy and
+// then the norm in place.
+void rmsnorm(const Matrix& x, const float* gain, float eps, Matrix& out);
 // In-place softmax of n values (exponentials by exp_nonpositive, their sum in double).
 void softmax(float* x, int64_t n);
 // gate <- silu(gate) * up, elementwise (the sigmoid by exp_nonpositive).

@@ -176,18 +176,22 @@ Matrix matmul(const Matrix& A, const Matrix& B) {
   return Y;
 }
 
-void rmsnorm(Matrix& x, const float* gain, float eps) {
+void rmsnorm(const Matrix& x, const float* gain, float eps, Matrix& out) {
+  if (&out != &x) out.reshape_for_overwrite(x.rows, x.cols);
 #pragma omp parallel for schedule(static) if (int64_t(x.size()) > kParallelMinWork)
   for (int64_t i = 0; i < x.rows; ++i) {
-    float* r = x.row(i);
+    const float* r = x.row(i);
+    float* o = out.row(i);
     double ss = 0;
 #pragma omp simd reduction(+ : ss)
     for (int64_t j = 0; j < x.cols; ++j) ss += double(r[j]) * r[j];
     const float inv = float(1.0 / std::sqrt(ss / double(x.cols) + eps));
 #pragma omp simd
-    for (int64_t j = 0; j < x.cols; ++j) r[j] = r[j] * inv * (gain ? gain[j] : 1.f);
+    for (int64_t j = 0; j < x.cols; ++j) o[j] = r[j] * inv * (gain ? gain[j] : 1.f);
   }
 }
+
+void rmsnorm(Matrix& x, const float* gain, float eps) { rmsnorm(x, gain, eps, x); }
 
 // The loops carry `omp simd`: at -O2 GCC vectorises only loops whose trip count needs no
 // remainder, and these reductions may be reordered (the sums stay in double).
