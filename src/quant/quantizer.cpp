@@ -250,7 +250,6 @@ int32_t quant_codes(const float* x, int64_t n, QuantParams p, int maxq, uint8_t*
   return total;
 }
 
-
 QuantizedMatrix quantize(const Matrix& x, const QuantSpec& spec) {
   check_quantizable(spec);
   QuantizedMatrix q;
